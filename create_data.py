@@ -1,0 +1,154 @@
+"""STaR data creation: rationale generation (Stage 1) and rationalization (Stage 2) on a train split.
+
+Stage 1: few-shot greedy rationales from M_{N-1}; keep those whose final answer is right.
+Stage 2: for the failures, show the right final answer as a hint, generate again, keep the
+rationale if it is now right and really derives the answer; it is saved WITHOUT the hint.
+(Zelikman et al. 2022, Algorithm 1, https://arxiv.org/abs/2203.14465)
+
+    python create_data.py --iteration 1 --model_name smollm2-135m --dataset arithmetic --max_samples 64 --k 4
+    python create_data.py --iteration 1 --model_name smollm2-135m --data_dir ../shared/gsm8k --max_samples 16 --k 4
+"""
+import argparse
+import os
+import time
+
+from common import (
+    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt, check_output_free, check_positive,
+    cli_errors, cut_after_answer, extract_answer, generate_resumable, load_model, load_partial, load_split,
+    partial_path, pick_exemplars, rationalization_problem, run_info, solution_to_rationale, write_json, write_jsonl,
+)
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
+parser.add_argument("--model_name", default=None,
+                    help="generator: default --base_model for N=1, results/model_star_iter{N-1} for N>=2")
+parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="M_0: hub id, local folder or smollm2-135m")
+parser.add_argument("--k", type=int, default=10, help="few-shot exemplars")
+parser.add_argument("--batch_size", type=int, default=32)
+parser.add_argument("--output", default=None, help="default data/star_iter{N}_train.jsonl")
+parser.add_argument("--max_samples", type=int, default=None, help="first N train questions (default: all)")
+parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
+parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
+parser.add_argument("--seed", type=int, default=0, help="picks the exemplars")
+parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 160 arithmetic")
+parser.add_argument("--no_rationalization", action="store_true", help="skip Stage 2 (the paper's ablation)")
+parser.add_argument("--human_rationales", action="store_true",
+                    help="write the human solutions as rationales instead (the vanilla SFT baseline)")
+parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
+parser.add_argument("--debug", action="store_true", help="full tracebacks")
+
+
+def settings_of(args):
+    """What must match for an interrupted run to be continued."""
+    keys = ("iteration", "model_name", "k", "batch_size", "max_samples", "dataset", "data_dir", "seed",
+            "max_new_tokens", "no_rationalization")
+    return {k: getattr(args, k) for k in keys}
+
+
+def make_record(row, rationale, stage, args):
+    return {"id": row["id"], "question": row["question"], "rationale": rationale, "answer": row["answer"],
+            "stage": stage, "iteration": args.iteration, "model": args.model_name}
+
+
+def human_records(rows, args):
+    """The vanilla SFT baseline's training set: the train split's own human solutions."""
+    args.model_name = "human"
+    return [make_record(r, solution_to_rationale(r["solution"]), 0, args) for r in rows]
+
+
+def stage1(model, tok, rows, exemplars, args, partial, done, stats):
+    prefix = build_prompt(tok, "", exemplars)[0]
+    parts = [build_prompt(tok, r["question"], exemplars)[1] for r in rows]
+    seen = {"n": 0, "ok": 0}
+
+    def success_rate(indices, results):  # running Stage-1 success shown on the progress bar
+        seen["n"] += len(indices)
+        seen["ok"] += sum(answers_match(extract_answer(t), rows[i]["answer"]) for i, (t, _) in zip(indices, results))
+        return {"stage1_correct": f"{seen['ok'] / seen['n']:.1%}"}
+
+    outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 1, "stage 1", success_rate)
+    kept, failed = [], []
+    for row, (text, n) in zip(rows, outs):
+        stats["tokens_generated"] += n
+        rationale = cut_after_answer(text)
+        if answers_match(extract_answer(rationale), row["answer"]):
+            kept.append(make_record(row, rationale, 1, args))
+        else:
+            failed.append(row)
+    return kept, failed
+
+
+def stage2(model, tok, rows, exemplars, args, partial, done, stats):
+    """Rationalization: the hint is the final number only, in the question and in every exemplar."""
+    prefix = build_prompt(tok, "", exemplars, hint="0")[0]
+    parts = [build_prompt(tok, r["question"], exemplars, hint=r["answer"])[1] for r in rows]
+    outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 2, "stage 2")
+    kept, rejected = [], {}
+    for row, (text, n) in zip(rows, outs):
+        stats["tokens_generated"] += n
+        rationale = cut_after_answer(text)
+        if not answers_match(extract_answer(rationale), row["answer"]):
+            continue
+        problem = rationalization_problem(rationale, row["answer"])
+        if problem:
+            rejected[problem] = rejected.get(problem, 0) + 1
+        else:
+            kept.append(make_record(row, rationale, 2, args))
+    stats["stage2_rejected"] = rejected
+    return kept
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    with cli_errors(args.debug):
+        check_positive(args, "max_samples", "batch_size", "max_new_tokens", "iteration")
+        if args.k < 0:
+            raise StarError(f"--k must be >= 0, got {args.k}")
+        if args.model_name is None:
+            args.model_name = args.base_model if args.iteration == 1 else f"results/model_star_iter{args.iteration - 1}"
+            if args.iteration > 1 and not os.path.isdir(args.model_name):
+                raise StarError(f"iteration {args.iteration} generates with {args.model_name}, which does not exist: "
+                                f"train iteration {args.iteration - 1} first, or pass --model_name")
+        args.output = args.output or f"data/star_iter{args.iteration}_train.jsonl"
+        args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
+        check_output_free(args.output, args.overwrite)
+        t0 = time.time()
+        train = load_split(args.dataset, "train", args.data_dir)
+        rows = train[: args.max_samples]
+        stats = {"questions_seen": len(rows), "tokens_generated": 0}
+
+        if args.human_rationales:
+            records = human_records(rows, args)
+        else:
+            exemplars = pick_exemplars(train, args.k, args.seed)
+            ex_ids = {e["id"] for e in exemplars}
+            rows = [r for r in rows if r["id"] not in ex_ids]  # a question never sees its own solution
+            stats.update(questions_seen=len(rows), exemplars_skipped=stats["questions_seen"] - len(rows),
+                         exemplar_ids=sorted(ex_ids))
+            model, tok = load_model(args.model_name)
+            partial = partial_path(args.output)
+            done = load_partial(partial, settings_of(args), args.overwrite)
+            kept1, failed = stage1(model, tok, rows, exemplars, args, partial, done, stats)
+            kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, done, stats)
+            records = sorted(kept1 + kept2, key=lambda r: r["id"])
+            n = max(len(rows), 1)
+            stats.update(stage1_correct=len(kept1), stage1_rate=len(kept1) / n, stage2_attempted=len(failed),
+                         stage2_correct=len(kept2), stage2_rate=len(kept2) / max(len(failed), 1))
+        seconds = time.time() - t0
+        stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
+                     tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(args))
+        write_json(args.output + ".stats.json", stats)
+        if not args.human_rationales:
+            os.remove(partial)
+        if not records:
+            raise StarError(f"no rationale was kept out of {len(rows)} questions, so {args.output} was not written "
+                            f"(stats in {args.output}.stats.json)")
+        write_jsonl(args.output, records)
+        for r in records[:2]:
+            print(f"--- example (stage {r['stage']}, id {r['id']}, gold {r['answer']})\n{r['rationale']}")
+        print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {stats.get('stage1_correct', 0)}, "
+              f"stage 2: {stats.get('stage2_correct', 0)}); wrote {args.output} and {args.output}.stats.json")
+
+
+if __name__ == "__main__":
+    main()
