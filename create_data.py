@@ -14,6 +14,7 @@ import time
 
 from common import (
     DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt, check_output_free, check_positive,
+    check_steps,
     cli_errors, cut_after_answer, extract_answer, generate_resumable, load_model, load_partial, load_split,
     partial_path, pick_exemplars, rationalization_problem, run_info, solution_to_rationale, write_json, write_jsonl,
 )
@@ -32,6 +33,9 @@ parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/te
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars")
 parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 160 arithmetic")
 parser.add_argument("--no_rationalization", action="store_true", help="skip Stage 2 (the paper's ablation)")
+parser.add_argument("--check_steps", default="report", choices=["off", "report", "filter"],
+                    help="check each written step: report it in the records and stats, or filter: keep only "
+                         "rationales with at least one step and every step true")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
 parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
@@ -41,13 +45,33 @@ parser.add_argument("--debug", action="store_true", help="full tracebacks")
 def settings_of(args):
     """What must match for an interrupted run to be continued."""
     keys = ("iteration", "model_name", "k", "batch_size", "max_samples", "dataset", "data_dir", "seed",
-            "max_new_tokens", "no_rationalization")
+            "max_new_tokens", "no_rationalization")  # --check_steps only filters afterwards: not needed
     return {k: getattr(args, k) for k in keys}
 
 
 def make_record(row, rationale, stage, args):
-    return {"id": row["id"], "question": row["question"], "rationale": rationale, "answer": row["answer"],
-            "stage": stage, "iteration": args.iteration, "model": args.model_name}
+    record = {"id": row["id"], "question": row["question"], "rationale": rationale, "answer": row["answer"],
+              "stage": stage, "iteration": args.iteration, "model": args.model_name}
+    if args.check_steps != "off":
+        record["steps_true"], record["steps_found"] = check_steps(rationale, row["question"])
+    return record
+
+
+def faithful(record):
+    """At least one written step, and every one of them true."""
+    return 0 < record["steps_found"] == record["steps_true"]
+
+
+def keep_faithful(records, args, stats, stage):
+    """Under --check_steps filter, drop right answers that sit on a wrong (or no) step."""
+    if args.check_steps == "off":
+        return records
+    stats[f"stage{stage}_all_steps_true"] = sum(map(faithful, records))
+    if args.check_steps != "filter":
+        return records
+    kept = [r for r in records if faithful(r)]
+    stats[f"stage{stage}_dropped_by_step_check"] = len(records) - len(kept)
+    return kept
 
 
 def human_records(rows, args):
@@ -75,7 +99,8 @@ def stage1(model, tok, rows, exemplars, args, partial, done, stats):
             kept.append(make_record(row, rationale, 1, args))
         else:
             failed.append(row)
-    return kept, failed
+    stats["stage1_correct"] = len(kept)
+    return keep_faithful(kept, args, stats, 1), failed
 
 
 def stage2(model, tok, rows, exemplars, args, partial, done, stats):
@@ -94,8 +119,8 @@ def stage2(model, tok, rows, exemplars, args, partial, done, stats):
             rejected[problem] = rejected.get(problem, 0) + 1
         else:
             kept.append(make_record(row, rationale, 2, args))
-    stats["stage2_rejected"] = rejected
-    return kept
+    stats["stage2_rejected"], stats["stage2_correct"] = rejected, len(kept)
+    return keep_faithful(kept, args, stats, 2)
 
 
 def main(argv=None):
@@ -131,9 +156,8 @@ def main(argv=None):
             kept1, failed = stage1(model, tok, rows, exemplars, args, partial, done, stats)
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, done, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
-            n = max(len(rows), 1)
-            stats.update(stage1_correct=len(kept1), stage1_rate=len(kept1) / n, stage2_attempted=len(failed),
-                         stage2_correct=len(kept2), stage2_rate=len(kept2) / max(len(failed), 1))
+            stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=len(failed),
+                         stage2_rate=stats.get("stage2_correct", 0) / max(len(failed), 1))
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
                      tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(args))
@@ -146,8 +170,8 @@ def main(argv=None):
         write_jsonl(args.output, records)
         for r in records[:2]:
             print(f"--- example (stage {r['stage']}, id {r['id']}, gold {r['answer']})\n{r['rationale']}")
-        print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {stats.get('stage1_correct', 0)}, "
-              f"stage 2: {stats.get('stage2_correct', 0)}); wrote {args.output} and {args.output}.stats.json")
+        print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "
+              f"stage 2: {sum(r['stage'] == 2 for r in records)}); wrote {args.output} and {args.output}.stats.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""Tests for check_steps: real GSM8K solutions, mutated solutions, crafted edge cases."""
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from common import check_steps
+from conftest import GSM8K_DIR
+
+GSM8K = Path(GSM8K_DIR) / "train.jsonl"
+ANNOTATION_RE = re.compile(r"<<[^>]*>>")
+# The right-hand number of an `=` (what a mutation changes).
+RESULT_RE = re.compile(r"=\s*-?[$€£¢]?\s?(\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+SCRATCHPAD = """Ones: 1 + 9 = 10, write 0, carry 1.
+Tens: 2 + 8 + 1 = 11, write 1, carry 1.
+Hundreds: 7 + 3 + 1 = 11, write 1, carry 1.
+Thousands: 4 + 0 + 1 = 5, write 5, carry 0.
+So 4721 + 389 = 5110.
+The answer is 5110."""
+
+
+def clean(answer):
+    """Strip calculator annotations and the final `#### N` line, as the checker sees rationales."""
+    return ANNOTATION_RE.sub("", answer).rsplit("####", 1)[0]
+
+
+def mutate(text, rng):
+    """Change the right-hand number of one `=` step: add 1 or multiply by 10."""
+    matches = list(RESULT_RE.finditer(text))
+    m = rng.choice(matches)
+    number = m.group(1).replace(",", "")
+    value = float(number) if "." in number else int(number)
+    new = value + 1 if rng.random() < 0.5 or value == 0 else value * 10
+    new_text = f"{new:g}" if isinstance(new, float) else str(new)
+    return text[:m.start(1)] + new_text + text[m.end(1):]
+
+
+@pytest.fixture(scope="module")
+def solutions():
+    """Cleaned GSM8K train rationales with their (true, found) counts."""
+    texts = [clean(json.loads(line)["answer"]) for line in GSM8K.open()]
+    return [(text, check_steps(text)) for text in texts]
+
+
+def test_real_solutions_mostly_all_true(solutions):
+    with_steps = [counts for _, counts in solutions if counts[1] > 0]
+    share_found = len(with_steps) / len(solutions)
+    share_all_true = sum(t == f for t, f in with_steps) / len(with_steps)
+    print(f"\nsolutions with >=1 step: {share_found:.4f}; all steps true: {share_all_true:.4f}")
+    assert share_found >= 0.7
+    assert share_all_true >= 0.95
+
+
+def test_mutations_are_flagged(solutions):
+    rng = random.Random(0)
+    clean_ones = [text for text, (t, f) in solutions if f > 0 and t == f]
+    flagged = 0
+    for text in clean_ones:
+        true, found = check_steps(mutate(text, rng))
+        flagged += true < found
+    share = flagged / len(clean_ones)
+    print(f"\nmutated solutions flagged: {share:.4f} of {len(clean_ones)}")
+    assert share >= 0.85
+
+
+def test_gsm8k_style_with_one_wrong_step():
+    text = ("Natalia sold 48/2 = 24 clips in May.\n"
+            "Natalia sold 48+24 = 70 clips altogether in April and May.\n"
+            "She earns 12/60 = $0.2 per minute.")
+    assert check_steps(text) == (2, 3)
+
+
+def test_correct_scratchpad():
+    assert check_steps(SCRATCHPAD) == (5, 5)
+
+
+def test_scratchpad_wrong_digit_with_right_sum():
+    text = SCRATCHPAD.replace("Tens: 2 + 8 + 1 = 11, write 1, carry 1.",
+                              "Tens: 3 + 8 + 1 = 12, write 2, carry 1.")
+    assert check_steps(text) == (4, 5)
+
+
+def test_scratchpad_wrong_carry():
+    # Tens should carry 1; writing carry 0 is wrong, and Hundreds then follows the wrong carry
+    # (so its own sum is off by one against the operands, but its carry-in matches the line above).
+    text = SCRATCHPAD.replace("Tens: 2 + 8 + 1 = 11, write 1, carry 1.",
+                              "Tens: 2 + 8 + 1 = 11, write 1, carry 0.")
+    text = text.replace("Hundreds: 7 + 3 + 1 = 11, write 1, carry 1.",
+                        "Hundreds: 7 + 3 + 0 = 10, write 0, carry 1.")
+    text = text.replace("So 4721 + 389 = 5110.", "So 4721 + 389 = 5010.")
+    assert check_steps(text) == (3, 5)  # Ones, Hundreds, Thousands true; Tens and So false
+
+
+def test_scratchpad_carry_in_must_follow_previous_line():
+    text = SCRATCHPAD.replace("Hundreds: 7 + 3 + 1 = 11", "Hundreds: 7 + 3 + 0 = 10")
+    text = text.replace("10, write 1, carry 1.\nThousands", "10, write 0, carry 1.\nThousands")
+    assert check_steps(text) == (4, 5)  # Hundreds ignores the incoming carry 1
+
+
+def test_scratchpad_without_so_line_checks_own_arithmetic():
+    text = "Ones: 5 + 7 = 12, write 2, carry 1.\nTens: 1 + 2 + 1 = 4, write 4, carry 0.\n"
+    assert check_steps(text) == (2, 2)
+    assert check_steps(text.replace("write 2", "write 3")) == (1, 2)
+
+
+def test_five_column_scratchpad():
+    text = ("Ones: 9 + 3 = 12, write 2, carry 1.\nTens: 9 + 0 + 1 = 10, write 0, carry 1.\n"
+            "Hundreds: 9 + 0 + 1 = 10, write 0, carry 1.\nThousands: 9 + 0 + 1 = 10, write 0, carry 1.\n"
+            "Ten-thousands: 1 + 0 + 1 = 2, write 2, carry 0.\nSo 19999 + 3 = 20002.\nThe answer is 20002.")
+    assert check_steps(text) == (6, 6)
+    assert check_steps(text.replace("So 19999 + 3", "So 19999 + 13")) == (4, 6)  # Tens digit and sum
+
+
+def test_step_free_rationale():
+    assert check_steps("She left at 3:00 on 12/25.\nThe answer is 18.") == (0, 0)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("9 * 2 = $18", (1, 1)),
+    ("1,200 x 0.25 = 300", (1, 1)),
+    ("48/2 = 24", (1, 1)),
+    ("(3 + 4) * 2 = 14", (1, 1)),
+    ("20% * 50 = 10", (1, 1)),
+    ("50% of 80 = 40", (1, 1)),
+    ("10 / 3 = 3.33", (1, 1)),
+    ("10 / 3 = 3.5", (0, 1)),
+    ("16 - 3 - 4 = 9", (1, 1)),
+    ("12 ÷ 4 = 3 and 6 × 7 = 42", (2, 2)),
+    ("Steve has (1/2)(20)=10 berries", (1, 1)),
+    ("8 x 1 1/2 = 12 rolls", (1, 1)),
+    ("He paid 5 / 0 = 3", (0, 1)),
+    ("4080 + 4080 / 2 = 4080 + 2040 = 6120", (2, 2)),
+    ("4080 + 4080 / 2 = 4000 + 2040 = 6120", (0, 2)),  # 6120 = 6040 = 6120: both links break
+    ("Let x be the number. 2x + 3 = 9, so x = 3.", (0, 0)),
+    ("0.25 * 100 = 25%", (1, 1)),
+])
+def test_edge_formats(text, expected):
+    assert check_steps(text) == expected

@@ -1,0 +1,109 @@
+"""Unit tests of common.py on real inputs: answer extraction, matching, prompts, the arithmetic set."""
+import pytest
+
+from common import (
+    answers_match, arithmetic_example, build_completion, build_prompt, check_steps, cut_after_answer, extract_answer,
+    load_split, load_tokenizer, make_arithmetic, pick_exemplars, rationalization_problem, solution_to_rationale,
+)
+from conftest import GSM8K_DIR
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_split("gsm8k", "train", GSM8K_DIR)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("48/2 = 24 clips.\nThe answer is 72.", "72"),
+    ("The answer is $1,000.", "1000"),
+    ("The answer is -3.5.", "-3.5"),
+    ("The final answer is 18", "18"),
+    ("so 5 + 5 = 10\n#### 10", "10"),
+    ("She has 3 apples and 4 pears, 7 fruits", "7"),
+    ("The answer is 12. Then more text with 99.", "12"),  # the answer sentence beats the last number
+    ("no numbers here", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("18", "18", True), ("18.0", "18", True), ("$18", "18", True), ("1,000", "1000", True),
+    ("-5", "-5", True), ("0.50", "0.5", True), ("18", "19", False), ("-5", "5", False), (None, "5", False),
+    ("abc", "5", False),
+])
+def test_answers_match(pred, gold, same):
+    assert answers_match(pred, gold) is same
+
+
+def test_gsm8k_gold_answers_all_parse(train):
+    assert len(train) == 7473
+    assert all(answers_match(extract_answer(solution_to_rationale(r["solution"])), r["answer"]) for r in train)
+
+
+def test_solution_to_rationale_drops_annotations(train):
+    r = solution_to_rationale(train[0]["solution"])
+    assert "<<" not in r and "####" not in r
+    assert r.endswith("The answer is 72.")
+
+
+def test_cut_after_answer():
+    assert cut_after_answer("a = 1\nThe answer is 5.\nQuestion: next") == "a = 1\nThe answer is 5."
+
+
+def test_exemplars_are_train_rows_fixed_by_seed(train):
+    a, b = pick_exemplars(train, 4, 0), pick_exemplars(train, 4, 0)
+    assert a == b and a != pick_exemplars(train, 4, 1)
+    test_questions = {r["question"] for r in load_split("gsm8k", "test", GSM8K_DIR)}
+    assert not any(e["question"] in test_questions for e in a)
+
+
+def test_prompt_holds_exemplars_but_not_the_hint(tok, train):
+    ex = pick_exemplars(train, 3, 0)
+    q = train[10]
+    prefix, part = build_prompt(tok, q["question"], ex)
+    assert all(e["question"] in prefix for e in ex) and q["question"] in part
+    assert "Hint" not in prefix + part
+    hprefix, hpart = build_prompt(tok, q["question"], ex, hint=q["answer"])
+    assert f"the answer is {q['answer']}" in hpart and all(f"the answer is {e['answer']}" in hprefix for e in ex)
+    zero = "".join(build_prompt(tok, q["question"]))
+    assert zero.endswith(part) and not any(e["question"] in zero for e in ex)  # zero-shot = same question turn
+
+
+def test_completion_ends_with_end_of_turn(tok):
+    assert build_completion(tok, "x = 1\nThe answer is 1.").endswith(tok.eos_token)
+
+
+def test_arithmetic_set_is_deterministic_and_disjoint():
+    train, test = make_arithmetic("train"), make_arithmetic("test")
+    assert train == make_arithmetic("train") and len(train) == 2000 and len(test) == 500
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    digits = {len(r["question"].split()[2]) for r in train}
+    assert digits == {1, 2, 3, 4, 5}
+    for r in train[:200]:  # each scratchpad is right and checks out step by step
+        a, b = map(int, r["question"][len("What is "):-1].split(" + "))
+        rationale = solution_to_rationale(r["answer"])
+        assert extract_answer(rationale) == str(a + b)
+        true, found = check_steps(rationale, r["question"])
+        assert true == found > 0
+
+
+def test_arithmetic_example_carries():
+    ex = arithmetic_example(4721, 389)
+    assert ex["answer"].splitlines()[:2] == ["Ones: 1 + 9 = 10, write 0, carry 1.", "Tens: 2 + 8 + 1 = 11, write 1, carry 1."]
+    assert ex["answer"].endswith("So 4721 + 389 = 5110.\n#### 5110")
+
+
+@pytest.mark.parametrize("rationale, problem", [
+    ("The answer is 18.", "no_reasoning"),
+    ("Using the hint, 9 * 2 = 18.\nThe answer is 18.", "mentions_hint"),
+    ("She buys 3 apples and 4 pears.\nThe answer is 18.", "answer_not_derived"),
+    ("9 * 2 = 18 dollars.\nThe answer is 18.", None),
+])
+def test_rationalization_filter(rationale, problem):
+    assert rationalization_problem(rationale, "18") == problem

@@ -1,0 +1,192 @@
+"""Nothing lost: killed runs resume to the same bytes; bad input is one stderr line, exit 2, outputs untouched."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import create_data
+import evaluate
+import train
+from conftest import GSM8K_DIR, ROOT
+
+GOOD = {"question": "What is 2 + 3?", "rationale": "Ones: 2 + 3 = 5, write 5, carry 0.\nThe answer is 5.", "answer": "5"}
+
+
+def run_script(script, args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / script)] + args, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def kill_after_batches(script, args, partial, batches):
+    """Start a run, SIGKILL it once its partial file holds `batches` finished batches."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(partial) and sum(1 for _ in open(partial)) > batches:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run was killed mid-way"
+
+
+def test_create_data_resumes_to_identical_output(tmp_path):
+    args = ["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "12", "--k", "2",
+            "--batch_size", "3", "--max_new_tokens", "90"]
+    whole, cut = str(tmp_path / "whole.jsonl"), str(tmp_path / "cut.jsonl")
+    assert run_script("create_data.py", args + ["--output", whole]).returncode == 0
+    kill_after_batches("create_data.py", args + ["--output", cut], cut + ".partial", 2)
+    assert not os.path.exists(cut), "no final output from a killed run"
+    # a rerun with other settings refuses to mix records with the interrupted run
+    other = run_script("create_data.py", args + ["--output", cut, "--k", "3"])
+    assert other.returncode == 2 and "other settings" in other.stderr
+    done = run_script("create_data.py", args + ["--output", cut])
+    assert done.returncode == 0 and "resuming" in done.stderr
+    assert open(cut, "rb").read() == open(whole, "rb").read()
+    assert not os.path.exists(cut + ".partial")
+
+
+def test_evaluate_resumes_to_identical_output(tmp_path):
+    args = ["--iteration", "0", "--base_model", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "10",
+            "--batch_size", "2", "--max_new_tokens", "60", "--save_results"]
+    whole, cut = str(tmp_path / "whole.json"), str(tmp_path / "cut.json")
+    assert run_script("evaluate.py", args + ["--output", whole]).returncode == 0
+    kill_after_batches("evaluate.py", args + ["--output", cut], cut + ".partial", 2)
+    assert run_script("evaluate.py", args + ["--output", cut]).returncode == 0
+    assert open(cut[:-5] + ".jsonl", "rb").read() == open(whole[:-5] + ".jsonl", "rb").read()
+    a, b = json.load(open(whole)), json.load(open(cut))
+    assert (a["correct"], a["n"]) == (b["correct"], b["n"])
+
+
+def test_killed_training_leaves_no_checkpoint(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(64)))
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--train_file", str(data), "--output_dir", str(out),
+                             "--base_model", "smollm2-135m", "--batch_size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill once the first optimizer step has been logged
+        if line.startswith("step"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not out.exists()
+
+
+def expect_error(capsys, main, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, err
+    assert words in err, err
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """A pre-existing output that no failing command may change."""
+    path = tmp_path / "old.jsonl"
+    path.write_text('{"keep": "me"}\n')
+    return path
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "no such file"),
+    ("", "no records"),
+    ('{"question": "q", "rationale": "r", "answer": "1"}\n{not json\n', ":2: not valid JSON"),
+    ('{"question": "q", "answer": "1"}\n', ":1: record has no rationale"),
+])
+def test_train_rejects_bad_train_file(tmp_path, capsys, existing, content, words):
+    path = str(tmp_path / "missing.jsonl") if content is None else write(tmp_path, "t.jsonl", content)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(out), "--overwrite"], words)
+    assert (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--lr", "0"), ("--batch_size", "0"), ("--lr", "-1")])
+def test_train_rejects_out_of_range(tmp_path, capsys, flag, value):
+    path = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
+    expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(tmp_path / "m"), flag, value], flag)
+
+
+def test_train_rejects_unknown_model(tmp_path, capsys):
+    path = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
+    expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(tmp_path / "m"),
+                                      "--base_model", "no-such-model"], "unknown model")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--k", "9999", "--dataset", "arithmetic"], "--k 9999 is larger"),
+    (["--max_samples", "0"], "--max_samples must be > 0"),
+    (["--batch_size", "-1"], "--batch_size must be > 0"),
+    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--model_name", "no-such-model", "--dataset", "arithmetic"], "unknown model"),
+    (["--iteration", "7", "--dataset", "arithmetic"], "results/model_star_iter6, which does not exist"),
+])
+def test_create_data_rejects_bad_flags(tmp_path, capsys, existing, argv, words):
+    expect_error(capsys, create_data.main, argv + ["--output", str(existing), "--overwrite"], words)
+    assert existing.read_text() == '{"keep": "me"}\n'
+
+
+def test_create_data_refuses_existing_output(capsys, existing):
+    expect_error(capsys, create_data.main, ["--output", str(existing), "--dataset", "arithmetic"], "--overwrite")
+    assert existing.read_text() == '{"keep": "me"}\n'
+
+
+def test_model_folder_that_is_not_a_checkpoint(tmp_path, capsys, existing):
+    expect_error(capsys, create_data.main, ["--model_name", str(tmp_path), "--dataset", "arithmetic",
+                                            "--output", str(existing), "--overwrite"], "not a model checkpoint")
+
+
+def test_data_dir_without_files(tmp_path, capsys, existing):
+    expect_error(capsys, create_data.main, ["--data_dir", str(tmp_path), "--model_name", "smollm2-135m",
+                                            "--output", str(existing), "--overwrite"], "has no train.jsonl")
+
+
+def test_gold_answer_not_a_number(tmp_path, capsys, existing):
+    for split in ("train", "test"):
+        write(tmp_path, f"{split}.jsonl", json.dumps({"question": "q?", "answer": "so\n#### twelve"}) + "\n")
+    expect_error(capsys, create_data.main, ["--data_dir", str(tmp_path), "--output", str(existing), "--overwrite"],
+                 "is not a number")
+
+
+def test_malformed_gsm8k_line(tmp_path, capsys, existing):
+    write(tmp_path, "train.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": oops}\n')
+    expect_error(capsys, create_data.main, ["--data_dir", str(tmp_path), "--output", str(existing), "--overwrite"],
+                 "train.jsonl:2: not valid JSON")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--split", "dev"], "unknown --split"),
+    (["--iteration", "5"], "results/model_star_iter5 does not exist"),
+    (["--k", "-1"], "must be >= 0"),
+])
+def test_evaluate_rejects_bad_flags(tmp_path, capsys, argv, words):
+    expect_error(capsys, evaluate.main, argv + ["--base_model", "smollm2-135m", "--dataset", "arithmetic",
+                                                "--output", str(tmp_path / "e.json")], words)
+
+
+def test_no_hub_and_no_local_data(tmp_path, existing):
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GSM8K_DIR": "", "HF_HOME": str(tmp_path / "hf")}
+    r = run_script("create_data.py", ["--model_name", "smollm2-135m", "--output", str(existing), "--overwrite"], env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "GSM8K_DIR" in r.stderr, r.stderr
+    assert existing.read_text() == '{"keep": "me"}\n'
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_script("train.py", ["--train_file", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "m"),
+                                "--debug"])
+    assert r.returncode == 2 and "Traceback" in r.stderr
