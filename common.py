@@ -673,15 +673,15 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
     out, alive, pos = [[] for _ in rows], list(range(B)), pos[:, -1:]
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)
-        done = []
+        picked = nxt.tolist()  # one device->host copy per step, not one per row
         for j, row in enumerate(alive):
             if row < 0:
                 continue
-            out[row].append(int(nxt[j]))
-            if row_finished(tok, out[row], stop_ids, stops) or step == max_new_tokens - 1:
-                alive[j], _ = -1, done.append(j)
+            out[row].append(picked[j])
+            if row_finished(tok, out[row], stop_ids, stops):
+                alive[j] = -1
         live = [j for j, r in enumerate(alive) if r >= 0]
-        if not live:
+        if not live or step == max_new_tokens - 1:
             break
         if len(live) <= 0.75 * len(alive):  # most rows finished: stop paying for them
             sel = torch.tensor(live, device=dev)

@@ -67,22 +67,23 @@ def iteration_rows(results_dir="results", data_dir="data"):
             with open(stats_path) as f:
                 stats = json.load(f)
         rows.append({"label": "vanilla SFT" if m.group(1) == "sft" else m.group(2), "accuracy": ev["accuracy"],
-                     "n": ev["n"], "k": ev["k"], "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
+                     "faithful": ev.get("accuracy_faithful"), "n": ev["n"], "k": ev["k"], "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
                      "seen": stats.get("questions_seen"), "kept": stats.get("total_kept")})
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
 
 
 def summary_table(rows):
-    lines = ["| iteration | accuracy | change | Stage-1 success | Stage-2 success | training examples |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| iteration | accuracy | change | correct, all steps true | Stage-1 success | Stage-2 success "
+             "| training examples |", "|---|---|---|---|---|---|---|"]
     prev = None
     for r in rows:
         change = "" if prev is None or r["label"] == "vanilla SFT" else f"{100 * (r['accuracy'] - prev):+.1f} pts"
         s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] else ""
         s2 = f"{r['stage2']}/{r['seen'] - r['stage1']}" if r["seen"] and r["stage2"] is not None else ""
         shots = f" ({r['k']}-shot)" if r["k"] else ""
-        lines.append(f"| {r['label']}{shots} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {change} | {s1} | {s2} | "
+        faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
+        lines.append(f"| {r['label']}{shots} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {change} | {faithful} | {s1} | {s2} | "
                      f"{r['kept'] if r['kept'] is not None else ''} |")
         prev = r["accuracy"] if r["label"] != "vanilla SFT" else prev
     return "\n".join(lines) + "\n"

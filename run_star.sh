@@ -2,12 +2,14 @@
 # The STaR loop: evaluate M_0 (iteration 0), then for i = 1..N: create data with M_{i-1},
 # train M_0 on it (never M_{i-1}), evaluate M_i; finally write results/summary.{md,png}.
 # A rerun skips every stage whose output is complete, so an interrupted loop continues.
+# Outputs go to data/ and results/ under the current folder.
 #
 #   bash run_star.sh                                   # the demo: embedded model, arithmetic set
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --dataset gsm8k --iterations 3 \
 #       --k 10 --max_samples 7473 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python3}
 
 ITERATIONS=2
 BASE_MODEL=smollm2-135m
@@ -24,7 +26,7 @@ MAX_NEW_TOKENS=""
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --batch_size --train_batch_size --epochs --lr --max_new_tokens --create_args '...' --train_args '...'"; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --batch_size --train_batch_size --epochs --lr --max_new_tokens --create_args '...' --train_args '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --iterations) ITERATIONS=$2 ;;
@@ -60,17 +62,17 @@ stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loo
 }
 
 stage "iteration 0: evaluate the base model ($K-shot)" results/eval_iter0.json \
-  python evaluate.py --iteration 0 --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
+  "$PY" "$HERE/evaluate.py" --iteration 0 --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
   --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" --save_results
 for ((i = 1; i <= ITERATIONS; i++)); do
   stage "iteration $i: create data" "data/star_iter${i}_train.jsonl" \
-    python create_data.py --iteration "$i" --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
+    "$PY" "$HERE/create_data.py" --iteration "$i" --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
     --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${EXTRA_CREATE[@]}"
   stage "iteration $i: train the base model" "results/model_star_iter$i" \
-    python train.py --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
+    "$PY" "$HERE/train.py" --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
     --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
   stage "iteration $i: evaluate" "results/eval_iter$i.json" \
-    python evaluate.py --iteration "$i" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
+    "$PY" "$HERE/evaluate.py" --iteration "$i" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
     "${GEN[@]}" --save_results
 done
-python evaluate.py --summary
+"$PY" "$HERE/evaluate.py" --summary

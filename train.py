@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -44,6 +45,8 @@ parser.add_argument("--lora_alpha", type=int, default=32)
 parser.add_argument("--lora_dropout", type=float, default=0.05)
 parser.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 parser.add_argument("--logging_steps", type=int, default=1, help="optimizer steps between log lines")
+parser.add_argument("--save_steps", type=int, default=0,
+                    help="save the training state every N steps; rerunning the same command resumes from it")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--debug", action="store_true")
@@ -105,7 +108,10 @@ def load_base(args, dtype):
     except OSError as e:
         raise StarError(f"cannot load model {args.base_model!r}: {str(e).splitlines()[0]}") from None
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
@@ -134,12 +140,102 @@ def save_checkpoint(model, tok, out, args, log, stats):
     os.replace(tmp, out)
 
 
+def epoch_loader(examples, args, epoch):
+    """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run sees the same ones."""
+    order = list(range(len(examples)))
+    random.Random(args.seed * 1000 + epoch).shuffle(order)
+    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size, collate_fn=pack)
+
+
+def trainer_settings(args):
+    keys = ("train_file", "base_model", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
+            "weight_decay", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_resume_state(acc, state_dir, args):
+    """(step, log) of a run stopped after a --save_steps save; (0, []) for a fresh start."""
+    info_path = os.path.join(state_dir, "trainer.json")
+    if args.overwrite and acc.is_main_process:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if args.overwrite or not os.path.isfile(info_path):
+        return 0, []
+    with open(info_path) as f:
+        info = json.load(f)
+    if info["settings"] != trainer_settings(args):
+        raise StarError(f"{state_dir} holds an interrupted run with other settings; rerun it as it was, "
+                        "or pass --overwrite to start over")
+    acc.load_state(state_dir)
+    acc.print(f"resuming from step {info['step']} saved in {state_dir}")
+    return info["step"], info["log"]
+
+
+def save_resume_state(acc, state_dir, args, step, log):
+    """accelerate's save_state (model, optimizer, scheduler, RNG) to a temporary folder, then rename."""
+    tmp = state_dir + ".tmp"
+    acc.save_state(tmp)
+    if acc.is_main_process:
+        write_json(os.path.join(tmp, "trainer.json"), {"step": step, "log": log, "settings": trainer_settings(args)})
+        shutil.rmtree(state_dir, ignore_errors=True)
+        os.replace(tmp, state_dir)
+    acc.wait_for_everyone()
+
+
+def train_loop(acc, model, opt, sched, examples, args, total, steps_per_epoch, state_dir):
+    """Optimizer steps from the resume point to `total`; returns (log, real tokens seen, seconds)."""
+    step, log = load_resume_state(acc, state_dir, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens, losses, t0 = 0, [], time.time()
+    bar = tqdm(total=total, initial=step, desc="training", disable=not acc.is_main_process, dynamic_ncols=True)
+    model.train()
+    while step < total:
+        epoch = step // steps_per_epoch
+        loader = acc.prepare(epoch_loader(examples, args, epoch))
+        done = (step - epoch * steps_per_epoch) * args.grad_accum  # micro-batches of this epoch already trained
+        for batch in acc.skip_first_batches(loader, done) if done else loader:
+            with acc.accumulate(model):
+                loss = packed_loss(model, batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += int(batch["input_ids"].numel())
+            losses.append(loss.item())
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % args.logging_steps == 0 or step == total:
+                log.append(log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0))
+                losses = []
+            if args.save_steps and step % args.save_steps == 0 and step < total:
+                save_resume_state(acc, state_dir, args, step, log)
+            if step >= total:
+                break
+    bar.close()
+    return log, tokens * acc.num_processes, time.time() - t0
+
+
+def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
+    """One fixed-format line per logged optimizer step; the same numbers go to log.jsonl."""
+    row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(sum(losses) / len(losses), 4),
+           "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens * acc.num_processes / (time.time() - t0), 1)}
+    if torch.cuda.is_available():
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if acc.is_main_process:
+        tqdm.write(f"step {step:5d}/{total} | epoch {row['epoch']:6.3f} | loss {row['loss']:.4f} | "
+                   f"lr {row['lr']:.2e} | tok/s {row['tokens_per_s']:8.1f}", file=sys.stdout)
+    return row
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
         check_positive(args, "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
         args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
-        args.output_dir = args.output_dir or f"results/model_star_iter{args.iteration}"
+        args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
         check_output_free(args.output_dir, args.overwrite)
         records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
         if not records:
@@ -164,63 +260,30 @@ def main(argv=None):
         # LoRA keeps frozen base weights in bf16 on GPU (what makes 3B fit in 24 GB); full FT keeps fp32 master weights.
         model = load_base(args, torch.bfloat16 if (bf16 and args.lora_r) else torch.float32)
         init_fingerprint = weight_fingerprint(model)
-        gen = torch.Generator().manual_seed(args.seed)
-        loader = torch.utils.data.DataLoader(examples, batch_size=args.batch_size, shuffle=True, collate_fn=pack,
-                                             generator=gen)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device == "cuda")
-        steps_per_epoch = math.ceil(len(loader) / acc.num_processes / args.grad_accum)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                weight_decay=args.weight_decay, fused=device == "cuda")
+        steps_per_epoch = math.ceil(math.ceil(len(examples) / args.batch_size) / acc.num_processes / args.grad_accum)
         total = max(1, math.ceil(steps_per_epoch * args.epochs))
-        sched = get_scheduler(args.lr_scheduler, opt, num_warmup_steps=int(args.warmup_ratio * total),
-                              num_training_steps=total)
-        model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+        # accelerate steps a prepared scheduler once per process per optimizer step
+        sched = get_scheduler(args.lr_scheduler, opt, num_warmup_steps=int(args.warmup_ratio * total) * acc.num_processes,
+                              num_training_steps=total * acc.num_processes)
+        model, opt, sched = acc.prepare(model, opt, sched)
         acc.print(f"training {args.base_model} on {len(examples)} examples of {args.train_file}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}")
-        if acc.device.type == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        model.train()
-        log, step, tokens, t0 = [], 0, 0, time.time()
-        bar = tqdm(total=total, desc="training", disable=not acc.is_main_process, dynamic_ncols=True)
-        losses = []
-        while step < total:
-            for batch in loader:
-                with acc.accumulate(model):
-                    loss = packed_loss(model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                tokens += int(batch["input_ids"].numel())
-                losses.append(loss.item())
-                if not acc.sync_gradients:
-                    continue
-                step += 1
-                bar.update(1)
-                if step % args.logging_steps == 0 or step == total:
-                    elapsed = time.time() - t0
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                           "loss": round(sum(losses) / len(losses), 4), "lr": sched.get_last_lr()[0],
-                           "tokens_per_s": round(tokens * acc.num_processes / elapsed, 1)}
-                    log.append(row)
-                    losses = []
-                    if acc.is_main_process:
-                        tqdm.write(f"step {step:5d}/{total} | epoch {row['epoch']:6.3f} | loss {row['loss']:.4f} | "
-                                   f"lr {row['lr']:.2e} | tok/s {row['tokens_per_s']:8.1f}", file=sys.stdout)
-                if step >= total:
-                    break
-        bar.close()
-        seconds = time.time() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30 if acc.device.type == "cuda" else None
+        log, tokens, seconds = train_loop(acc, model, opt, sched, examples, args, total, steps_per_epoch,
+                                          args.output_dir + ".state")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         stats = {"examples": len(examples), "dropped_too_long": too_long, "steps": total, "seconds": round(seconds, 1),
-                 "tokens_per_s": round(tokens * acc.num_processes / seconds, 1), "peak_memory_gib": peak,
+                 "tokens_per_s": round(tokens / seconds, 1), "peak_memory_gib": peak,
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes}
         acc.wait_for_everyone()
         if acc.is_main_process:
             save_checkpoint(acc.unwrap_model(model), tok, args.output_dir, args, log, stats)
+            shutil.rmtree(args.output_dir + ".state", ignore_errors=True)
             print(f"trained {total} steps in {seconds:.0f} s (loss {stats['first_loss']} -> {stats['final_loss']}); "
                   f"wrote {args.output_dir}")
 

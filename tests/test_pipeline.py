@@ -1,14 +1,15 @@
 """End to end on the embedded model: data creation on both datasets, and two STaR iterations by hand."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import create_data
-import evaluate
 import train
-from common import answers_match, extract_answer, read_jsonl
-from conftest import GSM8K_DIR
+from common import answers_match, extract_answer, load_model, read_jsonl
+from conftest import GSM8K_DIR, ROOT
 
 
 def read_json(path):
@@ -40,35 +41,38 @@ def test_create_data_gsm8k(tmp_path):
         assert not os.path.exists(out)  # nothing kept: stats only, and a clear error (tested elsewhere)
 
 
-def test_two_star_iterations(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # default paths: data/star_iter{N}_train.jsonl, results/...
-    common = ["--dataset", "arithmetic", "--max_samples", "16", "--k", "4"]
-    create_data.main(["--iteration", "1", "--model_name", "smollm2-135m"] + common)
-    kept1 = check_records("data/star_iter1_train.jsonl", 1, "smollm2-135m")
-    stats1 = read_json("data/star_iter1_train.jsonl.stats.json")
-    assert stats1["stage1_correct"] + stats1["stage2_correct"] == len(kept1)
+def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
+    """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate; a summary."""
+    cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "8",
+           "--k", "4", "--epochs", "3", "--train_batch_size", "4", "--lr", "1e-4", "--max_new_tokens", "120"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    kept = {i: check_records(f"data/star_iter{i}_train.jsonl", i, model)
+            for i, model in ((1, "smollm2-135m"), (2, "results/model_star_iter1"))}
+    for i in (1, 2):  # iteration 2 generated with M_1 (checked by check_records above) ...
+        stats = read_json(f"data/star_iter{i}_train.jsonl.stats.json")
+        assert stats["stage1_correct"] + stats["stage2_correct"] == len(kept[i])
+    ts = {i: read_json(f"results/model_star_iter{i}/train_stats.json") for i in (1, 2)}
+    assert ts[1]["final_loss"] < ts[1]["first_loss"], "the loss fell during training"
+    # ... and trained the BASE weights again, not M_1's
+    assert ts[2]["init_fingerprint"] == ts[1]["init_fingerprint"]
+    assert train.weight_fingerprint(load_model("results/model_star_iter1")[0]) != ts[2]["init_fingerprint"]
+    assert read_json("results/model_star_iter2/args.json")["args"]["base_model"] == "smollm2-135m"
 
-    train_args = ["--base_model", "smollm2-135m", "--epochs", "3", "--batch_size", "4", "--lr", "1e-4"]
-    train.main(["--iteration", "1"] + train_args)
-    ts1 = read_json("results/model_star_iter1/train_stats.json")
-    assert ts1["final_loss"] < ts1["first_loss"], "the loss fell during training"
-    assert read_json("results/model_star_iter1/args.json")["args"]["base_model"] == "smollm2-135m"
+    summary = open("results/summary.md").read().splitlines()[2:]
+    assert len(summary) == 3 and os.path.getsize("results/summary.png") > 10_000
+    for i, line in enumerate(summary):
+        ev, details = read_json(f"results/eval_iter{i}.json"), read_jsonl(f"results/eval_iter{i}.jsonl")
+        assert ev["n"] == len(details) == 8 and ev["correct"] == sum(d["correct"] for d in details)
+        assert ev["accuracy"] == pytest.approx(ev["correct"] / 8)
+        assert f"| {100 * ev['accuracy']:.1f}% (n=8) |" in line  # the table shows the result files' numbers
+        if i:
+            stats = read_json(f"data/star_iter{i}_train.jsonl.stats.json")
+            assert f"| {stats['stage1_correct']}/{stats['questions_seen']} |" in line
+            assert line.endswith(f"| {stats['total_kept']} |")
 
-    evaluate.main(["--iteration", "1", "--dataset", "arithmetic", "--max_samples", "8", "--save_results"])
-    ev = read_json("results/eval_iter1.json")
-    details = read_jsonl("results/eval_iter1.jsonl")
-    assert ev["n"] == len(details) == 8
-    assert ev["correct"] == sum(d["correct"] for d in details)
-    assert ev["accuracy"] == pytest.approx(ev["correct"] / 8)
-
-    # Iteration 2 generates with M_1 by default and trains the BASE model again.
-    create_data.main(["--iteration", "2"] + common)
-    assert read_json("data/star_iter2_train.jsonl.stats.json")["args"]["model_name"] == "results/model_star_iter1"
-    check_records("data/star_iter2_train.jsonl", 2, "results/model_star_iter1")
-    train.main(["--iteration", "2"] + train_args)
-    ts2 = read_json("results/model_star_iter2/train_stats.json")
-    assert ts2["init_fingerprint"] == ts1["init_fingerprint"], "iteration 2 started from the base weights"
-    m1 = train.weight_fingerprint(__import__("common").load_model("results/model_star_iter1")[0])
-    assert m1 != ts2["init_fingerprint"], "and not from iteration 1's"
-    evaluate.main(["--iteration", "2", "--dataset", "arithmetic", "--max_samples", "8"])
-    assert read_json("results/eval_iter2.json")["n"] == 8
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHON": sys.executable})
+    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 7  # eval 0 + 3 stages x 2

@@ -11,7 +11,7 @@ import pytest
 import create_data
 import evaluate
 import train
-from conftest import GSM8K_DIR, ROOT
+from conftest import ROOT
 
 GOOD = {"question": "What is 2 + 3?", "rationale": "Ones: 2 + 3 = 5, write 5, carry 0.\nThe answer is 5.", "answer": "5"}
 
@@ -170,9 +170,10 @@ def test_malformed_gsm8k_line(tmp_path, capsys, existing):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--split", "dev"], "unknown --split"),
+    (["--split", "dev", "--iteration", "0"], "unknown --split"),
     (["--iteration", "5"], "results/model_star_iter5 does not exist"),
-    (["--k", "-1"], "must be >= 0"),
+    (["--k", "-1", "--iteration", "0"], "must be >= 0"),
+    (["--max_samples", "0", "--iteration", "0"], "--max_samples must be > 0"),
 ])
 def test_evaluate_rejects_bad_flags(tmp_path, capsys, argv, words):
     expect_error(capsys, evaluate.main, argv + ["--base_model", "smollm2-135m", "--dataset", "arithmetic",
@@ -190,3 +191,26 @@ def test_debug_shows_traceback(tmp_path):
     r = run_script("train.py", ["--train_file", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "m"),
                                 "--debug"])
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_training_resumes_from_saved_state(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({**GOOD, "question": f"What is {i} + 3?"}) + "\n" for i in range(6)))
+    args = ["--train_file", str(data), "--base_model", "smollm2-135m", "--batch_size", "1", "--epochs", "1",
+            "--lr", "1e-4", "--save_steps", "2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_script("train.py", args + ["--output_dir", str(whole)]).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args + ["--output_dir", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill after step 3, past the state saved at step 2
+        if line.startswith("step     3/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not cut.exists() and (tmp_path / "cut.state" / "trainer.json").exists()
+    r = run_script("train.py", args + ["--output_dir", str(cut)])
+    assert r.returncode == 0 and "resuming from step 2" in r.stdout + r.stderr
+    log = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [x["step"] for x in log(cut)] == list(range(1, 7))
+    assert [x["loss"] for x in log(cut)] == pytest.approx([x["loss"] for x in log(whole)], abs=1e-3)
+    assert not (tmp_path / "cut.state").exists()
