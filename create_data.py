@@ -10,12 +10,13 @@ rationale if it is now right and really derives the answer; it is saved WITHOUT 
 """
 import argparse
 import os
+import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt, check_output_free, check_positive,
+    CHAIN_RE, DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt, check_output_free, check_positive,
     check_steps,
-    cli_errors, cut_after_answer, extract_answer, generate_resumable, load_model, load_partial, load_split,
+    cli_errors, cut_after_answer, dist_state, extract_answer, generate_resumable, load_model, load_partial, load_split,
     partial_path, pick_exemplars, rationalization_problem, run_info, solution_to_rationale, write_json, write_jsonl,
 )
 
@@ -31,8 +32,13 @@ parser.add_argument("--max_samples", type=int, default=None, help="first N train
 parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
 parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 160 arithmetic")
+parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic")
 parser.add_argument("--no_rationalization", action="store_true", help="skip Stage 2 (the paper's ablation)")
+parser.add_argument("--num_samples", type=int, default=1,
+                    help="Stage-1 rationales drawn per question: 1 = greedy (STaR); S > 1 samples (RFT / ReST-EM)")
+parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.7 when S > 1)")
+parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
+parser.add_argument("--max_per_question", type=int, default=None, help="cap on distinct right rationales kept per question")
 parser.add_argument("--check_steps", default="report", choices=["off", "report", "filter"],
                     help="check each written step: report it in the records and stats, or filter: keep only "
                          "rationales with at least one step and every step true")
@@ -45,7 +51,7 @@ parser.add_argument("--debug", action="store_true", help="full tracebacks")
 def settings_of(args):
     """What must match for an interrupted run to be continued."""
     keys = ("iteration", "model_name", "k", "batch_size", "max_samples", "dataset", "data_dir", "seed",
-            "max_new_tokens", "no_rationalization")  # --check_steps only filters afterwards: not needed
+            "max_new_tokens", "no_rationalization", "num_samples", "temperature", "top_p")  # --check_steps only filters afterwards: not needed
     return {k: getattr(args, k) for k in keys}
 
 
@@ -80,26 +86,57 @@ def human_records(rows, args):
     return [make_record(r, solution_to_rationale(r["solution"]), 0, args) for r in rows]
 
 
+def correct_rationales(samples, gold):
+    """The rationales (cut after their answer sentence) among (text, tokens) samples that are right."""
+    cut = [cut_after_answer(text) for text, _ in samples]
+    return [r for r in cut if answers_match(extract_answer(r), gold)]
+
+
+def drop_duplicates(rationales, cap=None):
+    """Distinct reasoning only: the same normalized text, or the same sequence of written equations
+    (RFT, Yuan et al. 2023), counts once; at most `cap` kept (ReST-EM caps at 10 per problem)."""
+    kept, seen = [], set()
+    for r in rationales:
+        keys = {("text", re.sub(r"[^a-z0-9]", "", r.lower()))}
+        equations = tuple(re.sub(r"[\s$,]", "", m.group()) for m in CHAIN_RE.finditer(r))
+        if equations:
+            keys.add(("equations", equations))
+        if not keys & seen:
+            kept.append(r)
+        seen |= keys
+    return kept[:cap]
+
+
 def stage1(model, tok, rows, exemplars, args, partial, done, stats):
+    """Greedy (or --num_samples draws per question); keep the distinct right rationales."""
+    S = args.num_samples
     prefix = build_prompt(tok, "", exemplars)[0]
     parts = [build_prompt(tok, r["question"], exemplars)[1] for r in rows]
     seen = {"n": 0, "ok": 0}
 
     def success_rate(indices, results):  # running Stage-1 success shown on the progress bar
         seen["n"] += len(indices)
-        seen["ok"] += sum(answers_match(extract_answer(t), rows[i]["answer"]) for i, (t, _) in zip(indices, results))
+        seen["ok"] += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"])) for i, r in zip(indices, results))
         return {"stage1_correct": f"{seen['ok'] / seen['n']:.1%}"}
 
-    outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 1, "stage 1", success_rate)
-    kept, failed = [], []
-    for row, (text, n) in zip(rows, outs):
-        stats["tokens_generated"] += n
-        rationale = cut_after_answer(text)
-        if answers_match(extract_answer(rationale), row["answer"]):
-            kept.append(make_record(row, rationale, 1, args))
-        else:
+    outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 1, "stage 1", success_rate, S)
+    kept, failed, per_question, correct_samples = [], [], [], 0
+    for row, out in zip(rows, outs):
+        samples = out if S > 1 else [out]
+        stats["tokens_generated"] += sum(n for _, n in samples)
+        right = correct_rationales(samples, row["answer"])
+        correct_samples += len(right)
+        distinct = drop_duplicates(right, args.max_per_question)
+        per_question.append(len(distinct))
+        kept += [make_record(row, r, 1, args) for r in distinct]
+        if not distinct:
             failed.append(row)
-    stats["stage1_correct"] = len(kept)
+    stats["stage1_correct"] = len(rows) - len(failed)  # questions solved
+    if S > 1:
+        stats.update(samples_drawn=S * len(rows), correct_samples=correct_samples, stage1_rationales=len(kept),
+                     pass_at_S=(len(rows) - len(failed)) / max(len(rows), 1),
+                     kept_per_question_mean=sum(per_question) / max(len(rows), 1),
+                     kept_per_question_histogram={str(k): per_question.count(k) for k in sorted(set(per_question))})
     return keep_faithful(kept, args, stats, 1), failed
 
 
@@ -126,7 +163,12 @@ def stage2(model, tok, rows, exemplars, args, partial, done, stats):
 def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
-        check_positive(args, "max_samples", "batch_size", "max_new_tokens", "iteration")
+        check_positive(args, "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
+                       "top_p", "max_per_question")
+        if args.top_p > 1:
+            raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
+        if args.num_samples > 1 and args.temperature is None:
+            args.temperature = 0.7
         if args.k < 0:
             raise StarError(f"--k must be >= 0, got {args.k}")
         if args.model_name is None:
@@ -161,6 +203,8 @@ def main(argv=None):
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
                      tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(args))
+        if not dist_state().is_main_process:
+            return  # under a launcher every process has every record; the main one writes them
         write_json(args.output + ".stats.json", stats)
         if not args.human_rationales:
             os.remove(partial)

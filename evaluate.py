@@ -15,7 +15,7 @@ import time
 
 from common import (
     DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt,
-    check_output_free, check_positive, check_steps, cli_errors, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
+    check_output_free, check_positive, check_steps, cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
     load_split, partial_path, pick_exemplars, run_info, write_json, write_jsonl,
 )
 
@@ -31,7 +31,7 @@ parser.add_argument("--k", type=int, default=0, help="few-shot exemplars from th
 parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
 parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars when --k > 0")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 160 arithmetic")
+parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--summary", action="store_true",
@@ -166,6 +166,8 @@ def main(argv=None):
                   "correct": sum(d["correct"] for d in details), "correct_flexible": sum(d["flexible_correct"] for d in details),
                   "n": n, "model": args.model, "iteration": args.iteration, "dataset": args.dataset, "split": args.split,
                   "k": args.k, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1), **run_info(args)}
+        if not dist_state().is_main_process:
+            return  # under a launcher every process has every answer; the main one writes them
         details_path = args.output[: -len(".json")] + ".jsonl" if args.output.endswith(".json") else args.output + ".jsonl"
         if args.save_results:
             write_jsonl(details_path, details)

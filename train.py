@@ -124,13 +124,14 @@ def load_base(args, dtype):
     return model
 
 
-def save_checkpoint(model, tok, out, args, log, stats):
+def save_checkpoint(model, state_dict, tok, out, args, log, stats):
     """Write to <out>.tmp, then rename: a killed run never leaves a folder that looks finished."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_r:
-        model = model.merge_and_unload()  # a plain checkpoint: the next stage needs no extra flags
-    model.save_pretrained(tmp)
+        model.merge_and_unload().save_pretrained(tmp)  # a plain checkpoint: the next stage needs no extra flags
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict)  # the full weights, also when FSDP sharded them
     tok.save_pretrained(tmp)
     write_json(os.path.join(tmp, "args.json"), run_info(args))
     write_json(os.path.join(tmp, "train_stats.json"), stats)
@@ -281,8 +282,9 @@ def main(argv=None):
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes}
         acc.wait_for_everyone()
+        state_dict = None if args.lora_r else acc.get_state_dict(model)  # a collective call under FSDP
         if acc.is_main_process:
-            save_checkpoint(acc.unwrap_model(model), tok, args.output_dir, args, log, stats)
+            save_checkpoint(acc.unwrap_model(model), state_dict, tok, args.output_dir, args, log, stats)
             shutil.rmtree(args.output_dir + ".state", ignore_errors=True)
             print(f"trained {total} steps in {seconds:.0f} s (loss {stats['first_loss']} -> {stats['final_loss']}); "
                   f"wrote {args.output_dir}")
