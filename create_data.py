@@ -160,25 +160,28 @@ def stage2(model, tok, rows, exemplars, args, partial, done, stats):
     return keep_faithful(kept, args, stats, 2)
 
 
+def check_args(args):
+    """Refuse out-of-range flags and fill the defaults that depend on other flags."""
+    check_positive(args, "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
+                   "top_p", "max_per_question")
+    if args.top_p > 1 or args.k < 0:
+        raise StarError(f"--top_p must be in (0, 1] and --k >= 0 (got {args.top_p}, {args.k})")
+    if args.num_samples > 1 and args.temperature is None:
+        args.temperature = 0.7
+    if args.model_name is None:
+        args.model_name = args.base_model if args.iteration == 1 else f"results/model_star_iter{args.iteration - 1}"
+        if args.iteration > 1 and not os.path.isdir(args.model_name):
+            raise StarError(f"iteration {args.iteration} generates with {args.model_name}, which does not exist: "
+                            f"train iteration {args.iteration - 1} first, or pass --model_name")
+    args.output = args.output or f"data/star_iter{args.iteration}_train.jsonl"
+    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
+    check_output_free(args.output, args.overwrite)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
-        check_positive(args, "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
-                       "top_p", "max_per_question")
-        if args.top_p > 1:
-            raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
-        if args.num_samples > 1 and args.temperature is None:
-            args.temperature = 0.7
-        if args.k < 0:
-            raise StarError(f"--k must be >= 0, got {args.k}")
-        if args.model_name is None:
-            args.model_name = args.base_model if args.iteration == 1 else f"results/model_star_iter{args.iteration - 1}"
-            if args.iteration > 1 and not os.path.isdir(args.model_name):
-                raise StarError(f"iteration {args.iteration} generates with {args.model_name}, which does not exist: "
-                                f"train iteration {args.iteration - 1} first, or pass --model_name")
-        args.output = args.output or f"data/star_iter{args.iteration}_train.jsonl"
-        args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
-        check_output_free(args.output, args.overwrite)
+        check_args(args)
         t0 = time.time()
         train = load_split(args.dataset, "train", args.data_dir)
         rows = train[: args.max_samples]

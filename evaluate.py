@@ -133,21 +133,36 @@ def settings_of(args):
     return {k: getattr(args, k) for k in keys}
 
 
+def check_args(args):
+    """Refuse out-of-range flags and fill the defaults that depend on other flags."""
+    check_positive(args, "max_samples", "batch_size", "max_new_tokens")
+    if args.k < 0 or args.iteration < 0:
+        raise StarError("--k and --iteration must be >= 0")
+    if args.model is None:
+        args.model = args.base_model if args.iteration == 0 else f"results/model_star_iter{args.iteration}"
+        if args.iteration > 0 and not os.path.isdir(args.model):
+            raise StarError(f"{args.model} does not exist: train iteration {args.iteration} first, or pass --model")
+    args.output = args.output or f"results/eval_iter{args.iteration}.json"
+    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
+    check_output_free(args.output, args.overwrite)
+
+
+def accuracy_report(details, args, seconds):
+    n, tokens = len(details), sum(d["tokens"] for d in details)
+    count = {key: sum(d[key] for d in details) for key in ("correct", "flexible_correct", "faithful_correct")}
+    return {"accuracy": count["correct"] / n, "accuracy_flexible": count["flexible_correct"] / n,
+            "accuracy_faithful": count["faithful_correct"] / n, "correct": count["correct"],
+            "correct_flexible": count["flexible_correct"], "n": n, "model": args.model, "iteration": args.iteration,
+            "dataset": args.dataset, "split": args.split, "k": args.k, "seconds": round(seconds, 1),
+            "tokens_per_s": round(tokens / seconds, 1), **run_info(args)}
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
         if args.summary:
             return write_summary()
-        check_positive(args, "max_samples", "batch_size", "max_new_tokens")
-        if args.k < 0 or args.iteration < 0:
-            raise StarError("--k and --iteration must be >= 0")
-        if args.model is None:
-            args.model = args.base_model if args.iteration == 0 else f"results/model_star_iter{args.iteration}"
-            if args.iteration > 0 and not os.path.isdir(args.model):
-                raise StarError(f"{args.model} does not exist: train iteration {args.iteration} first, or pass --model")
-        args.output = args.output or f"results/eval_iter{args.iteration}.json"
-        args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
-        check_output_free(args.output, args.overwrite)
+        check_args(args)
         t0 = time.time()
         rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples)
         exemplars = pick_exemplars(load_split(args.dataset, "train", args.data_dir), args.k, args.seed) if args.k else []
@@ -158,14 +173,7 @@ def main(argv=None):
         done = load_partial(partial, settings_of(args), args.overwrite)
         outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 0, f"evaluating {args.split}")
         details = score(rows, outs)
-        seconds, n = time.time() - t0, len(details)
-        tokens = sum(d["tokens"] for d in details)
-        result = {"accuracy": sum(d["correct"] for d in details) / n,
-                  "accuracy_flexible": sum(d["flexible_correct"] for d in details) / n,
-                  "accuracy_faithful": sum(d["faithful_correct"] for d in details) / n,
-                  "correct": sum(d["correct"] for d in details), "correct_flexible": sum(d["flexible_correct"] for d in details),
-                  "n": n, "model": args.model, "iteration": args.iteration, "dataset": args.dataset, "split": args.split,
-                  "k": args.k, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1), **run_info(args)}
+        result, n = accuracy_report(details, args, time.time() - t0), len(details)
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
         details_path = args.output[: -len(".json")] + ".jsonl" if args.output.endswith(".json") else args.output + ".jsonl"

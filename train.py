@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -279,6 +280,7 @@ def main(argv=None):
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         stats = {"examples": len(examples), "dropped_too_long": too_long, "steps": total, "seconds": round(seconds, 1),
                  "tokens_per_s": round(tokens / seconds, 1), "peak_memory_gib": peak,
+                 "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # host memory
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes}
         acc.wait_for_everyone()
@@ -286,8 +288,9 @@ def main(argv=None):
         if acc.is_main_process:
             save_checkpoint(acc.unwrap_model(model), state_dict, tok, args.output_dir, args, log, stats)
             shutil.rmtree(args.output_dir + ".state", ignore_errors=True)
-            print(f"trained {total} steps in {seconds:.0f} s (loss {stats['first_loss']} -> {stats['final_loss']}); "
-                  f"wrote {args.output_dir}")
+            memory = f"peak GPU memory {peak:.1f} GiB" if peak else f"peak RSS {stats['peak_rss_gib']} GiB"
+            print(f"trained {total} steps in {seconds:.0f} s ({stats['tokens_per_s']} tok/s, {memory}; loss "
+                  f"{stats['first_loss']} -> {stats['final_loss']}); wrote {args.output_dir}")
 
 
 if __name__ == "__main__":

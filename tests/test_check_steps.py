@@ -139,3 +139,24 @@ def test_step_free_rationale():
 ])
 def test_edge_formats(text, expected):
     assert check_steps(text) == expected
+
+
+def test_filter_drops_unfaithful_rationales_and_keeps_true_ones():
+    import argparse
+
+    import create_data
+
+    args = argparse.Namespace(check_steps="filter", iteration=1, model_name="m")
+    row = {"id": 0, "question": "What is 4721 + 389?", "answer": "5110"}
+    good = SCRATCHPAD
+    wrong_digit = SCRATCHPAD.replace("Tens: 2 + 8 + 1 = 11", "Tens: 3 + 8 + 1 = 12").replace("write 1, carry 1.\nHundreds", "write 2, carry 1.\nHundreds", 1)
+    wrong_carry = SCRATCHPAD.replace("Ones: 1 + 9 = 10, write 0, carry 1.", "Ones: 1 + 9 = 10, write 0, carry 0.")
+    wrong_step = "She has 3 * 4 = 13 apples.\nSo 5110 in all.\nThe answer is 5110."
+    no_steps = "It is a big sum.\nThe answer is 5110."
+    records = [create_data.make_record(row, r, 1, args) for r in (good, wrong_digit, wrong_carry, wrong_step, no_steps)]
+    stats = {}
+    kept = create_data.keep_faithful(records, args, stats, 1)
+    assert [r["rationale"] for r in kept] == [good]
+    assert stats == {"stage1_all_steps_true": 1, "stage1_dropped_by_step_check": 4}
+    args.check_steps = "report"
+    assert create_data.keep_faithful(records, args, {}, 1) == records

@@ -41,6 +41,15 @@ def test_create_data_gsm8k(tmp_path):
         assert not os.path.exists(out)  # nothing kept: stats only, and a clear error (tested elsewhere)
 
 
+def test_human_rationales_for_the_sft_baseline(tmp_path):
+    out = str(tmp_path / "sft.jsonl")
+    create_data.main(["--human_rationales", "--data_dir", GSM8K_DIR, "--max_samples", "5", "--output", out])
+    records = read_jsonl(out)
+    assert len(records) == 5 and all(r["model"] == "human" and r["stage"] == 0 for r in records)
+    assert records[0]["rationale"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips " \
+                                      "altogether in April and May.\nThe answer is 72."
+
+
 def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate; a summary."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "8",

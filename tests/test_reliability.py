@@ -214,3 +214,15 @@ def test_training_resumes_from_saved_state(tmp_path):
     assert [x["step"] for x in log(cut)] == list(range(1, 7))
     assert [x["loss"] for x in log(cut)] == pytest.approx([x["loss"] for x in log(whole)], abs=1e-3)
     assert not (tmp_path / "cut.state").exists()
+
+
+def test_create_data_that_keeps_nothing_says_so_and_writes_stats(tmp_path, capsys):
+    out = str(tmp_path / "none.jsonl")
+    with pytest.raises(SystemExit) as e:
+        create_data.main(["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "2", "--k", "1",
+                          "--max_new_tokens", "1", "--output", out])
+    err = capsys.readouterr().err  # progress bars ran first; the error is the last line
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: no rationale was kept out of 2 questions")
+    assert not os.path.exists(out)
+    assert json.load(open(out + ".stats.json"))["total_kept"] == 0
