@@ -4,7 +4,7 @@ Always from --base_model, never from the previous iteration's checkpoint (the pa
 the pre-trained model each outer loop to avoid overfitting, Zelikman et al. 2022, Sec. 3.1).
 Examples are the zero-shot prompt (the one evaluate.py asks) + the rationale; the loss is on the
 rationale tokens only. Examples are packed into one row per micro-batch, each with its own
-positions, so no compute goes to padding and no example attends to another.
+positions and its own causal attention, so no compute goes to padding and no example attends to another.
 
     python train.py --iteration 1 --base_model smollm2-135m --epochs 3
     accelerate launch --num_processes 4 train.py --iteration 1 --lora_r 16
@@ -77,6 +77,32 @@ def pack(batch):
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "example": seq}
 
 
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kw):
+    """Causal attention within each example of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
+
+    Positions restart at 0 where an example starts. Attending per example costs the sum of the
+    squared example lengths, not the square of the row length, and builds no [T, T] mask.
+    """
+    starts = (position_ids[0] == 0).nonzero().squeeze(1).tolist() + [query.shape[2]]
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each kv head serves `groups` heads
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                            is_causal=True, scale=scaling, dropout_p=dropout)
+           for a, b in zip(starts, starts[1:])]
+    return torch.cat(out, 2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model):
+    """Register packed_attention with transformers and switch the model to it (no mask is built)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("star_packed", packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("star_packed", lambda *args, **kwargs: None)
+    model.set_attn_implementation("star_packed")
+    return model
+
+
 def packed_loss(model, batch):
     """Mean over examples of each example's mean token loss (each rationale weighs the same).
 
@@ -108,6 +134,7 @@ def load_base(args, dtype):
         model = AutoModelForCausalLM.from_pretrained(resolve_model(args.base_model), dtype=dtype)
     except OSError as e:
         raise StarError(f"cannot load model {args.base_model!r}: {str(e).splitlines()[0]}") from None
+    use_packed_attention(model)
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -2,10 +2,11 @@
 
 The same rationales (real GSM8K human solutions), the same order, optimizer, lr and number of
 optimizer steps through (a) naive: right-padded batches of --batch_size, full logits, loss on the
-prompt and padding masked; (b) ours: train.py's packing (no padding, per-example positions,
-logits only where a rationale token is learned). Both use the same per-example-mean loss, so their
-losses are comparable. Each path runs in its own process so that its peak memory is its own.
-Prints real (non-pad) tokens/s of each, the ratio, the final training loss and peak memory.
+prompt and padding masked; (b) ours: train.py's packing (no padding, per-example positions and
+causal attention, logits only where a rationale token is learned). Both use the same
+per-example-mean loss, so their losses are comparable. Each path runs in its own process, so
+that its peak memory is its own. Prints real (non-pad) tokens/s of each, the ratio, the final
+training loss and peak memory.
 
     python bench/bench_train.py                 # 200 examples, batch 8, 1 epoch, smollm2-135m, CPU
     python bench/bench_train.py --n 64 --steps 8
@@ -23,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import load_split, load_tokenizer, resolve_model, solution_to_rationale  # noqa: E402
-from train import pack, packed_loss, tokenize_examples  # noqa: E402
+from train import pack, packed_loss, tokenize_examples, use_packed_attention  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
@@ -58,6 +59,8 @@ def run_path(args):
     batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     batches = batches[: args.steps] if args.steps else batches
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).train()
+    if args.path == "ours":
+        use_packed_attention(model)  # what train.py's load_base does
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, real_tokens, t0 = [], 0, time.time()
     for batch in batches:
