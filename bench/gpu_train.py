@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import load_split, load_tokenizer, solution_to_rationale  # noqa: E402
 from gpu_generate import LLAMA_3B, TINY  # noqa: E402
-from train import pack, packed_loss, tokenize_examples  # noqa: E402
+from train import pack, packed_loss, tokenize_examples, use_packed_attention  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", "../shared/gsm8k"))
@@ -37,6 +37,7 @@ def build(mode, tiny, checkpointing):
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**(TINY if tiny else LLAMA_3B)), dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
+    use_packed_attention(model)  # as train.py does
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
