@@ -83,7 +83,7 @@ class StarError(Exception):
 # ----------------------------------------------------------------------------- CLI plumbing
 @contextlib.contextmanager
 def cli_errors(debug=False):
-    """Turn StarError (and a few library errors) into one stderr line and exit 2; --debug re-raises."""
+    """Turn StarError into one stderr line and exit 2 (--debug or STAR_DEBUG=1 adds the traceback)."""
     debug = debug or os.environ.get("STAR_DEBUG") == "1"
     try:
         yield
@@ -93,7 +93,7 @@ def cli_errors(debug=False):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -197,6 +197,11 @@ def prepare_partial(path, settings, overwrite):
         return
     with open(path) as f:
         lines = f.read().split("\n")
+    try:
+        json.loads(lines[0])
+    except json.JSONDecodeError:  # killed while writing the header: nothing was saved yet
+        os.remove(path)
+        return prepare_partial(path, settings, overwrite)
     good = [lines[0]]
     for line in filter(None, lines[1:]):
         try:
@@ -485,6 +490,8 @@ def load_split(dataset, split, data_dir=None, max_samples=None):
         if normalize_number(final) is None:
             raise StarError(f"{dataset} {split} record {i}: gold answer {final.strip()!r} is not a number")
         rows.append({"id": i, "question": r["question"], "answer": normalize_number(final), "solution": r["answer"]})
+    if not rows:
+        raise StarError(f"the {dataset} {split} split holds no questions")
     return rows
 
 
@@ -527,8 +534,10 @@ def build_prompt(tok, question, exemplars=(), hint=None):
         assert full.startswith(prefix), "chat template does not extend a conversation by appending"
         return prefix, full[len(prefix):]
     bos = tok.bos_token if tok.bos_token and tok("a").input_ids[:1] == [tok.bos_token_id] else ""
-    prefix = bos + "".join(f"{q}{PLAIN_ANSWER_PREFIX} {a}\n\n" for q, a in shots)
-    return prefix, query + PLAIN_ANSWER_PREFIX
+    # The blank line between examples starts the question part, not ends the prefix: tokenized apart,
+    # "...\n\n" + "Question" would not give the tokens of the whole prompt.
+    prefix = bos + "\n\n".join(f"{q}{PLAIN_ANSWER_PREFIX} {a}" for q, a in shots)
+    return prefix, ("\n\n" if shots else "") + query + PLAIN_ANSWER_PREFIX
 
 
 def build_completion(tok, rationale):
@@ -588,8 +597,10 @@ def embedded_model_dir(alias):
     tmp = out + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process (e.g. under torchrun) finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

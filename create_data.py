@@ -168,7 +168,7 @@ def check_args(args):
         raise StarError(f"--top_p must be in (0, 1] and --k >= 0 (got {args.top_p}, {args.k})")
     if args.num_samples > 1 and args.temperature is None:
         args.temperature = 0.7
-    if args.model_name is None:
+    if args.model_name is None and not args.human_rationales:
         args.model_name = args.base_model if args.iteration == 1 else f"results/model_star_iter{args.iteration - 1}"
         if args.iteration > 1 and not os.path.isdir(args.model_name):
             raise StarError(f"iteration {args.iteration} generates with {args.model_name}, which does not exist: "
@@ -201,8 +201,10 @@ def main(argv=None):
             kept1, failed = stage1(model, tok, rows, exemplars, args, partial, done, stats)
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, done, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
-            stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=len(failed),
-                         stage2_rate=stats.get("stage2_correct", 0) / max(len(failed), 1))
+            attempted = 0 if args.no_rationalization else len(failed)
+            stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
+                         stage2_rate=stats.get("stage2_correct", 0) / max(attempted, 1),
+                         stage1_kept=len(kept1), stage2_kept=len(kept2))
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
                      tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(args))

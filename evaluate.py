@@ -68,6 +68,8 @@ def iteration_rows(results_dir="results", data_dir="data"):
                 stats = json.load(f)
         rows.append({"label": "vanilla SFT" if m.group(1) == "sft" else m.group(2), "accuracy": ev["accuracy"],
                      "faithful": ev.get("accuracy_faithful"), "n": ev["n"], "k": ev["k"], "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
+                     "kept1": stats.get("stage1_kept", stats.get("stage1_correct")),
+                     "kept2": stats.get("stage2_kept", stats.get("stage2_correct")),
                      "seen": stats.get("questions_seen"), "kept": stats.get("total_kept")})
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
@@ -107,8 +109,8 @@ def summary_plot(rows, path):
     ax1.legend()
     it = [r for r in star if r["kept"] is not None]
     x = [int(r["label"]) for r in it]
-    ax2.bar(x, [r["stage1"] for r in it], label="Stage 1 (rationale)")
-    ax2.bar(x, [r["stage2"] or 0 for r in it], bottom=[r["stage1"] for r in it], label="Stage 2 (rationalization)")
+    ax2.bar(x, [r["kept1"] for r in it], label="Stage 1 (rationale)")
+    ax2.bar(x, [r["kept2"] or 0 for r in it], bottom=[r["kept1"] for r in it], label="Stage 2 (rationalization)")
     ax2.set(xlabel="iteration", ylabel="kept rationales (count)", title="Training examples by stage")
     ax2.set_xticks(x)
     ax2.legend()
@@ -145,6 +147,12 @@ def check_args(args):
     args.output = args.output or f"results/eval_iter{args.iteration}.json"
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
     check_output_free(args.output, args.overwrite)
+    if args.save_results:
+        check_output_free(details_path(args.output), args.overwrite)
+
+
+def details_path(output):
+    return (output[: -len(".json")] if output.endswith(".json") else output) + ".jsonl"
 
 
 def accuracy_report(details, args, seconds):
@@ -176,15 +184,14 @@ def main(argv=None):
         result, n = accuracy_report(details, args, time.time() - t0), len(details)
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
-        details_path = args.output[: -len(".json")] + ".jsonl" if args.output.endswith(".json") else args.output + ".jsonl"
         if args.save_results:
-            write_jsonl(details_path, details)
-            result["details"] = details_path
+            write_jsonl(details_path(args.output), details)
+            result["details"] = details_path(args.output)
         write_json(args.output, result)
         os.remove(partial)
         for d in details[:2]:
             print(f"--- example (gold {d['gold']}, extracted {d['extracted']}, correct {d['correct']})\n{d['completion']}")
-        also = f" and {details_path}" if args.save_results else ""
+        also = f" and {details_path(args.output)}" if args.save_results else ""
         print(f"accuracy {result['accuracy']:.4f} strict, {result['accuracy_flexible']:.4f} flexible, "
               f"{result['accuracy_faithful']:.4f} correct with all steps true "
               f"(n={n}, {result['correct']} correct); wrote {args.output}{also}")

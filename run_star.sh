@@ -28,6 +28,8 @@ EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --batch_size --train_batch_size --epochs --lr --max_new_tokens --create_args '...' --train_args '...'"; }
 while [ $# -gt 0 ]; do
+  case "$1" in -h|--help) usage; exit 0 ;; esac
+  [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --iterations) ITERATIONS=$2 ;;
     --base_model) BASE_MODEL=$2 ;;
@@ -43,10 +45,9 @@ while [ $# -gt 0 ]; do
     --max_new_tokens) MAX_NEW_TOKENS=$2 ;;
     --create_args) read -r -a EXTRA_CREATE <<< "$2" ;;
     --train_args) read -r -a EXTRA_TRAIN <<< "$2" ;;
-    -h|--help) usage; exit 0 ;;
     *) echo "run_star.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
-  shift 2 || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
+  shift 2
 done
 
 DATA=(--dataset "$DATASET")

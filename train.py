@@ -176,10 +176,10 @@ def epoch_loader(examples, args, epoch):
     return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size, collate_fn=pack)
 
 
-def trainer_settings(args):
+def trainer_settings(args, acc):
     keys = ("train_file", "base_model", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
             "weight_decay", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "seed")
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, "processes": acc.num_processes}
 
 
 def load_resume_state(acc, state_dir, args):
@@ -191,7 +191,7 @@ def load_resume_state(acc, state_dir, args):
         return 0, []
     with open(info_path) as f:
         info = json.load(f)
-    if info["settings"] != trainer_settings(args):
+    if info["settings"] != trainer_settings(args, acc):
         raise StarError(f"{state_dir} holds an interrupted run with other settings; rerun it as it was, "
                         "or pass --overwrite to start over")
     acc.load_state(state_dir)
@@ -203,10 +203,13 @@ def save_resume_state(acc, state_dir, args, step, log):
     """accelerate's save_state (model, optimizer, scheduler, RNG) to a temporary folder, then rename."""
     tmp = state_dir + ".tmp"
     acc.save_state(tmp)
+    acc.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if acc.is_main_process:
-        write_json(os.path.join(tmp, "trainer.json"), {"step": step, "log": log, "settings": trainer_settings(args)})
-        shutil.rmtree(state_dir, ignore_errors=True)
+        write_json(os.path.join(tmp, "trainer.json"), {"step": step, "log": log, "settings": trainer_settings(args, acc)})
+        if os.path.exists(state_dir):  # the old state stays whole until the new one is in place
+            os.replace(state_dir, state_dir + ".old")
         os.replace(tmp, state_dir)
+        shutil.rmtree(state_dir + ".old", ignore_errors=True)
     acc.wait_for_everyone()
 
 
@@ -256,6 +259,7 @@ def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
     if acc.is_main_process:
         tqdm.write(f"step {step:5d}/{total} | epoch {row['epoch']:6.3f} | loss {row['loss']:.4f} | "
                    f"lr {row['lr']:.2e} | tok/s {row['tokens_per_s']:8.1f}", file=sys.stdout)
+        sys.stdout.flush()  # a log line is out as soon as its step is done, also into a pipe
     return row
 
 
@@ -263,6 +267,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
         check_positive(args, "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
+        if args.lora_r < 0 or args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1 or not 0 <= args.lora_dropout < 1:
+            raise StarError("--lora_r and --save_steps must be >= 0, --warmup_ratio in [0, 1], --lora_dropout in [0, 1)")
         args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
         args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
         check_output_free(args.output_dir, args.overwrite)
@@ -296,6 +302,8 @@ def main(argv=None):
         # accelerate steps a prepared scheduler once per process per optimizer step
         sched = get_scheduler(args.lr_scheduler, opt, num_warmup_steps=int(args.warmup_ratio * total) * acc.num_processes,
                               num_training_steps=total * acc.num_processes)
+        if args.lora_r and acc.distributed_type.name == "FSDP":
+            raise StarError("--lora_r with FSDP is not supported: use DDP (plain accelerate launch) for LoRA")
         model, opt, sched = acc.prepare(model, opt, sched)
         acc.print(f"training {args.base_model} on {len(examples)} examples of {args.train_file}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "

@@ -67,7 +67,7 @@ def test_killed_training_leaves_no_checkpoint(tmp_path):
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(64)))
     out = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--train_file", str(data), "--output_dir", str(out),
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), "--train_file", str(data), "--output_dir", str(out),
                              "--base_model", "smollm2-135m", "--batch_size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # kill once the first optimizer step has been logged
@@ -75,6 +75,7 @@ def test_killed_training_leaves_no_checkpoint(tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "killed mid-training"
     assert not out.exists()
 
 
@@ -200,13 +201,14 @@ def test_training_resumes_from_saved_state(tmp_path):
             "--lr", "1e-4", "--save_steps", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script("train.py", args + ["--output_dir", str(whole)]).returncode == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + args + ["--output_dir", str(cut)],
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py")] + args + ["--output_dir", str(cut)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # kill after step 3, past the state saved at step 2
         if line.startswith("step     3/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "killed mid-training"
     assert not cut.exists() and (tmp_path / "cut.state" / "trainer.json").exists()
     r = run_script("train.py", args + ["--output_dir", str(cut)])
     assert r.returncode == 0 and "resuming from step 2" in r.stdout + r.stderr

@@ -37,7 +37,7 @@ def test_sampling_is_seeded_capped_and_s1_is_greedy(tmp_path):
     ids = [json.loads(line)["id"] for line in a.splitlines()]
     assert all(ids.count(i) <= 2 for i in ids)
     assert stats["samples_drawn"] == 3 * stats["questions_seen"]
-    assert stats["correct_samples"] >= len(ids) and sum(stats["kept_per_question_histogram"].values()) == 16
+    assert stats["correct_samples"] >= len(ids) and sum(stats["kept_per_question_histogram"].values()) == stats["questions_seen"]
     assert 0 < stats["pass_at_S"] <= 1
     # near-zero temperature: every sample is the greedy continuation, reusing one prefill per question
     cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4")

@@ -57,9 +57,10 @@ def test_packed_loss_equals_mean_of_single_losses(tok, records):
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
     examples, _ = train.tokenize_examples(tok, records[:4], 1024)
     with torch.no_grad():
-        packed = train.packed_loss(model, train.pack(examples)).item()
-        # independent reference: HF's own loss on each example alone, no packing involved
+        # independent reference: HF's own attention and loss on each example alone, no packing involved
         single = [model(input_ids=torch.tensor([x]), labels=torch.tensor([y])).loss.item() for x, y in examples]
+        train.use_packed_attention(model)  # what train.py trains with
+        packed = train.packed_loss(model, train.pack(examples)).item()
     assert packed == pytest.approx(sum(single) / len(single), rel=1e-4)
     # and packing really isolates examples: without per-example positions the loss changes
     batch = train.pack(examples)
