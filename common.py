@@ -118,23 +118,20 @@ def run_info(args):
     return {"args": vars(args), "command": command_line(), "processes": int(os.environ.get("WORLD_SIZE", 1))}
 
 
-def write_json(path, obj):
-    """Write JSON atomically: a reader never sees half a file under the final name."""
+def write_text(path, text):
+    """Write atomically: a reader never sees half a file under the final name."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path, records):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_jsonl(path, required=()):
@@ -627,16 +624,26 @@ def load_tokenizer(name):
     return tok
 
 
-def load_model(name, device=None, dtype=None):
-    """(model, tokenizer) in eval mode on the device: a hub id, a checkpoint folder or an alias."""
+def load_weights(name, dtype):
+    """The causal LM of a hub id, checkpoint folder or alias; a load failure is one StarError line."""
     from transformers import AutoModelForCausalLM
 
-    default_device, default_dtype = device_and_dtype()
-    tok = load_tokenizer(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or default_dtype)
+        return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
     except OSError as e:
         raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def all_steps_true(steps_true, steps_found):
+    """A faithful rationale: at least one written step, and every one of them true."""
+    return 0 < steps_found == steps_true
+
+
+def load_model(name, device=None, dtype=None):
+    """(model, tokenizer) in eval mode on the device: a hub id, a checkpoint folder or an alias."""
+    default_device, default_dtype = device_and_dtype()
+    tok = load_tokenizer(name)
+    model = load_weights(name, dtype or default_dtype)
     if device is None:
         device = dist_state().device if default_device == "cuda" else "cpu"  # cuda:<local rank> under a launcher
     return model.to(device).eval(), tok

@@ -14,9 +14,8 @@ import re
 import time
 
 from common import (
-    CHAIN_RE, DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt, check_output_free, check_positive,
-    check_steps,
-    cli_errors, cut_after_answer, dist_state, extract_answer, generate_resumable, load_model, load_partial, load_split,
+    CHAIN_RE, DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, all_steps_true, answers_match, build_prompt,
+    check_output_free, check_positive, check_steps, cli_errors, cut_after_answer, dist_state, extract_answer, generate_resumable, load_model, load_partial, load_split,
     partial_path, pick_exemplars, rationalization_problem, run_info, solution_to_rationale, write_json, write_jsonl,
 )
 
@@ -63,19 +62,14 @@ def make_record(row, rationale, stage, args):
     return record
 
 
-def faithful(record):
-    """At least one written step, and every one of them true."""
-    return 0 < record["steps_found"] == record["steps_true"]
-
-
 def keep_faithful(records, args, stats, stage):
     """Under --check_steps filter, drop right answers that sit on a wrong (or no) step."""
     if args.check_steps == "off":
         return records
-    stats[f"stage{stage}_all_steps_true"] = sum(map(faithful, records))
+    stats[f"stage{stage}_all_steps_true"] = sum(all_steps_true(r["steps_true"], r["steps_found"]) for r in records)
     if args.check_steps != "filter":
         return records
-    kept = [r for r in records if faithful(r)]
+    kept = [r for r in records if all_steps_true(r["steps_true"], r["steps_found"])]
     stats[f"stage{stage}_dropped_by_step_check"] = len(records) - len(kept)
     return kept
 

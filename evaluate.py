@@ -14,9 +14,9 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompt,
-    check_output_free, check_positive, check_steps, cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
-    load_split, partial_path, pick_exemplars, run_info, write_json, write_jsonl,
+    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, all_steps_true, answers_match, build_prompt,
+    check_output_free, check_positive, check_steps, cli_errors, dist_state, extract_last_number, extract_stated_answer,
+    generate_resumable, load_model, load_partial, load_split, partial_path, pick_exemplars, run_info, write_json, write_jsonl,
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,8 @@ def score(rows, outs):
                         "correct": answers_match(strict, row["answer"]),
                         "flexible_correct": answers_match(flexible, row["answer"]), "tokens": n})
         details[-1]["steps_true"], details[-1]["steps_found"] = check_steps(text, row["question"])
-        details[-1]["faithful_correct"] = details[-1]["correct"] and 0 < details[-1]["steps_found"] == details[-1]["steps_true"]
+        details[-1]["faithful_correct"] = details[-1]["correct"] and all_steps_true(details[-1]["steps_true"],
+                                                                                   details[-1]["steps_found"])
     return details
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common import (
     DEFAULT_BASE_MODEL, StarError, build_completion, build_prompt, check_output_free, check_positive, cli_errors,
-    device_and_dtype, load_tokenizer, read_jsonl, resolve_model, run_info, write_json,
+    device_and_dtype, load_tokenizer, load_weights, read_jsonl, run_info, write_json,
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,13 +128,7 @@ def weight_fingerprint(model):
 
 
 def load_base(args, dtype):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.base_model), dtype=dtype)
-    except OSError as e:
-        raise StarError(f"cannot load model {args.base_model!r}: {str(e).splitlines()[0]}") from None
-    use_packed_attention(model)
+    model = use_packed_attention(load_weights(args.base_model, dtype))
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
