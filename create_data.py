@@ -14,10 +14,12 @@ import re
 import time
 
 from common import (
-    CHAIN_RE, DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, all_steps_true, answers_match, build_prompt,
-    check_output_free, check_positive, check_steps, cli_errors, cut_after_answer, dist_state, extract_answer, generate_resumable, load_model, load_partial, load_split,
-    partial_path, pick_exemplars, rationalization_problem, run_info, solution_to_rationale, write_json, write_jsonl,
+    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output_free,
+    check_positive, cli_errors, cut_after_answer, dist_state, extract_answer, generate_resumable, load_model,
+    load_partial, load_split, partial_path, pick_exemplars, rationalization_problem, resume_settings, run_info,
+    solution_to_rationale, write_json, write_jsonl,
 )
+from steps import CHAIN_RE, all_steps_true, check_steps
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
@@ -45,13 +47,6 @@ parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
 parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
 parser.add_argument("--debug", action="store_true", help="full tracebacks")
-
-
-def settings_of(args):
-    """What must match for an interrupted run to be continued."""
-    keys = ("iteration", "model_name", "k", "batch_size", "max_samples", "dataset", "data_dir", "seed",
-            "max_new_tokens", "no_rationalization", "num_samples", "temperature", "top_p")  # --check_steps only filters afterwards: not needed
-    return {k: getattr(args, k) for k in keys}
 
 
 def make_record(row, rationale, stage, args):
@@ -101,19 +96,22 @@ def drop_duplicates(rationales, cap=None):
     return kept[:cap]
 
 
-def stage1(model, tok, rows, exemplars, args, partial, done, stats):
+def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
     """Greedy (or --num_samples draws per question); keep the distinct right rationales."""
     S = args.num_samples
-    prefix = build_prompt(tok, "", exemplars)[0]
-    parts = [build_prompt(tok, r["question"], exemplars)[1] for r in rows]
-    seen = {"n": 0, "ok": 0}
+    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
+    sampling = Sampling(S, args.temperature, args.top_p, args.seed) if S > 1 else None
+    questions_done = questions_right = 0
 
     def success_rate(indices, results):  # running Stage-1 success shown on the progress bar
-        seen["n"] += len(indices)
-        seen["ok"] += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"])) for i, r in zip(indices, results))
-        return {"stage1_correct": f"{seen['ok'] / seen['n']:.1%}"}
+        nonlocal questions_done, questions_right
+        questions_done += len(indices)
+        questions_right += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"]))
+                               for i, r in zip(indices, results))
+        return {"stage1_correct": f"{questions_right / questions_done:.1%}"}
 
-    outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 1, "stage 1", success_rate, S)
+    outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
+                              "stage 1", success_rate, sampling)
     kept, failed, per_question, correct_samples = [], [], [], 0
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
@@ -134,11 +132,11 @@ def stage1(model, tok, rows, exemplars, args, partial, done, stats):
     return keep_faithful(kept, args, stats, 1), failed
 
 
-def stage2(model, tok, rows, exemplars, args, partial, done, stats):
+def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     """Rationalization: the hint is the final number only, in the question and in every exemplar."""
-    prefix = build_prompt(tok, "", exemplars, hint="0")[0]
-    parts = [build_prompt(tok, r["question"], exemplars, hint=r["answer"])[1] for r in rows]
-    outs = generate_resumable(model, tok, prefix, parts, args, partial, done, 2, "stage 2")
+    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
+    outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 2,
+                              "stage 2")
     kept, rejected = [], {}
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n
@@ -156,7 +154,7 @@ def stage2(model, tok, rows, exemplars, args, partial, done, stats):
 
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
-    check_positive(args, "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
+    check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
                    "top_p", "max_per_question")
     if args.top_p > 1 or args.k < 0:
         raise StarError(f"--top_p must be in (0, 1] and --k >= 0 (got {args.top_p}, {args.k})")
@@ -191,9 +189,9 @@ def main(argv=None):
                          exemplar_ids=sorted(ex_ids))
             model, tok = load_model(args.model_name)
             partial = partial_path(args.output)
-            done = load_partial(partial, settings_of(args), args.overwrite)
-            kept1, failed = stage1(model, tok, rows, exemplars, args, partial, done, stats)
-            kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, done, stats)
+            finished = load_partial(partial, resume_settings(vars(args)), args.overwrite)
+            kept1, failed = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
+            kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
             attempted = 0 if args.no_rationalization else len(failed)
             stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
@@ -201,7 +199,7 @@ def main(argv=None):
                          stage1_kept=len(kept1), stage2_kept=len(kept2))
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
-                     tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(args))
+                     tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(vars(args)))
         if not dist_state().is_main_process:
             return  # under a launcher every process has every record; the main one writes them
         write_json(args.output + ".stats.json", stats)

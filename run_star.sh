@@ -76,4 +76,4 @@ for ((i = 1; i <= ITERATIONS; i++)); do
     "$PY" "$HERE/evaluate.py" --iteration "$i" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
     "${GEN[@]}" --save_results
 done
-"$PY" "$HERE/evaluate.py" --summary
+"$PY" "$HERE/summary.py"

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from common import (
     DEFAULT_BASE_MODEL, StarError, build_completion, build_prompt, check_output_free, check_positive, cli_errors,
-    device_and_dtype, load_tokenizer, load_weights, read_jsonl, run_info, write_json,
+    device_and_dtype, load_tokenizer, load_weights, move_into_place, read_jsonl, resume_settings, run_info, write_json,
+    write_jsonl,
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,19 +149,17 @@ def load_base(args, dtype):
 
 def save_checkpoint(model, state_dict, tok, out, args, log, stats):
     """Write to <out>.tmp, then rename: a killed run never leaves a folder that looks finished."""
-    tmp = out.rstrip("/") + ".tmp"
+    tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_r:
         model.merge_and_unload().save_pretrained(tmp)  # a plain checkpoint: the next stage needs no extra flags
     else:
         model.save_pretrained(tmp, state_dict=state_dict)  # the full weights, also when FSDP sharded them
     tok.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "args.json"), run_info(args))
+    write_json(os.path.join(tmp, "args.json"), run_info(vars(args)))
     write_json(os.path.join(tmp, "train_stats.json"), stats)
-    with open(os.path.join(tmp, "log.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_jsonl(os.path.join(tmp, "log.jsonl"), log)
+    move_into_place(tmp, out)
 
 
 def epoch_loader(examples, args, epoch):
@@ -168,12 +167,6 @@ def epoch_loader(examples, args, epoch):
     order = list(range(len(examples)))
     random.Random(args.seed * 1000 + epoch).shuffle(order)
     return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size, collate_fn=pack)
-
-
-def trainer_settings(args, acc):
-    keys = ("train_file", "base_model", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
-            "weight_decay", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "seed")
-    return {**{k: getattr(args, k) for k in keys}, "processes": acc.num_processes}
 
 
 def load_resume_state(acc, state_dir, args):
@@ -185,7 +178,7 @@ def load_resume_state(acc, state_dir, args):
         return 0, []
     with open(info_path) as f:
         info = json.load(f)
-    if info["settings"] != trainer_settings(args, acc):
+    if info["settings"] != resume_settings(vars(args), processes=acc.num_processes):
         raise StarError(f"{state_dir} holds an interrupted run with other settings; rerun it as it was, "
                         "or pass --overwrite to start over")
     acc.load_state(state_dir)
@@ -199,11 +192,9 @@ def save_resume_state(acc, state_dir, args, step, log):
     acc.save_state(tmp)
     acc.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if acc.is_main_process:
-        write_json(os.path.join(tmp, "trainer.json"), {"step": step, "log": log, "settings": trainer_settings(args, acc)})
-        if os.path.exists(state_dir):  # the old state stays whole until the new one is in place
-            os.replace(state_dir, state_dir + ".old")
-        os.replace(tmp, state_dir)
-        shutil.rmtree(state_dir + ".old", ignore_errors=True)
+        settings = resume_settings(vars(args), processes=acc.num_processes)
+        write_json(os.path.join(tmp, "trainer.json"), {"step": step, "log": log, "settings": settings})
+        move_into_place(tmp, state_dir)  # the old state stays whole until the new one is in place
     acc.wait_for_everyone()
 
 
@@ -217,8 +208,8 @@ def train_loop(acc, model, opt, sched, examples, args, total, steps_per_epoch, s
     while step < total:
         epoch = step // steps_per_epoch
         loader = acc.prepare(epoch_loader(examples, args, epoch))
-        done = (step - epoch * steps_per_epoch) * args.grad_accum  # micro-batches of this epoch already trained
-        for batch in acc.skip_first_batches(loader, done) if done else loader:
+        trained = (step - epoch * steps_per_epoch) * args.grad_accum  # micro-batches of this epoch already trained
+        for batch in acc.skip_first_batches(loader, trained) if trained else loader:
             with acc.accumulate(model):
                 loss = packed_loss(model, batch)
                 acc.backward(loss)
@@ -260,7 +251,7 @@ def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
 def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
-        check_positive(args, "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
+        check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
         if args.lora_r < 0 or args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1 or not 0 <= args.lora_dropout < 1:
             raise StarError("--lora_r and --save_steps must be >= 0, --warmup_ratio in [0, 1], --lora_dropout in [0, 1)")
         args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    MAX_NEW_TOKENS, build_prompt, cut_after_answer, extract_answer, generate, load_model, load_split,
+    MAX_NEW_TOKENS, build_prompts, cut_after_answer, extract_answer, generate, load_model, load_split,
     pick_exemplars, stop_strings, stop_token_ids, truncate_at_stop,
 )
 
@@ -52,8 +52,7 @@ def main(argv=None):
     exemplars = pick_exemplars(train, args.k, 0)
     ex_ids = {e["id"] for e in exemplars}
     rows = [r for r in train if r["id"] not in ex_ids][: args.n]
-    prefix = build_prompt(tok, "", exemplars)[0]
-    parts = [build_prompt(tok, r["question"], exemplars)[1] for r in rows]
+    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
     print(f"{args.n} questions, K={args.k}, prefix {len(tok(prefix).input_ids)} tokens, model {args.model} on "
           f"{model.device}, {torch.get_num_threads()} threads, max_new_tokens {args.max_new_tokens}")
 

@@ -48,13 +48,13 @@ def main(argv=None):
     model = random_model(args.tiny)
     train = load_split("gsm8k", "train", args.data_dir)
     exemplars = pick_exemplars(train, args.k, 0)
-    prefix = build_prompt(tok, "", exemplars)[0]
+    prefix = build_prompt(tok, "", exemplars).prefix
     prefix_ids = tok(prefix, add_special_tokens=False).input_ids
     kv = prefix_cache(model, prefix_ids)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, bf16, {model.device}; "
           f"K={args.k} prefix {len(prefix_ids)} tokens; {args.new_tokens} new tokens per row, no early stop")
     for bs in map(int, args.batch_sizes.split(",")):
-        rows = [tok(build_prompt(tok, r["question"], exemplars)[1], add_special_tokens=False).input_ids
+        rows = [tok(build_prompt(tok, r["question"], exemplars).question, add_special_tokens=False).input_ids
                 for r in train[100:100 + bs]]
         if torch.cuda.is_available():
             torch.cuda.synchronize()

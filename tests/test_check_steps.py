@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common import check_steps
+from steps import check_steps
 from conftest import GSM8K_DIR
 
 GSM8K = Path(GSM8K_DIR) / "train.jsonl"

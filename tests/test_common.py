@@ -2,10 +2,11 @@
 import pytest
 
 from common import (
-    answers_match, arithmetic_example, build_completion, build_prompt, check_steps, cut_after_answer, extract_answer,
+    answers_match, arithmetic_example, build_completion, build_prompt, cut_after_answer, extract_answer,
     load_split, load_tokenizer, make_arithmetic, pick_exemplars, rationalization_problem, solution_to_rationale,
 )
 from conftest import GSM8K_DIR
+from steps import check_steps
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,12 @@
 """common.generate against plain model.generate on the same full prompts (embedded model, real GSM8K)."""
+import copy
+import re
+
 import pytest
 import torch
 
 import common
-from common import build_prompt, generate, load_model, load_split, pick_exemplars, stop_strings, stop_token_ids
+from common import build_prompts, generate, load_model, load_split, pick_exemplars, stop_token_ids
 from conftest import GSM8K_DIR
 
 
@@ -13,32 +16,66 @@ def setup():
     train = load_split("gsm8k", "train", GSM8K_DIR)
     exemplars = pick_exemplars(train, 2, 0)
     rows = train[20:26]
-    prefix = build_prompt(tok, "", exemplars)[0]
-    parts = [build_prompt(tok, r["question"], exemplars)[1] for r in rows]
+    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
     return model, tok, prefix, parts
 
 
-def plain_generate(model, tok, prompts, max_new_tokens):
-    """The reference: HF generate on the full prompts, left padding, stopping on end-of-turn ids."""
+def reference_generate(model, tok, prompts, max_new_tokens, stops):
+    """The reference: HF generate on the full prompts, left padding, stopping by HF's own criteria
+    (end-of-turn ids and stop strings), not by any code of ours."""
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=stop_token_ids(model, tok))
-    return [out[i, enc.input_ids.shape[1]:].tolist() for i in range(len(prompts))]
+                             eos_token_id=stop_token_ids(model, tok), stop_strings=stops, tokenizer=tok)
+    rows = [out[i, enc.input_ids.shape[1]:].tolist() for i in range(len(prompts))]
+    return [r[: next((i for i, t in enumerate(r) if t in (tok.pad_token_id, *stop_token_ids(model, tok))), len(r))]
+            for r in rows]  # up to the row's own stop (finished rows are padded)
 
 
-def test_greedy_tokens_identical_to_plain_generate(setup):
-    model, tok, prefix, parts = setup
-    ours = generate(model, tok, prefix, parts, 48, batch_size=4)  # 2 batches, rows of several lengths
-    ref = plain_generate(model, tok, [prefix + p for p in parts], 48)
-    stops, ids = stop_strings(tok), stop_token_ids(model, tok)
+# Written here, not taken from common.py: the answer sentence "The answer is N." followed by a space or newline.
+ANSWER_DONE = re.compile(r"answer is:? ?\$?-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")
+
+
+def check_against_reference(model, tok, prefix, parts, stops, max_new_tokens=64):
+    """Our greedy output equals the reference's text up to the reference's own stop; we may stop
+    earlier only right after the first finished answer sentence."""
+    ours = generate(model, tok, prefix, parts, max_new_tokens, batch_size=4)  # 2 batches, rows of several lengths
+    ref = reference_generate(model, tok, [prefix + p for p in parts], max_new_tokens, stops)
+    early = 0
     for (text, n), r in zip(ours, ref):
-        r = r[: next((i for i, t in enumerate(r) if t in ids), len(r))]  # up to the first end-of-turn
-        # ours stops early at the end of the answer: its tokens are a prefix of the reference's
-        ref_text = common.truncate_at_stop(tok.decode(r[:n], skip_special_tokens=True), stops).strip()
-        assert text == ref_text
-        assert n <= len(r)
+        if n < len(r):  # we stopped before the reference did: only allowed right after a finished answer sentence
+            early += 1
+            assert ANSWER_DONE.search(tok.decode(r[:n])) and not ANSWER_DONE.search(tok.decode(r[:n - 1]))
+            r = r[:n]
+        assert n == len(r)
+        ref_text = tok.decode(r, skip_special_tokens=True)
+        for s in stops:
+            ref_text = ref_text.split(s)[0]
+        assert text == ref_text.strip()
+    return early
+
+
+def test_greedy_output_equals_reference_up_to_its_own_stop(setup):
+    model, tok, prefix, parts = setup
+    early = check_against_reference(model, tok, prefix, parts, ["Question:"])
+    assert early < len(parts), "at least one row ran to the reference's own stop"
+
+
+def test_plain_prompt_path_for_base_models(setup):
+    """A tokenizer without a chat template gets "Question: ...\nAnswer: ..." paragraphs and stops at a blank line."""
+    model, tok, _, _ = setup
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    train = load_split("gsm8k", "train", GSM8K_DIR)
+    exemplars = pick_exemplars(train, 2, 0)
+    prefix, parts = build_prompts(plain, [r["question"] for r in train[20:26]], exemplars)
+    assert prefix.startswith("Question: " + exemplars[0]["question"] + "\nAnswer: ") and "<|im_start|>" not in prefix
+    assert parts[0] == "\n\nQuestion: " + train[20]["question"] + "\nAnswer:"
+    for part in parts:  # prefix and question part tokenize as the whole prompt does
+        assert (plain(prefix, add_special_tokens=False).input_ids + plain(part, add_special_tokens=False).input_ids
+                == plain(prefix + part, add_special_tokens=False).input_ids)
+    check_against_reference(model, plain, prefix, parts, ["Question:", "\n\n"], max_new_tokens=48)
 
 
 def test_results_come_back_in_input_order(setup):

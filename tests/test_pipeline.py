@@ -1,4 +1,5 @@
 """End to end on the embedded model: data creation on both datasets, and two STaR iterations by hand."""
+import argparse
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 
 import create_data
 import train
-from common import answers_match, extract_answer, load_model, read_jsonl
+from common import answers_match, extract_answer, load_model, load_split, load_tokenizer, read_jsonl
 from conftest import GSM8K_DIR, ROOT
 
 
@@ -86,3 +87,32 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHON": sys.executable})
     assert again.returncode == 0 and again.stdout.count("exists, skipped") == 7  # eval 0 + 3 stages x 2
+
+
+def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
+    """Stage 2 keeps a right rationale that derives the answer; each other kind is counted under its reason."""
+    tok = load_tokenizer("smollm2-135m")
+    train_rows = load_split("arithmetic", "train")
+    rows = [{"id": i, "question": f"Tom has {i} bags of 9 apples and 9 more. How many apples?", "answer": "18",
+             "solution": ""} for i in range(6)]
+    outputs = ["The answer is 18.",                                        # no_reasoning
+               "Using the hint, 9 * 2 = 18.\nThe answer is 18.",            # mentions_hint
+               "She buys 3 apples and 4 pears.\nThe answer is 18.",         # answer_not_derived
+               "9 * 2 = 17 apples.\nThe answer is 17.",                     # wrong: not counted, not kept
+               "9 + 9 = 18 apples.\nThe answer is 18.\nQuestion: next",     # kept, cut after its answer
+               "2 * 9 = 18.\nThe answer is 18."]                            # kept
+    asked = []
+
+    def crafted(model, tok, prefix, parts, *args, **kwargs):
+        asked.extend(prefix + p for p in parts)
+        return [(text, 7) for text in outputs]
+
+    monkeypatch.setattr(create_data, "generate_resumable", crafted)
+    args = argparse.Namespace(check_steps="report", iteration=1, model_name="m", max_new_tokens=64, batch_size=4)
+    stats = {"tokens_generated": 0}
+    kept = create_data.stage2(None, tok, rows, train_rows[:2], args, "unused.partial", {}, stats)
+    assert stats["stage2_rejected"] == {"no_reasoning": 1, "mentions_hint": 1, "answer_not_derived": 1}
+    assert stats["stage2_correct"] == 2 and stats["tokens_generated"] == 42
+    assert [r["rationale"] for r in kept] == ["9 + 9 = 18 apples.\nThe answer is 18.", "2 * 9 = 18.\nThe answer is 18."]
+    assert all("(Hint: the answer is 18.)" in a for a in asked)  # the hint was asked ...
+    assert all("Hint" not in r["question"] + r["rationale"] and r["stage"] == 2 for r in kept)  # ... never saved

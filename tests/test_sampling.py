@@ -1,7 +1,10 @@
 """Several rationales per question: dedup, cap, seeded sampling, and S = 1 being plain STaR."""
 import json
 
+import torch
+
 import create_data
+from common import Sampling, pick_tokens
 from create_data import drop_duplicates
 
 A = "She buys 3 * 4 = 12 apples.\nThen 12 + 6 = 18.\nThe answer is 18."
@@ -27,18 +30,48 @@ def run(tmp_path, name, *extra):
     return open(out).read(), json.load(open(out + ".stats.json"))
 
 
-def test_sampling_is_seeded_capped_and_s1_is_greedy(tmp_path):
+def test_pick_tokens_draws_from_the_tempered_nucleus():
+    """20,000 draws from fixed logits: frequencies follow softmax(logits / T) restricted to the top-p nucleus."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 20_000
+
+    def frequencies(temperature, top_p):
+        gen = torch.Generator().manual_seed(0)
+        draws = pick_tokens(logits.expand(n, -1), Sampling(1, temperature, top_p, 0), gen)
+        return torch.bincount(draws, minlength=5).float() / n
+
+    assert torch.allclose(frequencies(0.5, 1.0), torch.softmax(logits / 0.5, -1), atol=0.01)
+    # top_p = 0.8: probabilities .563 .207 .126 .076 .028; the smallest top set holding >= 0.8 is the first three
+    p = torch.softmax(logits, -1)
+    nucleus = torch.cat([p[:3] / p[:3].sum(), torch.zeros(2)])
+    freq = frequencies(1.0, 0.8)
+    assert torch.allclose(freq, nucleus, atol=0.01) and freq[3:].sum() == 0
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    create_data.main(["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "16", "--k", "4",
+                      "--batch_size", "8", "--no_rationalization", "--output", out, *extra])
+    return open(out).read(), json.load(open(out + ".stats.json"))
+
+
+def rationales(jsonl):
+    return [json.loads(line)["rationale"] for line in jsonl.splitlines()]
+
+
+def test_sampling_is_seeded_and_capped(tmp_path):
     greedy, _ = run(tmp_path, "greedy.jsonl")
-    s1, _ = run(tmp_path, "s1.jsonl", "--num_samples", "1", "--temperature", "0.7")
-    assert s1 == greedy  # S = 1 is the greedy STaR default
-    a, stats = run(tmp_path, "a.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3")
-    b, _ = run(tmp_path, "b.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3")
+    a, stats = run(tmp_path, "a.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
+    b, _ = run(tmp_path, "b.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
+    c, _ = run(tmp_path, "c.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "4", "--top_p", "0.9")
     assert a == b, "the same seed gives the same file"
+    assert a != c, "another seed gives other draws"
+    assert set(rationales(a)) != set(rationales(greedy)), "sampling at T = 0.7 is not the greedy decode"
     ids = [json.loads(line)["id"] for line in a.splitlines()]
-    assert all(ids.count(i) <= 2 for i in ids)
+    assert all(ids.count(i) <= 2 for i in ids) and max(ids.count(i) for i in ids) == 2  # the cap binds
     assert stats["samples_drawn"] == 3 * stats["questions_seen"]
     assert stats["correct_samples"] >= len(ids) and sum(stats["kept_per_question_histogram"].values()) == stats["questions_seen"]
     assert 0 < stats["pass_at_S"] <= 1
     # near-zero temperature: every sample is the greedy continuation, reusing one prefill per question
     cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4")
-    assert [json.loads(x)["rationale"] for x in cold.splitlines()] == [json.loads(x)["rationale"] for x in greedy.splitlines()]
+    assert rationales(cold) == rationales(greedy)

@@ -69,6 +69,28 @@ def test_packed_loss_equals_mean_of_single_losses(tok, records):
         assert abs(train.packed_loss(model, batch).item() - packed) > 1e-3
 
 
+def test_packed_loss_gradients_equal_single_example_gradients(tok, records):
+    """The gradient of the packed loss is the gradient of the mean of HF's own per-example losses."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
+    examples, _ = train.tokenize_examples(tok, records[:3], 1024)
+    (sum(model(input_ids=torch.tensor([x]), labels=torch.tensor([y])).loss for x, y in examples) / 3).backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    train.use_packed_attention(model)
+    train.packed_loss(model, train.pack(examples)).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad - reference[name]).norm() <= 1e-3 * reference[name].norm() + 1e-7, name
+    # and the check can fail: without per-example positions the gradients differ
+    model.zero_grad(set_to_none=True)
+    batch = train.pack(examples)
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+    train.packed_loss(model, batch).backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert (grad - reference["model.layers.0.self_attn.q_proj.weight"]).norm() > 1e-2 * grad.norm()
+
+
 def test_lora_trains_saves_and_loads_without_flags(tmp_path, records):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
