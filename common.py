@@ -4,14 +4,18 @@ models, generation.
 STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning", https://arxiv.org/abs/2203.14465
 """
 import contextlib
+import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import sys
 import traceback
+import urllib.parse
 from decimal import Decimal, InvalidOperation
 from typing import NamedTuple
 
@@ -56,9 +60,17 @@ def check_positive(values, *names):
             raise StarError(f"--{name} must be > 0, got {values[name]}")
 
 
-def check_output_free(path, overwrite):
+def check_output(path, overwrite):
+    """Refuse, before any work, an output that exists (unless --overwrite) or that cannot be written."""
     if os.path.exists(path) and not overwrite:
         raise StarError(f"{path} exists; pass --overwrite to replace it")
+    probe = f"{path}.probe{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise StarError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def run_info(values):
@@ -130,6 +142,9 @@ def load_gsm8k(split, data_dir=None):
         if not os.path.isfile(path):
             raise StarError(f"{folder} has no {split}.jsonl (expected train.jsonl and test.jsonl)")
         return read_jsonl(path, required=("question", "answer"))
+    if not hub_reachable():
+        raise StarError("cannot load openai/gsm8k: the hub cannot be reached; point --data_dir or GSM8K_DIR at a "
+                        "folder holding train.jsonl and test.jsonl")
     try:
         import datasets
 
@@ -289,10 +304,14 @@ def truncate_at_stop(text, stops):
 
 # ============================================================================= answers
 NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")")
+# A stated answer, in the forms models write: "The answer is 18.", "The final answer is: 18",
+# "The final answer is $\boxed{18}$" (Llama-Instruct), "**The answer is 18**", a bare "\boxed{18}", "#### 18".
+BOXED = r"(?:\\boxed\{\s*)?\$?\s*(" + NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
+ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\**\s*\$?\s*" + BOXED)
+BOXED_RE = re.compile(r"\\boxed\{\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")\s*\}")
 HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
 NUMBER_RE = re.compile(NUMBER)
-ANSWER_END_RE = re.compile(r"answer is:?\s*\$?\s*-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")  # answer sentence complete
+ANSWER_END_RE = re.compile(r"answer is:?\s*\**\s*\$?\s*" + BOXED + r"\s*(?:\.\s|\n)")  # answer sentence complete
 HINT_WORDS_RE = re.compile(r"\bhint|\bgiven answer|answer (?:is )?given|we are told the answer", re.I)
 
 
@@ -314,8 +333,9 @@ def extract_answer(text):
 
 
 def extract_stated_answer(text):
-    """The number of the last answer sentence, else of '#### N'; None when the text states none."""
-    for pattern in (ANSWER_RE, HASH_RE):
+    """The number of the last answer sentence, else of the last \\boxed{N}, else of '#### N'; None when the
+    text states none. Keeping (create_data.py) and strict scoring (evaluate.py) both use this rule."""
+    for pattern in (ANSWER_RE, BOXED_RE, HASH_RE):
         found = pattern.findall(text)
         if found:
             return normalize_number(found[-1])
@@ -421,13 +441,43 @@ def resolve_model(name):
     return name
 
 
+def hub_reachable(seconds=3):
+    """Can the hub be reached? Asked before a download so that an offline machine gets one error line in
+    seconds instead of minutes of retries. Behind a proxy the answer is left to the download itself."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=seconds).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_pretrained(cls, name, **kwargs):
+    """cls.from_pretrained of a folder, alias or hub id: the local cache first, the hub only when needed
+    and reachable; a failure is one StarError line."""
+    path = resolve_model(name)
+    try:
+        if os.path.isdir(path):
+            return cls.from_pretrained(path, **kwargs)
+        try:
+            return cls.from_pretrained(path, local_files_only=True, **kwargs)  # downloaded before
+        except OSError:
+            if not hub_reachable():
+                raise StarError(f"cannot load model {name!r}: it is not in the local cache and the hub cannot be "
+                                "reached (pass a checkpoint folder, or smollm2-135m)") from None
+            return cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_tokenizer(name):
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model(name))
-    except OSError as e:
-        raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    tok = from_pretrained(AutoTokenizer, name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -437,10 +487,23 @@ def load_weights(name, dtype):
     """The causal LM of a hub id, checkpoint folder or alias; a load failure is one StarError line."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype)
-    except OSError as e:
-        raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    return from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
+
+
+def model_identity(name):
+    """What tells one set of weights from another, cheaply: for a folder, each weight file's size and a hash
+    of its first and last MiB (a retrained checkpoint differs, a copied one does not); else the name."""
+    if not os.path.isdir(name):
+        return name
+    identity = []
+    for f in sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".bin"))):
+        path, digest = os.path.join(name, f), hashlib.sha256()
+        with open(path, "rb") as fh:
+            digest.update(fh.read(2**20))
+            fh.seek(max(0, os.path.getsize(path) - 2**20))
+            digest.update(fh.read())
+        identity.append([f, os.path.getsize(path), digest.hexdigest()[:16]])
+    return identity
 
 
 def load_model(name, device=None, dtype=None):
@@ -503,18 +566,27 @@ def prefix_cache(model, prefix_ids):
 
     if not prefix_ids:
         return None
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix_ids], device=model.device)
-    model(ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache, use_cache=True)
+    forward(model, ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def expand_cache(kv, batch):
+def expand_cache(model, kv, batch):
     from transformers import DynamicCache
 
     if kv is None:
-        return DynamicCache()
-    return DynamicCache([(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv])
+        return DynamicCache(config=model.config)
+    return DynamicCache([(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv],
+                        config=model.config)
+
+
+def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
+    """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise. The cache
+    argument was renamed from past_key_values to cache within transformers 5: use the name this version has."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 **{name: cache}, **kwargs)
 
 
 def row_finished(tok, tokens, stop_ids, stops):
@@ -542,8 +614,8 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
         qmask[i, L - len(r):] = 1
     mask = torch.cat([torch.ones((B, prefix_len), dtype=torch.long, device=dev), qmask], 1)
     pos = prefix_len + (qmask.cumsum(1) - 1).clamp(min=0)
-    cache = expand_cache(kv, B)
-    logits = model(ids, mask, pos, cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    cache = expand_cache(model, kv, B)
+    logits = forward(model, ids, mask, pos, cache, logits_to_keep=1).logits[:, -1]
     if sampling:
         cache.batch_repeat_interleave(sampling.samples)
         mask, pos, logits = (t.repeat_interleave(sampling.samples, 0) for t in (mask, pos, logits))
@@ -567,7 +639,7 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
             mask, pos, nxt, alive = mask[sel], pos[sel], nxt[sel], [alive[j] for j in live]
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], 1)
         pos = pos + 1
-        logits = model(nxt[:, None], mask, pos, cache, use_cache=True).logits[:, -1]
+        logits = forward(model, nxt[:, None], mask, pos, cache).logits[:, -1]
     return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
 
 
@@ -671,9 +743,11 @@ def load_partial(path, settings, overwrite):
     state.wait_for_everyone()
     with open(path) as f:
         lines = f.read().split("\n")
-    if json.loads(lines[0]).get("settings") != settings:
-        raise StarError(f"{path} holds an interrupted run with other settings; rerun it as it was, "
-                        "or pass --overwrite to start over")
+    saved = json.loads(lines[0]).get("settings", {})
+    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if differ:
+        raise StarError(f"{path} holds an interrupted run with other settings ({', '.join(differ)}); rerun it as "
+                        "it was, or pass --overwrite to start over")
     finished = {}
     for line in filter(None, lines[1:]):
         r = json.loads(line)
@@ -729,3 +803,4 @@ def generate_resumable(model, tok, prefix, questions, max_new_tokens, batch_size
         for i, r in items:  # JSON gave lists back: make them the tuples generate returns
             results[i] = [tuple(x) for x in r] if sampling else tuple(r)
     return results
+check_output_free = check_output  # TEMP until train.py is switched

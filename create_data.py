@@ -14,9 +14,9 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output_free,
-    check_positive, cli_errors, cut_after_answer, dist_state, extract_answer, generate_resumable, load_model,
-    load_partial, load_split, partial_path, pick_exemplars, rationalization_problem, resume_settings, run_info,
+    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
+    check_positive, cli_errors, cut_after_answer, dist_state, extract_stated_answer, generate_resumable, load_model,
+    load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, resume_settings, run_info,
     solution_to_rationale, write_json, write_jsonl,
 )
 from steps import CHAIN_RE, all_steps_true, check_steps
@@ -76,9 +76,11 @@ def human_records(rows, args):
 
 
 def correct_rationales(samples, gold):
-    """The rationales (cut after their answer sentence) among (text, tokens) samples that are right."""
+    """The rationales (cut after their answer sentence) among (text, tokens) samples that state the right
+    answer. A rationale that never states its answer (cut off, or only a last number) is not kept: the
+    same rule as evaluate.py's strict score, so training never teaches the model to drop the answer."""
     cut = [cut_after_answer(text) for text, _ in samples]
-    return [r for r in cut if answers_match(extract_answer(r), gold)]
+    return [r for r in cut if answers_match(extract_stated_answer(r), gold)]
 
 
 def drop_duplicates(rationales, cap=None):
@@ -141,7 +143,7 @@ def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n
         rationale = cut_after_answer(text)
-        if not answers_match(extract_answer(rationale), row["answer"]):
+        if not answers_match(extract_stated_answer(rationale), row["answer"]):
             continue
         problem = rationalization_problem(rationale, row["answer"])
         if problem:
@@ -167,7 +169,7 @@ def check_args(args):
                             f"train iteration {args.iteration - 1} first, or pass --model_name")
     args.output = args.output or f"data/star_iter{args.iteration}_train.jsonl"
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
-    check_output_free(args.output, args.overwrite)
+    check_output(args.output, args.overwrite)
 
 
 def main(argv=None):
@@ -189,7 +191,8 @@ def main(argv=None):
                          exemplar_ids=sorted(ex_ids))
             model, tok = load_model(args.model_name)
             partial = partial_path(args.output)
-            finished = load_partial(partial, resume_settings(vars(args)), args.overwrite)
+            settings = resume_settings(vars(args), model_weights=model_identity(args.model_name))
+            finished = load_partial(partial, settings, args.overwrite)
             kept1, failed = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
@@ -203,12 +206,13 @@ def main(argv=None):
         if not dist_state().is_main_process:
             return  # under a launcher every process has every record; the main one writes them
         write_json(args.output + ".stats.json", stats)
+        if records:
+            write_jsonl(args.output, records)
         if not args.human_rationales:
-            os.remove(partial)
+            os.remove(partial)  # only now: until the output is written, the generations stay on disk
         if not records:
             raise StarError(f"no rationale was kept out of {len(rows)} questions, so {args.output} was not written "
                             f"(stats in {args.output}.stats.json)")
-        write_jsonl(args.output, records)
         for r in records[:2]:
             print(f"--- example (stage {r['stage']}, id {r['id']}, gold {r['answer']})\n{r['rationale']}")
         print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "

@@ -9,18 +9,21 @@ Zero-shot by default (--k 0): the format train.py teaches. --k K > 0 for few-sho
 """
 import argparse
 import os
+import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompts, check_output_free, check_positive,
+    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompts, check_output, check_positive,
     cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
-    load_split, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
+    load_split, model_identity, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
 from steps import all_steps_true, check_steps
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--iteration", type=int, default=1, help="0 = the base model")
-parser.add_argument("--model", default=None, help="default results/model_star_iter{N} (--base_model for N=0)")
+parser.add_argument("--iteration", type=int, default=None,
+                    help="N: evaluate results/model_star_iter{N} (0 = the base model); default 1, or read from --model")
+parser.add_argument("--model", default=None, help="default results/model_star_iter{N} (--base_model for N=0); "
+                    "with --model and no --iteration, outputs are named after the model")
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL)
 parser.add_argument("--split", default="test", help="test | train")
 parser.add_argument("--batch_size", type=int, default=64)
@@ -53,17 +56,28 @@ def score(rows, outs):
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
     check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens")
-    if args.k < 0 or args.iteration < 0:
+    if args.k < 0 or (args.iteration or 0) < 0:
         raise StarError("--k and --iteration must be >= 0")
     if args.model is None:
+        args.iteration = 1 if args.iteration is None else args.iteration
         args.model = args.base_model if args.iteration == 0 else f"results/model_star_iter{args.iteration}"
         if args.iteration > 0 and not os.path.isdir(args.model):
             raise StarError(f"{args.model} does not exist: train iteration {args.iteration} first, or pass --model")
-    args.output = args.output or f"results/eval_iter{args.iteration}.json"
+    label = f"iter{args.iteration}"
+    if args.iteration is None:  # --model alone: name the results after the model, so two models never share a file
+        label, args.iteration = model_label(args.model)
+    args.output = args.output or f"results/eval_{label}.json"
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
-    check_output_free(args.output, args.overwrite)
+    check_output(args.output, args.overwrite)
     if args.save_results:
-        check_output_free(details_path(args.output), args.overwrite)
+        check_output(details_path(args.output), args.overwrite)
+
+
+def model_label(model):
+    """(label, iteration): ("iter2", 2) for .../model_star_iter2, else (the folder or hub name, None)."""
+    name = os.path.basename(model.rstrip("/"))
+    m = re.fullmatch(r"model_star_iter(\d+)", name)
+    return (f"iter{m.group(1)}", int(m.group(1))) if m else (name, None)
 
 
 def details_path(output):
@@ -90,7 +104,8 @@ def main(argv=None):
         model, tok = load_model(args.model)
         prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
         partial = partial_path(args.output)
-        finished = load_partial(partial, resume_settings(vars(args)), args.overwrite)
+        settings = resume_settings(vars(args), model_weights=model_identity(args.model))
+        finished = load_partial(partial, settings, args.overwrite)
         outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 0,
                                   f"evaluating {args.split}")
         details = score(rows, outs)

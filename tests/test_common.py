@@ -2,7 +2,7 @@
 import pytest
 
 from common import (
-    answers_match, arithmetic_example, build_completion, build_prompt, cut_after_answer, extract_answer,
+    answers_match, arithmetic_example, build_completion, build_prompt, cut_after_answer, extract_answer, extract_stated_answer,
     load_split, load_tokenizer, make_arithmetic, pick_exemplars, rationalization_problem, solution_to_rationale,
 )
 from conftest import GSM8K_DIR
@@ -43,8 +43,33 @@ def test_answers_match(pred, gold, same):
 
 
 def test_gsm8k_gold_answers_all_parse(train):
+    """The stated-answer rule (keeping and strict scoring) reads the gold of every human solution."""
     assert len(train) == 7473
-    assert all(answers_match(extract_answer(solution_to_rationale(r["solution"])), r["answer"]) for r in train)
+    as_rationale = sum(answers_match(extract_stated_answer(solution_to_rationale(r["solution"])), r["answer"]) for r in train)
+    as_written = sum(answers_match(extract_stated_answer(r["solution"]), r["answer"]) for r in train)  # '#### N'
+    assert as_rationale == 7473
+    # one solution says "the final answer is 15 gallons * 8 pints / gallon = 120 pints" before its "#### 120"
+    assert as_written == 7472 >= 0.995 * 7473
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Step 1: 3 * 6 = 18.\n\nThe final answer is $\\boxed{18}$", "18"),  # Llama-3.2-Instruct's own form
+    ("She pays $1,250 in all.\n\nThe final answer is: $\\boxed{1250}$", "1250"),
+    ("The final answer is: 18", "18"),
+    ("**The final answer is 18.**", "18"),
+    ("So she has \\boxed{18} apples.", "18"),
+    ("3 * 6 = 18", None),  # cut off at --max_new_tokens, or never stated: not kept, not strict-correct
+    ("The answer is 12. Then 99.", "12"),
+])
+def test_stated_answer_forms(text, expected):
+    assert extract_stated_answer(text) == expected
+
+
+def test_keep_rule_is_the_strict_score_rule():
+    import create_data
+
+    samples = [("3 * 6 = 18", 4), ("3 * 6 = 18.\nThe final answer is $\\boxed{18}$", 9), ("3 * 6 = 18.\nThe answer is 18.", 9)]
+    assert create_data.correct_rationales(samples, "18") == [samples[1][0], samples[2][0]]
 
 
 def test_solution_to_rationale_drops_annotations(train):

@@ -9,7 +9,7 @@ import pytest
 
 import create_data
 import train
-from common import answers_match, extract_answer, load_model, load_split, load_tokenizer, read_jsonl
+from common import answers_match, extract_stated_answer, load_model, load_split, load_tokenizer, read_jsonl
 from conftest import GSM8K_DIR, ROOT
 
 
@@ -23,7 +23,7 @@ def check_records(path, iteration, model):
     assert records, "at least one rationale kept"
     for r in records:
         assert set(r) >= {"id", "question", "rationale", "answer", "stage", "iteration", "model"}
-        assert answers_match(extract_answer(r["rationale"]), r["answer"])
+        assert answers_match(extract_stated_answer(r["rationale"]), r["answer"])
         assert r["iteration"] == iteration and r["model"] == model and r["stage"] in (1, 2)
         assert "Hint" not in r["rationale"] + r["question"]  # the Stage-2 hint is never saved
     return records
