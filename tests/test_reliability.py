@@ -1,6 +1,7 @@
 """Nothing lost: killed runs resume to the same bytes; bad input is one stderr line, exit 2, outputs untouched."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import pytest
 
+import common
 import create_data
 import evaluate
 import train
@@ -228,3 +230,64 @@ def test_create_data_that_keeps_nothing_says_so_and_writes_stats(tmp_path, capsy
     assert err.strip().splitlines()[-1].startswith("error: no rationale was kept out of 2 questions")
     assert not os.path.exists(out)
     assert json.load(open(out + ".stats.json"))["total_kept"] == 0
+
+
+def test_unwritable_output_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(create_data, "load_model", no_loading)
+    monkeypatch.setattr(evaluate, "load_model", no_loading)
+    data = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
+    expect_error(capsys, create_data.main, ["--model_name", "smollm2-135m", "--dataset", "arithmetic",
+                                            "--output", "/proc/x.jsonl"], "cannot write /proc/x.jsonl")
+    expect_error(capsys, evaluate.main, ["--iteration", "0", "--base_model", "smollm2-135m", "--dataset", "arithmetic",
+                                         "--output", "/proc/x.json"], "cannot write /proc/x.json")
+    expect_error(capsys, train.main, ["--train_file", data, "--base_model", "smollm2-135m", "--output_dir", "/proc/x"],
+                 "cannot write /proc/x")
+
+
+def test_evaluate_names_outputs_after_the_model(tmp_path, monkeypatch):
+    assert evaluate.model_label("results/model_star_iter2/") == ("iter2", 2)
+    assert evaluate.model_label("meta-llama/Llama-3.2-3B-Instruct") == ("Llama-3.2-3B-Instruct", None)
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--model", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "2", "--max_new_tokens", "8"])
+    result = json.load(open("results/eval_smollm2-135m.json"))
+    assert result["iteration"] is None and result["model"] == "smollm2-135m" and result["n"] == 2
+    assert not os.path.exists("results/eval_iter1.json")
+
+
+def test_resume_refuses_a_partial_from_other_weights(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(os.urandom(3 * 2**20))
+    before = common.model_identity(str(folder))
+    shutil.copytree(folder, tmp_path / "copy")
+    assert common.model_identity(str(tmp_path / "copy")) == before  # a copy holds the same weights
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[-10] ^= 1  # retrained: other weights under the same name
+    (folder / "model.safetensors").write_bytes(bytes(weights))
+    after = common.model_identity(str(folder))
+    assert after != before
+    partial = str(tmp_path / "o.jsonl.partial")
+    assert common.load_partial(partial, {"k": 4, "model_weights": before}, False) == {}
+    with pytest.raises(common.StarError, match=r"other settings \(model_weights\)"):
+        common.load_partial(partial, {"k": 4, "model_weights": after}, False)
+
+
+def test_failed_output_write_keeps_the_generations(tmp_path, monkeypatch):
+    """A full disk when the output is written: the partial file (every generation) is still there to resume."""
+    out = str(tmp_path / "o.jsonl")
+    argv = ["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "16", "--k", "4",
+            "--batch_size", "8", "--no_rationalization", "--output", out]  # as test_sampling: some are kept
+
+    def disk_full(path, records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(create_data, "write_jsonl", disk_full)
+    with pytest.raises(OSError):
+        create_data.main(argv)
+    assert os.path.exists(out + ".partial") and not os.path.exists(out)
+    monkeypatch.undo()
+    create_data.main(argv)  # resumes from the partial file: nothing is generated again
+    assert os.path.exists(out) and not os.path.exists(out + ".partial")
