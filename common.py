@@ -530,6 +530,7 @@ def stop_token_ids(model, tok):
 
 
 # ============================================================================= generation
+PREFIX_ATTENTION = "star_prefix"  # the attention implementation registered for shared-prefix decoding
 # New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
 # solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
 MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
@@ -572,15 +573,6 @@ def prefix_cache(model, prefix_ids):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def expand_cache(model, kv, batch):
-    from transformers import DynamicCache
-
-    if kv is None:
-        return DynamicCache(config=model.config)
-    return DynamicCache([(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv],
-                        config=model.config)
-
-
 def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
     """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise. The cache
     argument was renamed from past_key_values to cache within transformers 5: use the name this version has."""
@@ -596,50 +588,113 @@ def row_finished(tok, tokens, stop_ids, stops):
     return any(s in tail for s in stops) or bool(ANSWER_END_RE.search(tail))
 
 
+def attend(q, k, v, scale, mask=None):
+    """fp32 softmax attention returning (out, lse); a query that sees no key gets out 0 and lse -inf."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - lse.clamp(min=torch.finfo(s.dtype).min)) @ v.float(), lse
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **kw):
+    """Each row attends to the shared prefix (stored once: [1, kv_heads, P, dim], no mask) and to its own
+    cached tokens (causal + padding mask), merged exactly by log-sum-exp (Hydragen, Juravsky et al. 2024).
+
+    query [B, heads, T, dim] in, [B, T, heads, dim] out. The query heads of one kv head are adjacent
+    (repeat_kv order), so all B rows' queries of a kv head form one matmul against the prefix: the
+    prefix is never copied per row.
+    """
+    B, H, T, D = query.shape
+    kvh, L = key.shape[1], key.shape[2]
+    g, scale = H // kvh, scaling if scaling is not None else D ** -0.5
+    q = query.reshape(B, kvh, g * T, D)  # [B, kv head, (group, t), dim]
+    mask = attention_mask if attention_mask is not None else torch.ones(T, L, dtype=torch.bool,
+                                                                        device=q.device).tril(L - T)[None, None]
+    out, lse = attend(q, key, value, scale, mask.expand(B, 1, T, L).repeat(1, 1, g, 1))
+    if prefix_kv is not None:
+        pk, pv = prefix_kv[module.layer_idx]
+        qp = q.transpose(0, 1).reshape(kvh, B * g * T, D)  # every row's queries of a kv head together
+        chunk = max(1, 2**26 // pk.shape[2])  # at most 2^26 scores (256 MiB in fp32) at once: a big batch's prefill
+        parts = [attend(qp[:, i:i + chunk], pk[0], pv[0], scale) for i in range(0, qp.shape[1], chunk)]
+        out_p, lse_p = (torch.cat(t, 1) for t in zip(*parts))
+        out_p, lse_p = (t.view(kvh, B, g * T, -1).transpose(0, 1) for t in (out_p, lse_p))
+        m = torch.maximum(lse, lse_p)  # finite: the prefix is never masked
+        wa, wb = torch.exp(lse_p - m), torch.exp(lse - m)
+        out = (wa * out_p + wb * out) / (wa + wb)
+    return out.reshape(B, H, T, D).transpose(1, 2).to(query.dtype), None
+
+
+def prefix_mask(**kwargs):
+    """transformers' sdpa mask, always materialized (never None): [B, 1, T, row cache length] bool."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+
+
+def use_prefix_attention(model):
+    """Switch the model to prefix_attention; returns the implementation to restore afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, prefix_mask)
+    old = model.config._attn_implementation
+    model.set_attn_implementation(PREFIX_ATTENTION)
+    return old
+
+
 @torch.no_grad()
 def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None, generator=None):
     """Decode one batch of question parts after the cached prefix: greedy, or sampled.
 
-    Rows are laid out [prefix | padding | question] with matching mask and positions, so each
-    row computes exactly what it would alone. Finished rows are dropped once a quarter are done.
-    With a Sampling, each row draws sampling.samples continuations from one prefill (its KV cache
-    is copied, not recomputed). Returns the new token ids of each row (samples rows per question
-    when sampling, one after the other), stop token excluded.
+    The prefix KV (kv, from prefix_cache) is shared by all rows, never copied: the row cache holds only
+    [padding | question | new tokens], at positions prefix_len onwards, and prefix_attention merges the
+    two. Finished rows are dropped once a quarter are done. With a Sampling, each row draws
+    sampling.samples continuations from one prefill (its row cache is copied, not recomputed). Returns
+    the new token ids of each row (samples rows per question when sampling), stop token excluded.
     """
+    from transformers import DynamicCache
+
     dev, B, L = model.device, len(rows), max(len(r) for r in rows)
     ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long, device=dev)
-    qmask = torch.zeros((B, L), dtype=torch.long, device=dev)
+    mask = torch.zeros((B, L), dtype=torch.long, device=dev)
     for i, r in enumerate(rows):
         ids[i, L - len(r):] = torch.tensor(r, device=dev)
-        qmask[i, L - len(r):] = 1
-    mask = torch.cat([torch.ones((B, prefix_len), dtype=torch.long, device=dev), qmask], 1)
-    pos = prefix_len + (qmask.cumsum(1) - 1).clamp(min=0)
-    cache = expand_cache(model, kv, B)
-    logits = forward(model, ids, mask, pos, cache, logits_to_keep=1).logits[:, -1]
-    if sampling:
-        cache.batch_repeat_interleave(sampling.samples)
-        mask, pos, logits = (t.repeat_interleave(sampling.samples, 0) for t in (mask, pos, logits))
-        B *= sampling.samples
-    out, alive, pos = [[] for _ in range(B)], list(range(B)), pos[:, -1:]
-    for step in range(max_new_tokens):
-        nxt = pick_tokens(logits, sampling, generator)
-        picked = nxt.tolist()  # one device->host copy per step, not one per row
-        for j, row in enumerate(alive):
-            if row < 0:
-                continue
-            out[row].append(picked[j])
-            if row_finished(tok, out[row], stop_ids, stops):
-                alive[j] = -1
-        live = [j for j, r in enumerate(alive) if r >= 0]
-        if not live or step == max_new_tokens - 1:
-            break
-        if len(live) <= 0.75 * len(alive):  # most rows finished: stop paying for them
-            sel = torch.tensor(live, device=dev)
-            cache.batch_select_indices(sel)
-            mask, pos, nxt, alive = mask[sel], pos[sel], nxt[sel], [alive[j] for j in live]
-        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], 1)
-        pos = pos + 1
-        logits = forward(model, nxt[:, None], mask, pos, cache).logits[:, -1]
+        mask[i, L - len(r):] = 1
+    pos = prefix_len + (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    shared = {"prefix_kv": kv} if kv else {}  # no prefix (zero-shot): the model's own attention
+    old = use_prefix_attention(model) if kv else None
+    try:
+        logits = forward(model, ids, mask, pos, cache, logits_to_keep=1, **shared).logits[:, -1]
+        if sampling:
+            cache.batch_repeat_interleave(sampling.samples)
+            mask, pos, logits = (t.repeat_interleave(sampling.samples, 0) for t in (mask, pos, logits))
+            B *= sampling.samples
+        out, alive, pos = [[] for _ in range(B)], list(range(B)), pos[:, -1:]
+        for step in range(max_new_tokens):
+            nxt = pick_tokens(logits, sampling, generator)
+            picked = nxt.tolist()  # one device->host copy per step, not one per row
+            for j, row in enumerate(alive):
+                if row < 0:
+                    continue
+                out[row].append(picked[j])
+                if row_finished(tok, out[row], stop_ids, stops):
+                    alive[j] = -1
+            live = [j for j, r in enumerate(alive) if r >= 0]
+            if not live or step == max_new_tokens - 1:
+                break
+            if len(live) <= 0.75 * len(alive):  # most rows finished: stop paying for them
+                sel = torch.tensor(live, device=dev)
+                cache.batch_select_indices(sel)
+                mask, pos, nxt, alive = mask[sel], pos[sel], nxt[sel], [alive[j] for j in live]
+            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], 1)
+            pos = pos + 1
+            logits = forward(model, nxt[:, None], mask, pos, cache, **shared).logits[:, -1]
+    finally:
+        if old is not None:
+            model.set_attn_implementation(old)
     return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
 
 

@@ -11,11 +11,13 @@ import argparse
 import os
 import re
 import time
+from collections import Counter
+from decimal import Decimal
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, StarError, answers_match, build_prompts, check_output, check_positive,
+    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
     cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
-    load_split, model_identity, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
+    load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
 from steps import all_steps_true, check_steps
 
@@ -34,6 +36,10 @@ parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
 parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars when --k > 0")
 parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic")
+parser.add_argument("--num_samples", type=int, default=1,
+                    help="k > 1: also draw k sampled answers per question and report maj@k and pass@k")
+parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
+parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass for --num_samples")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--debug", action="store_true")
@@ -55,9 +61,11 @@ def score(rows, outs):
 
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
-    check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens")
+    check_positive(vars(args), "num_samples", "temperature", "top_p", "max_samples", "batch_size", "max_new_tokens")
     if args.k < 0 or (args.iteration or 0) < 0:
         raise StarError("--k and --iteration must be >= 0")
+    if args.top_p > 1:
+        raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.model is None:
         args.iteration = 1 if args.iteration is None else args.iteration
         args.model = args.base_model if args.iteration == 0 else f"results/model_star_iter{args.iteration}"
@@ -84,6 +92,23 @@ def details_path(output):
     return (output[: -len(".json")] if output.endswith(".json") else output) + ".jsonl"
 
 
+def majority_answer(answers):
+    """The most frequent stated answer (numbers compared as numbers); ties go to the one seen first."""
+    stated = [normalize_number(a) for a in answers if a is not None]
+    counts = Counter(str(Decimal(a).normalize()) for a in stated)
+    return max(stated, key=lambda a: counts[str(Decimal(a).normalize())], default=None)
+
+
+def score_samples(details, samples):
+    """maj@k and pass@k (Wang et al. 2022 self-consistency; Chen et al. 2021), added to each detail."""
+    for d, drawn in zip(details, samples):
+        answers = [extract_stated_answer(text) for text, _ in drawn]
+        d["sample_answers"], d["majority"] = answers, majority_answer(answers)
+        d["maj_correct"] = answers_match(d["majority"], d["gold"])
+        d["pass_correct"] = any(answers_match(a, d["gold"]) for a in answers)
+        d["tokens"] += sum(n for _, n in drawn)
+
+
 def accuracy_report(details, args, seconds):
     n, tokens = len(details), sum(d["tokens"] for d in details)
     count = {key: sum(d[key] for d in details) for key in ("correct", "flexible_correct", "faithful_correct")}
@@ -91,7 +116,10 @@ def accuracy_report(details, args, seconds):
             "accuracy_faithful": count["faithful_correct"] / n, "correct": count["correct"],
             "correct_flexible": count["flexible_correct"], "n": n, "model": args.model, "iteration": args.iteration,
             "dataset": args.dataset, "split": args.split, "k": args.k, "seconds": round(seconds, 1),
-            "tokens_per_s": round(tokens / seconds, 1), **run_info(vars(args))}
+            "tokens_per_s": round(tokens / seconds, 1), **run_info(vars(args)),
+            **({f"accuracy_maj_at_{args.num_samples}": sum(d["maj_correct"] for d in details) / n,
+                f"accuracy_pass_at_{args.num_samples}": sum(d["pass_correct"] for d in details) / n}
+               if args.num_samples > 1 else {})}
 
 
 def main(argv=None):
@@ -109,6 +137,11 @@ def main(argv=None):
         outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 0,
                                   f"evaluating {args.split}")
         details = score(rows, outs)
+        if args.num_samples > 1:
+            sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
+            samples = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial,
+                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling)
+            score_samples(details, samples)
         result, n = accuracy_report(details, args, time.time() - t0), len(details)
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
@@ -120,8 +153,11 @@ def main(argv=None):
         for d in details[:2]:
             print(f"--- example (gold {d['gold']}, extracted {d['extracted']}, correct {d['correct']})\n{d['completion']}")
         also = f" and {details_path(args.output)}" if args.save_results else ""
+        k = args.num_samples
+        voted = (f", maj@{k} {result[f'accuracy_maj_at_{k}']:.4f}, pass@{k} {result[f'accuracy_pass_at_{k}']:.4f}"
+                 if k > 1 else "")
         print(f"accuracy {result['accuracy']:.4f} strict, {result['accuracy_flexible']:.4f} flexible, "
-              f"{result['accuracy_faithful']:.4f} correct with all steps true "
+              f"{result['accuracy_faithful']:.4f} correct with all steps true{voted} "
               f"(n={n}, {result['correct']} correct); wrote {args.output}{also}")
 
 

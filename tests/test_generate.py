@@ -75,7 +75,7 @@ def test_plain_prompt_path_for_base_models(setup):
     for part in parts:  # prefix and question part tokenize as the whole prompt does
         assert (plain(prefix, add_special_tokens=False).input_ids + plain(part, add_special_tokens=False).input_ids
                 == plain(prefix + part, add_special_tokens=False).input_ids)
-    check_against_reference(model, plain, prefix, parts, ["Question:", "\n\n"], max_new_tokens=48)
+    check_against_reference(model, plain, prefix, parts[:4], ["Question:", "\n\n"], max_new_tokens=32)
 
 
 def test_results_come_back_in_input_order(setup):

@@ -75,3 +75,24 @@ def test_sampling_is_seeded_and_capped(tmp_path):
     # near-zero temperature: every sample is the greedy continuation, reusing one prefill per question
     cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4")
     assert rationales(cold) == rationales(greedy)
+
+
+def test_evaluate_majority_vote_and_pass_at_k(tmp_path):
+    import evaluate
+
+    def run_eval(name):
+        out = str(tmp_path / name)
+        evaluate.main(["--model", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "6", "--k", "4",
+                       "--max_new_tokens", "100", "--num_samples", "3", "--save_results", "--output", out])
+        return json.load(open(out)), [json.loads(x) for x in open(out[:-5] + ".jsonl")]
+
+    result, details = run_eval("a.json")
+    assert (result, details)[1] == run_eval("b.json")[1], "the same seed gives the same draws"
+    for d in details:
+        assert len(d["sample_answers"]) == 3
+        votes = [a for a in d["sample_answers"] if a is not None]
+        if votes:
+            assert votes.count(d["majority"]) == max(votes.count(a) for a in votes)
+        assert d["pass_correct"] == any(a is not None and float(a) == float(d["gold"]) for a in d["sample_answers"])
+    assert result["accuracy_maj_at_3"] == sum(d["maj_correct"] for d in details) / 6
+    assert result["accuracy_maj_at_3"] <= result["accuracy_pass_at_3"]
