@@ -45,6 +45,9 @@ parser.add_argument("--check_steps", default="report", choices=["off", "report",
                          "rationales with at least one step and every step true")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
+parser.add_argument("--engine", default="auto", choices=["auto", "ours", "library"],
+                    help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
+                         "auto = library on CUDA, ours on CPU")
 parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
 parser.add_argument("--debug", action="store_true", help="full tracebacks")
 
@@ -113,7 +116,7 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
         return {"stage1_correct": f"{questions_right / questions_done:.1%}"}
 
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
-                              "stage 1", success_rate, sampling)
+                              "stage 1", success_rate, sampling, args.engine)
     kept, failed, per_question, correct_samples = [], [], [], 0
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
@@ -138,7 +141,7 @@ def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     """Rationalization: the hint is the final number only, in the question and in every exemplar."""
     prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 2,
-                              "stage 2")
+                              "stage 2", engine=args.engine)
     kept, rejected = [], {}
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n

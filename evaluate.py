@@ -41,6 +41,9 @@ parser.add_argument("--num_samples", type=int, default=1,
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass for --num_samples")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
+parser.add_argument("--engine", default="auto", choices=["auto", "ours", "library"],
+                    help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
+                         "auto = library on CUDA, ours on CPU")
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--debug", action="store_true")
 
@@ -135,12 +138,13 @@ def main(argv=None):
         settings = resume_settings(vars(args), model_weights=model_identity(args.model))
         finished = load_partial(partial, settings, args.overwrite)
         outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 0,
-                                  f"evaluating {args.split}")
+                                  f"evaluating {args.split}", engine=args.engine)
         details = score(rows, outs)
         if args.num_samples > 1:
             sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
             samples = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial,
-                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling)
+                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling,
+                                         engine=args.engine)
             score_samples(details, samples)
         result, n = accuracy_report(details, args, time.time() - t0), len(details)
         if not dist_state().is_main_process:

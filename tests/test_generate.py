@@ -127,3 +127,16 @@ def test_other_families_equal_reference(setup, family):
     _, tok, prefix, parts = setup
     model = tiny_model(family, len(tok))
     check_against_reference(model, tok, prefix, parts, ["Question:"], max_new_tokens=12)
+
+
+def test_library_engine_gives_the_same_rows(setup):
+    """--engine library: transformers' continuous batching decodes, our stop rule cuts the rows (slow on CPU:
+    three short rows)."""
+    model, tok, prefix, parts = setup
+    ours = generate(model, tok, prefix, parts[:3], 24, batch_size=3, engine="ours")
+    library = generate(model, tok, prefix, parts[:3], 24, batch_size=3, engine="library")
+    assert library == ours
+    sampling = common.Sampling(2, 0.7, 0.9, 0)
+    drawn = generate(model, tok, prefix, parts[:2], 16, batch_size=2, sampling=sampling, engine="library")
+    assert drawn == generate(model, tok, prefix, parts[:2], 16, batch_size=2, sampling=sampling, engine="library")
+    assert all(len(d) == 2 for d in drawn)
