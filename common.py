@@ -463,13 +463,14 @@ def from_pretrained(cls, name, **kwargs):
     try:
         if os.path.isdir(path):
             return cls.from_pretrained(path, **kwargs)
-        try:
-            return cls.from_pretrained(path, local_files_only=True, **kwargs)  # downloaded before
-        except OSError:
-            if not hub_reachable():
-                raise StarError(f"cannot load model {name!r}: it is not in the local cache and the hub cannot be "
-                                "reached (pass a checkpoint folder, or smollm2-135m)") from None
-            return cls.from_pretrained(path, **kwargs)
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):  # downloaded before: no network needed
+            return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        if not hub_reachable():
+            raise StarError(f"cannot load model {name!r}: it is not in the local cache and the hub cannot be "
+                            "reached (pass a checkpoint folder, or smollm2-135m)")
+        return cls.from_pretrained(path, **kwargs)
     except OSError as e:
         raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
@@ -925,4 +926,3 @@ def generate_resumable(model, tok, prefix, questions, max_new_tokens, batch_size
         for i, r in items:  # JSON gave lists back: make them the tuples generate returns
             results[i] = [tuple(x) for x in r] if sampling else tuple(r)
     return results
-check_output_free = check_output  # TEMP until train.py is switched

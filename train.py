@@ -6,10 +6,21 @@ Examples are the zero-shot prompt (the one evaluate.py asks) + the rationale; th
 rationale tokens only. Examples are packed into one row per micro-batch, each with its own
 positions and its own causal attention, so no compute goes to padding and no example attends to another.
 
+Memory: before it loads any weight, train.py prints its plan from the base model's config, one line per term
+(`memory <term> <GiB> GiB  <what>`: weights, weight copies, gradients, optimizer states, activations at
+--batch_size x --max_length tokens, logits/loss, total). On a GPU a plan larger than the free memory stops the run
+with one error line naming a configuration that fits; --skip_memory_check trains anyway. The checkpoint is saved in
+the base model's dtype (bf16 for Llama 3.2), whatever dtype it was trained in.
+meta-llama/Llama-3.2-3B-Instruct (3.21B parameters) at the defaults plans 103.5 GiB on a bf16 GPU (fp32 weights,
+gradients and AdamW states alone are 16 B x 3.21e9 = 51.4 GB); within 24 GB it trains with LoRA and checkpointing:
+
+    python train.py --iteration 1 --lora_r 16 --gradient_checkpointing    # plan 21.0 GiB; + --max_length 512: 13.7
+
     python train.py --iteration 1 --base_model smollm2-135m --epochs 3
     accelerate launch --num_processes 4 train.py --iteration 1 --lora_r 16
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -23,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from common import (
-    DEFAULT_BASE_MODEL, StarError, build_completion, build_prompt, check_output_free, check_positive, cli_errors,
-    device_and_dtype, load_tokenizer, load_weights, move_into_place, read_jsonl, resume_settings, run_info, write_json,
-    write_jsonl,
+    DEFAULT_BASE_MODEL, StarError, build_completion, build_prompt, check_output, check_positive, cli_errors,
+    device_and_dtype, from_pretrained, load_tokenizer, load_weights, move_into_place, read_jsonl, resume_settings,
+    run_info, write_json, write_jsonl,
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +60,8 @@ parser.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_pro
 parser.add_argument("--logging_steps", type=int, default=1, help="optimizer steps between log lines")
 parser.add_argument("--save_steps", type=int, default=0,
                     help="save the training state every N steps; rerunning the same command resumes from it")
+parser.add_argument("--skip_memory_check", action="store_true",
+                    help="on a GPU, train even when the memory plan says the run does not fit in free memory")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--debug", action="store_true")
@@ -147,14 +160,233 @@ def load_base(args, dtype):
     return model
 
 
-def save_checkpoint(model, state_dict, tok, out, args, log, stats):
-    """Write to <out>.tmp, then rename: a killed run never leaves a folder that looks finished."""
+# ============================================================================= memory plan
+# Peak training memory from the config alone, printed before the weights are loaded. Units are bytes unless a
+# name says GiB. What lives where: full fine-tuning keeps fp32 master weights (under bf16 autocast on a GPU each
+# matmul also makes a bf16 copy of its weight); LoRA on a bf16 GPU keeps the frozen base in bf16 and the adapters
+# in fp32 (peft's default); on CPU everything is fp32. Gradients and AdamW states exist for trainable weights only.
+GIB = 2**30
+ADAMW_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each, per trainable parameter (torch.optim.AdamW)
+# Per learned position x vocabulary entry: the fp32 log-probabilities cross_entropy saves (4 B), and at the start of
+# backward their fp32 gradient and the logits' gradient (4 + 4 B); the bf16 logits of a GPU forward (2 B) are gone
+# by then. Only rationale positions get logits (packed_loss: logits_to_keep).
+LOGIT_BYTES = 12
+# Measured on CPU: train.py's peak RSS before it loads any weight (Python, torch, transformers, accelerate, the
+# tokenizer) is 0.41-0.44 GiB, about 10% of a small run's peak, so it is a line of the plan there. On a GPU the CUDA
+# context is already outside torch.cuda.mem_get_info's free memory when the plan is checked.
+CPU_RUNTIME_GIB = 0.45
+
+
+def model_shape(config):
+    """The sizes the memory plan needs, from a decoder config (Llama names; GPT-2's are aliased by transformers)."""
+    c = config.get_text_config()
+    h, heads = c.hidden_size, c.num_attention_heads
+    return {"hidden": h, "intermediate": getattr(c, "intermediate_size", None) or 4 * h, "layers": c.num_hidden_layers,
+            "heads": heads, "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(c, "head_dim", None) or h // heads, "vocab": c.vocab_size}
+
+
+def count_parameters(config, target_modules=()):
+    """(parameters, LoRA parameters per unit of rank): exact, from the model built on the meta device (no memory,
+    no weights read, ~1 s for 3B). A LoRA pair on a Linear in -> out adds r x (in + out) parameters."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(target_modules))
+    return sum(p.numel() for p in model.parameters()), per_rank  # parameters() counts tied weights once
+
+
+def layer_activation_bytes(shape, args, bf16):
+    """Bytes one decoder layer keeps for backward, per token. The count of what autograd saves in a Llama layer, as
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4.1) counted it
+    for GPT, checked tensor by tensor with torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py).
+    bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way."""
+    h, i, a = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"]  # a: attention width
+    c = 2 if bf16 else 4
+    attention = 4 * a * c + 4 * shape["heads"]  # SDPA: q, k, v (k, v repeated to every head), output; fp32 logsumexp
+    mlp = 3 * i * c  # SiLU's input (gate), its output and up: what act(gate) * up needs
+    if not args.lora_r:
+        norms = 2 * (8 * h + 4)  # each RMSNorm: its fp32 input, x * rsqrt(mean x^2) (for the weight's gradient), rsqrt
+        # inputs of the matmuls, for the weight gradients: the normed input (autocast casts it once per projection:
+        # q, k, v, gate, up), attention output (o_proj), act(gate) * up (down_proj)
+        return norms + (5 if bf16 else 2) * h * c + a * c + i * c + attention + mlp
+    widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": a, "gate_proj": h, "up_proj": h, "down_proj": i}
+    # frozen projections save nothing; each adapter saves its dropout mask (GPU: 1 B bool; CPU: the 4 B noise
+    # tensor) and lora_A's input (bf16 under autocast, else the fp32 dropped input), and lora_A's output (r wide)
+    per_input = (2 + (1 if args.lora_dropout else 0)) if bf16 else (8 if args.lora_dropout else 4)
+    targets = inputs = args.lora_target_modules.split(",")
+    if not bf16 and not args.lora_dropout:  # lora_A saves its very input: one tensor for q, k, v, one for gate, up
+        inputs = {{"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(t, t) for t in targets}
+    adapters = sum(per_input * widths.get(t, h) for t in inputs) + len(targets) * args.lora_r * c  # + lora_A outputs
+    return 2 * (4 * h + 4) + adapters + attention + mlp  # norms: fp32 input and rsqrt (frozen norm weights)
+
+
+def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None):
+    """Peak training memory per process in GiB, term by term, and their sum ("total": an upper bound, the terms need
+    not peak together). device: "cuda" = a bf16 GPU (bf16 autocast); "cpu" = fp32 throughout. tokens: tokens of one
+    packed micro-batch, by default --batch_size x --max_length (an upper bound: a row holds at most that many);
+    learned: its rationale tokens (the logits' positions), by default all of them."""
+    shape, bf16, lora = model_shape(config), device == "cuda", args.lora_r > 0
+    tokens = tokens or args.batch_size * args.max_length
+    trainable = args.lora_r * lora_per_rank if lora else n_params
+    # LoRA: frozen base in bf16 on a bf16 GPU (fp32 on CPU) and fp32 adapters; full fine-tuning: fp32 master weights
+    weights = ((2 if bf16 else 4) * n_params + 4 * trainable) if lora else 4 * n_params
+    copies = 2 * n_params if bf16 and not lora else 0  # autocast's bf16 casts of the matmul weights, kept for backward
+    layer = layer_activation_bytes(shape, args, bf16)
+    if args.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
+        per_token = shape["layers"] * shape["hidden"] * (2 if bf16 and lora else 4) + layer
+    else:
+        per_token = shape["layers"] * layer
+    per_token += 8 * shape["hidden"] + 4 + shape["hidden"] * (2 if bf16 else 4)  # final norm, lm_head input
+    terms = {"weights": weights, "weight copies": copies, "gradients": 4 * trainable,
+             "optimizer states": ADAMW_BYTES * trainable, "activations": tokens * per_token,
+             "logits/loss": (learned or tokens) * shape["vocab"] * LOGIT_BYTES}
+    plan = {name: value / GIB for name, value in terms.items() if value or name != "weight copies"}
+    if device == "cpu":
+        plan["runtime"] = CPU_RUNTIME_GIB
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def per_process(plan, strategy, processes):
+    """The plan of one process of a distributed run: FSDP (full shard) splits weights, gradients and optimizer
+    states over the processes; DDP keeps a second copy of the gradients in its all-reduce buckets
+    (gradient_as_bucket_view=False, accelerate's default)."""
+    plan = dict(plan)
+    if strategy == "FSDP":
+        for name in ("weights", "gradients", "optimizer states"):
+            plan[name] /= processes
+    elif strategy in ("MULTI_GPU", "MULTI_CPU"):
+        plan["gradients"] *= 2
+    plan["total"] = sum(v for k, v in plan.items() if k != "total")
+    return plan
+
+
+def memory_notes(n_params, args, device, lora_per_rank, vocab):
+    """One short explanation per line of the plan: what is counted, in which dtype."""
+    bf16, tokens = device == "cuda", args.batch_size * args.max_length
+    trainable = args.lora_r * lora_per_rank if args.lora_r else n_params
+    weights = f"fp32 master weights, {n_params / 1e9:.3g}B"
+    if args.lora_r:
+        weights = (f"{'bf16' if bf16 else 'fp32'} frozen base, {n_params / 1e9:.3g}B + fp32 LoRA r={args.lora_r}, "
+                   f"{trainable / 1e6:.3g}M")
+    return {"weights": weights, "weight copies": "bf16 casts autocast makes for the matmuls, kept for backward",
+            "gradients": f"fp32, {trainable / 1e6:.4g}M trainable",
+            "optimizer states": "AdamW exp_avg + exp_avg_sq, fp32",
+            "activations": f"{args.batch_size} x {args.max_length} tokens, {'bf16 autocast' if bf16 else 'fp32'}"
+                           + (", gradient checkpointing" if args.gradient_checkpointing else ""),
+            "logits/loss": f"<= {tokens} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
+            "runtime": "Python, torch, transformers, tokenizer (measured)",
+            "total": "upper bound: the terms need not peak together"}
+
+
+def print_memory_plan(plan, notes, print_=print):
+    """One fixed-format line per term: `memory <term> <GiB> GiB  <what>`."""
+    for name, gib in plan.items():
+        print_(f"memory {name:17s} {gib:8.2f} GiB  {notes.get(name, '')}")
+
+
+def smaller_configurations(args):
+    """(flags, args) to try when a run does not fit, in the order they are suggested: gradient checkpointing, LoRA
+    r=16, both, then halving --batch_size with --grad_accum doubled (the same effective batch)."""
+    steps = [{"gradient_checkpointing": True}] if not args.gradient_checkpointing else []
+    if not args.lora_r:
+        steps += [{"lora_r": 16}, {"lora_r": 16, "gradient_checkpointing": True}]
+    last = steps[-1] if steps else {}
+    batch = args.batch_size // 2
+    while batch >= 1:
+        steps.append({**last, "batch_size": batch, "grad_accum": args.grad_accum * args.batch_size // batch})
+        batch //= 2
+    out = []
+    for step in steps:
+        step = {k: v for k, v in step.items() if getattr(args, k) != v}
+        flags = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in step.items())
+        out.append((flags, argparse.Namespace(**{**vars(args), **step})))
+    return out
+
+
+def check_gpu_memory(plan, estimate, args, free_gib):
+    """Raise StarError, before any weight is loaded, when the plan's total exceeds the free GPU memory, naming the
+    first smaller configuration that fits. estimate(args) -> plan of another configuration."""
+    if plan["total"] <= free_gib:
+        return
+    head = f"training needs about {plan['total']:.1f} GiB (memory plan above) but the GPU has {free_gib:.1f} GiB free"
+    for flags, other in smaller_configurations(args):
+        total = estimate(other)["total"]
+        if total <= free_gib:
+            raise StarError(f"{head}: add {flags} (about {total:.1f} GiB), or pass --skip_memory_check to try anyway")
+    raise StarError(f"{head}, and neither LoRA nor gradient checkpointing nor --batch_size 1 fits: use a smaller "
+                    "--max_length, a GPU with more memory, or FSDP over several (or pass --skip_memory_check)")
+
+
+def plan_memory(acc, args, bf16):
+    """Load the base model's config (no weights), print the memory plan and, on a GPU, stop when it does not fit.
+    Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype; train_stats.json keeps the
+    plan beside the measured peak."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig, args.base_model)
+    n_params, per_rank = count_parameters(config, args.lora_target_modules.split(","))
+    device, strategy = "cuda" if bf16 else "cpu", acc.distributed_type.name
+
+    def estimate(a):
+        return per_process(estimate_memory(config, n_params, a, device, per_rank), strategy, acc.num_processes)
+
+    plan = estimate(args)
+    print_memory_plan(plan, memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"]), acc.print)
+    if torch.cuda.is_available() and not args.skip_memory_check:
+        free = torch.cuda.mem_get_info(acc.device)[0] / GIB
+        print_memory_plan({"GPU free": free}, {"GPU free": "torch.cuda.mem_get_info (--skip_memory_check: no check)"},
+                          acc.print)
+        check_gpu_memory(plan, estimate, args, free)
+    return config, plan
+
+
+def release_freed_memory():
+    """On CPU under glibc, have malloc hand every freed block of 128 KiB or more back to the system at once. By
+    default glibc raises its mmap threshold after the first large free and then serves activations from a heap it
+    seldom shrinks: on the embedded model (LoRA r=8, 4 x 256 tokens, 2 steps) the peak RSS was 4.9 GiB by default and
+    3.4 GiB with this (plan: 3.6 GiB), for the same CPU time (110 s vs 108 s user + system)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, musl): their allocators are left as they are
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also stops glibc's dynamic raising of it
+
+
+def base_dtype(config):
+    """The dtype the base model is stored in (config.json "dtype", formerly "torch_dtype"); fp32 when it says none,
+    as transformers then loads it."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def cast_state_dict(state_dict, dtype):
+    """Floating tensors cast to dtype; tensors that share storage (tied embeddings) stay shared."""
+    cast, out = {}, {}
+    for name, t in state_dict.items():
+        if t.is_floating_point() and t.dtype != dtype:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key not in cast:
+                cast[key] = t.to(dtype)
+            t = cast[key]
+        out[name] = t
+    return out
+
+
+def save_checkpoint(model, state_dict, tok, out, args, log, stats, dtype):
+    """Write to <out>.tmp, then rename: a killed run never leaves a folder that looks finished. The weights are
+    saved in `dtype`, the base model's own (full fine-tuning trains fp32 master weights; LoRA merges into them)."""
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_r:
-        model.merge_and_unload().save_pretrained(tmp)  # a plain checkpoint: the next stage needs no extra flags
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict)  # the full weights, also when FSDP sharded them
+        model = model.merge_and_unload()  # a plain checkpoint: the next stage needs no extra flags
+        state_dict = model.state_dict()
+    model.save_pretrained(tmp, state_dict=cast_state_dict(state_dict, dtype))  # FSDP: the gathered full weights
+    model.config.dtype = str(dtype).split(".")[1]  # save_pretrained wrote the in-memory dtype: say the saved one
+    model.config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     write_json(os.path.join(tmp, "args.json"), run_info(vars(args)))
     write_json(os.path.join(tmp, "train_stats.json"), stats)
@@ -256,7 +488,7 @@ def main(argv=None):
             raise StarError("--lora_r and --save_steps must be >= 0, --warmup_ratio in [0, 1], --lora_dropout in [0, 1)")
         args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
         args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
-        check_output_free(args.output_dir, args.overwrite)
+        check_output(args.output_dir, args.overwrite)
         records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
         if not records:
             raise StarError(f"{args.train_file} holds no records: nothing to train on")
@@ -267,9 +499,12 @@ def main(argv=None):
 
         device, _ = device_and_dtype()
         bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        if device == "cpu":
+            release_freed_memory()  # the host's peak then follows the plan
         acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=args.grad_accum,
                           cpu=device == "cpu")
         set_seed(args.seed)
+        config, plan = plan_memory(acc, args, bf16)  # before any weight is loaded: stops in seconds if it cannot fit
         tok = load_tokenizer(args.base_model)
         examples, too_long = tokenize_examples(tok, records, args.max_length)
         if too_long:
@@ -301,12 +536,14 @@ def main(argv=None):
         stats = {"examples": len(examples), "dropped_too_long": too_long, "steps": total, "seconds": round(seconds, 1),
                  "tokens_per_s": round(tokens / seconds, 1), "peak_memory_gib": peak,
                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # host memory
+                 "memory_plan_gib": {name: round(gib, 2) for name, gib in plan.items()},
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes}
         acc.wait_for_everyone()
         state_dict = None if args.lora_r else acc.get_state_dict(model)  # a collective call under FSDP
         if acc.is_main_process:
-            save_checkpoint(acc.unwrap_model(model), state_dict, tok, args.output_dir, args, log, stats)
+            save_checkpoint(acc.unwrap_model(model), state_dict, tok, args.output_dir, args, log, stats,
+                            base_dtype(config))
             shutil.rmtree(args.output_dir + ".state", ignore_errors=True)
             memory = f"peak GPU memory {peak:.1f} GiB" if peak else f"peak RSS {stats['peak_rss_gib']} GiB"
             print(f"trained {total} steps in {seconds:.0f} s ({stats['tokens_per_s']} tok/s, {memory}; loss "

@@ -1,0 +1,266 @@
+"""train.py's memory plan and checkpoint dtype: the estimate against hand arithmetic for Llama-3.2-3B, against the
+tensors autograd really saves, and against the peak RSS of a real CPU run; checkpoints in the base model's dtype."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+from common import load_split, load_tokenizer, resolve_model, solution_to_rationale
+from conftest import GSM8K_DIR, ROOT
+
+# meta-llama/Llama-3.2-3B-Instruct's shape (its config.json)
+LLAMA_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(",")
+P_3B = 3_212_749_824  # 3.21B
+GIB = 2**30
+
+
+def flags(*argv):
+    return train.parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def llama_3b():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**LLAMA_3B)
+    return config, *train.count_parameters(config, TARGETS)
+
+
+def test_parameter_counts_by_hand(llama_3b):
+    config, n_params, per_rank = llama_3b
+    h, i, kv, layers, vocab = 3072, 8192, 8 * 128, 28, 128256
+    layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h  # q, k, v, o, gate/up/down, two RMSNorms
+    assert n_params == vocab * h + layers * layer + h == P_3B  # tied embeddings counted once, final norm
+    # LoRA r x (in + out) on q, k, v, o, gate, up, down of each of the 28 layers
+    per_layer = (h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h)
+    assert per_rank == layers * per_layer and 16 * per_rank == 24_313_856
+
+
+def test_full_fine_tuning_needs_51_gb_before_activations(llama_3b):
+    config, n_params, per_rank = llama_3b
+    plan = train.estimate_memory(config, n_params, flags(), "cpu", per_rank)  # fp32 throughout
+    assert plan["weights"] * GIB == 4 * P_3B and plan["gradients"] * GIB == 4 * P_3B
+    assert plan["optimizer states"] * GIB == 8 * P_3B  # AdamW: exp_avg + exp_avg_sq in fp32
+    assert (plan["weights"] + plan["gradients"] + plan["optimizer states"]) * GIB == pytest.approx(51.4e9, rel=1e-3)
+    gpu = train.estimate_memory(config, n_params, flags(), "cuda", per_rank)  # bf16 autocast on fp32 master weights
+    assert gpu["weights"] * GIB == 4 * P_3B and gpu["weight copies"] * GIB == 2 * P_3B
+    assert gpu["total"] == pytest.approx(sum(v for k, v in gpu.items() if k != "total"))
+
+
+def test_lora_lines_by_hand(llama_3b):
+    config, n_params, per_rank = llama_3b
+    lora = 24_313_856  # r = 16, from test_parameter_counts_by_hand
+    plan = train.estimate_memory(config, n_params, flags("--lora_r", "16"), "cuda", per_rank)
+    assert plan["weights"] * GIB == 2 * P_3B + 4 * lora  # bf16 frozen base, fp32 adapters
+    assert plan["gradients"] * GIB == 4 * lora and plan["optimizer states"] * GIB == 8 * lora
+    assert "weight copies" not in plan  # the base is already bf16: autocast copies nothing big
+
+
+def test_24_gb_configuration(llama_3b):
+    """The documented configuration fits in 24 GB; the default does not, and the check names a configuration."""
+    config, n_params, per_rank = llama_3b
+    fits = train.estimate_memory(config, n_params, flags("--lora_r", "16", "--gradient_checkpointing"), "cuda",
+                                 per_rank)
+    assert fits["total"] * GIB < 24e9
+    full = train.estimate_memory(config, n_params, flags(), "cuda", per_rank)
+    assert full["total"] > 80
+
+    def estimate(args):
+        return train.estimate_memory(config, n_params, args, "cuda", per_rank)
+
+    with pytest.raises(train.StarError, match=r"add --lora_r 16 --gradient_checkpointing \(about 21\.\d GiB\)"):
+        train.check_gpu_memory(full, estimate, flags(), 22.0)
+    with pytest.raises(train.StarError, match=r"add --gradient_checkpointing \(about"):
+        train.check_gpu_memory(full, estimate, flags(), 79.0)  # an 80 GB GPU keeps full fine-tuning
+    with pytest.raises(train.StarError, match=r"--batch_size 2 --grad_accum 4 \(about"):
+        train.check_gpu_memory(full, estimate, flags(), 11.0)  # the same effective batch
+    train.check_gpu_memory(full, estimate, flags(), 200.0)  # fits: no error
+
+
+def test_gpu_check_stops_before_loading_weights(tmp_path, monkeypatch, capsys):
+    """On a GPU with 22 GiB free the default 3B run stops in seconds, from config.json alone (the folder holds no
+    weights), naming the 24 GB configuration; that one passes, and --skip_memory_check skips the check."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(**LLAMA_3B, dtype="bfloat16").save_pretrained(tmp_path)  # as on the hub
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (22 * GIB, 24 * GIB))
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(name="NO"), num_processes=1, device="cuda", print=print)
+    t0 = time.time()
+    with pytest.raises(train.StarError, match=r"22\.0 GiB free: add --lora_r 16 --gradient_checkpointing \(about 21"):
+        train.plan_memory(acc, flags("--base_model", str(tmp_path)), True)
+    assert time.time() - t0 < 10
+    out = capsys.readouterr().out
+    assert "memory total               103.48 GiB" in out and "memory GPU free             22.00 GiB" in out
+    config, plan = train.plan_memory(acc, flags("--base_model", str(tmp_path), "--lora_r", "16",
+                                                "--gradient_checkpointing"), True)
+    assert plan["total"] < 22 and train.base_dtype(config) == torch.bfloat16
+    train.plan_memory(acc, flags("--base_model", str(tmp_path), "--skip_memory_check"), True)
+
+
+def test_estimate_takes_under_2_seconds():
+    """The plan of the 3B model from its config, once transformers' Llama code is imported (train.py imports it
+    anyway to load the weights): ~0.05 s on an idle machine."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401  (the import is not the estimate's cost)
+
+    t0 = time.time()
+    config = LlamaConfig(**LLAMA_3B)
+    n_params, per_rank = train.count_parameters(config, TARGETS)
+    train.print_memory_plan(train.estimate_memory(config, n_params, flags(), "cuda", per_rank),
+                            train.memory_notes(n_params, flags(), "cuda", per_rank, config.vocab_size))
+    assert time.time() - t0 < 2 and n_params == P_3B
+
+
+def saved_bytes_per_layer_token(layers, lora, autocast, dropout=0.0, tokens=300):
+    """Bytes of the distinct storages autograd saves in train.packed_loss on a random small Llama, parameters and
+    their bf16 autocast copies excluded (saved_tensors_hooks sees every tensor saved for backward)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=32, vocab_size=1000, num_hidden_layers=layers, tie_word_embeddings=True)
+    model = train.use_packed_attention(AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16 if lora and autocast else torch.float32))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {s for p in model.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape[::-1]))}
+    saved = {}
+
+    def keep(t):
+        copy = t.dtype == torch.bfloat16 and tuple(t.shape) in shapes  # autocast's cast of a weight
+        if t.untyped_storage().data_ptr() not in weights and not copy:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    n = tokens // 3
+    batch = train.pack([(list(range(5, 5 + n)), [-100] * 10 + list(range(15, 5 + n)))] * 3)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        train.packed_loss(model, batch)
+    return sum(saved.values()) / tokens
+
+
+@pytest.mark.parametrize("lora,autocast,dropout", [(False, False, 0), (False, True, 0), (True, False, 0.05),
+                                                   (True, False, 0), (True, True, 0)])
+def test_layer_activations_are_what_autograd_saves(lora, autocast, dropout):
+    """layer_activation_bytes = the bytes one more decoder layer makes autograd keep, per token: fp32 full
+    fine-tuning and LoRA as on CPU, and bf16 autocast (the GPU path; CPU autocast casts the same ops). A bf16
+    LoRA with dropout differs on CPU only: there dropout keeps a 4 B noise tensor, on a GPU a 1 B mask."""
+    per_layer = saved_bytes_per_layer_token(2, lora, autocast, dropout) - saved_bytes_per_layer_token(1, lora, autocast,
+                                                                                                     dropout)
+    shape = {"hidden": 256, "intermediate": 768, "heads": 8, "head_dim": 32}
+    args = argparse.Namespace(lora_r=8 if lora else 0, lora_dropout=dropout, lora_target_modules=",".join(TARGETS))
+    assert train.layer_activation_bytes(shape, args, autocast) == pytest.approx(per_layer, abs=1)
+
+
+def filled_records(tok, max_length, count):
+    """GSM8K questions whose rationales are several GSM8K solutions joined, each example as close to max_length
+    tokens as they go: a packed row then holds about batch_size x max_length tokens, the plan's worst case."""
+    rows = load_split("gsm8k", "train", GSM8K_DIR, 400)
+    records, k = [], 0
+    for n in range(count):
+        record = {"id": n, "question": rows[k]["question"], "rationale": "", "answer": "0"}
+        for _ in range(40):
+            k += 1
+            joined = (record["rationale"] + " " + solution_to_rationale(rows[k]["solution"])).strip()
+            longer = dict(record, rationale=joined)
+            examples, _ = train.tokenize_examples(tok, [longer], max_length)
+            if examples:
+                record = longer
+                if len(examples[0][0]) > max_length - 16:
+                    break
+        records.append(record)
+    return records
+
+
+def run_train(tmp_path, name, records, *argv):
+    """train.py in its own process (its peak RSS is its own); returns (stdout, train_stats, output folder)."""
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train_file", str(data), "--output_dir", str(out),
+                           *argv], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "train_stats.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Full fine-tuning of the embedded model, 4 x 256 tokens per step, 2 steps (the second has AdamW states)."""
+    tmp_path = tmp_path_factory.mktemp("full")
+    records = filled_records(load_tokenizer("smollm2-135m"), 256, 4)
+    return run_train(tmp_path, "full", records, "--base_model", "smollm2-135m", "--batch_size", "4",
+                     "--max_length", "256", "--epochs", "2", "--lr", "1e-5")
+
+
+def plan_lines(stdout):
+    """{term: GiB} from train.py's fixed-format `memory <term> <GiB> GiB  <what>` lines."""
+    lines = [line[len("memory "):] for line in stdout.splitlines() if line.startswith("memory ")]
+    return {line[:17].strip(): float(line[17:].split()[0]) for line in lines}
+
+
+def test_estimate_within_30_percent_of_measured_peak_rss(full_run):
+    stdout, stats, _ = full_run
+    plan = plan_lines(stdout)
+    assert set(plan) == {"weights", "gradients", "optimizer states", "activations", "logits/loss", "runtime", "total"}
+    print(f"\nestimate {plan['total']:.2f} GiB, measured peak RSS {stats['peak_rss_gib']:.2f} GiB")
+    assert stats["steps"] == 2 and abs(plan["total"] - stats["peak_rss_gib"]) <= 0.3 * stats["peak_rss_gib"]
+
+
+def safetensors_dtypes(folder):
+    from safetensors import safe_open
+
+    dtypes = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                for key in f.keys():
+                    dtypes[str(f.get_slice(key).get_dtype())] = dtypes.get(str(f.get_slice(key).get_dtype()), 0) + 1
+    return dtypes
+
+
+def weight_bytes(folder):
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def test_full_fine_tuning_saves_in_the_base_dtype_fp32(full_run):
+    _, _, out = full_run
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # the embedded model's converted folder
+    assert set(safetensors_dtypes(out)) == {"F32"}
+    assert weight_bytes(out) == pytest.approx(4 * 134_515_008, rel=0.01)
+
+
+def test_lora_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base_bf16"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.bfloat16)
+    model.save_pretrained(base)
+    load_tokenizer("smollm2-135m").save_pretrained(base)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    rows = load_split("gsm8k", "train", GSM8K_DIR, 1)
+    records = [{"id": 0, "question": rows[0]["question"], "rationale": solution_to_rationale(rows[0]["solution"]),
+                "answer": rows[0]["answer"]}]
+    stdout, stats, out = run_train(tmp_path, "lora", records, "--base_model", str(base), "--lora_r", "4",
+                                   "--epochs", "1", "--batch_size", "1", "--max_length", "256")
+    assert stats["steps"] == 1
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert set(safetensors_dtypes(out)) == {"BF16"}  # merged on CPU in fp32, saved in the base's dtype
+    assert weight_bytes(out) == pytest.approx(2 * n_params, rel=0.01)  # ~2 bytes per parameter
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.bfloat16 and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
