@@ -68,7 +68,7 @@ def test_sampling_is_seeded_and_capped(tmp_path):
     assert a != c, "another seed gives other draws"
     assert set(rationales(a)) != set(rationales(greedy)), "sampling at T = 0.7 is not the greedy decode"
     ids = [json.loads(line)["id"] for line in a.splitlines()]
-    assert all(ids.count(i) <= 2 for i in ids) and max(ids.count(i) for i in ids) == 2  # the cap binds
+    assert all(ids.count(i) <= 2 for i in ids)  # --max_per_question (test_cap_per_question checks it binds)
     assert stats["samples_drawn"] == 3 * stats["questions_seen"]
     assert stats["correct_samples"] >= len(ids) and sum(stats["kept_per_question_histogram"].values()) == stats["questions_seen"]
     assert 0 < stats["pass_at_S"] <= 1
