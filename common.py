@@ -4,6 +4,7 @@ models, generation.
 STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning", https://arxiv.org/abs/2203.14465
 """
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -575,12 +576,17 @@ def prefix_cache(model, prefix_ids):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+@functools.lru_cache(maxsize=None)
+def cache_argument(model_class):
+    """The cache argument's name: renamed from past_key_values to cache within transformers 5 (looked up once
+    per model class, not at every decoding step)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
-    """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise. The cache
-    argument was renamed from past_key_values to cache within transformers 5: use the name this version has."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise."""
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                 **{name: cache}, **kwargs)
+                 **{cache_argument(type(model)): cache}, **kwargs)
 
 
 def row_finished(tok, tokens, stop_ids, stops):

@@ -14,7 +14,7 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
+    DEFAULT_BASE_MODEL, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
     check_positive, cli_errors, cut_after_answer, dist_state, extract_stated_answer, generate_resumable, load_model,
     load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, resume_settings, run_info,
     solution_to_rationale, write_json, write_jsonl,
@@ -45,7 +45,7 @@ parser.add_argument("--check_steps", default="report", choices=["off", "report",
                          "rationales with at least one step and every step true")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
-parser.add_argument("--engine", default="auto", choices=["auto", "ours", "library"],
+parser.add_argument("--engine", default="auto", choices=ENGINES,
                     help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
                          "auto = library on CUDA, ours on CPU")
 parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")

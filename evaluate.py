@@ -15,7 +15,7 @@ from collections import Counter
 from decimal import Decimal
 
 from common import (
-    DEFAULT_BASE_MODEL, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
+    DEFAULT_BASE_MODEL, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
     cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
     load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
@@ -41,7 +41,7 @@ parser.add_argument("--num_samples", type=int, default=1,
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass for --num_samples")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
-parser.add_argument("--engine", default="auto", choices=["auto", "ours", "library"],
+parser.add_argument("--engine", default="auto", choices=ENGINES,
                     help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
                          "auto = library on CUDA, ours on CPU")
 parser.add_argument("--overwrite", action="store_true")
