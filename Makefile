@@ -10,6 +10,6 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	bash run_star.sh
+	bash run_star.sh --sft
 
 .PHONY: install test demo

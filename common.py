@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 # ============================================================================= data (and the files around it)
 DATASETS = ("gsm8k", "arithmetic")
-SPLITS = ("train", "test")
+SPLITS = ("train", "dev", "test")  # dev: the last --dev_samples train questions, held out for model selection
+DEV_SAMPLES = 200  # default dev slice: choices are made on it, the test split is only reported
 ARITH_COLUMNS = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digits, as in the STaR paper
 CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
@@ -196,21 +197,31 @@ def make_arithmetic(split):
     return [arithmetic_example(a, b) for a, b in chosen]
 
 
-def load_split(dataset, split, data_dir=None, max_samples=None):
-    """Rows {id, question, answer (final number), solution} of one split; id = index in the split."""
+def load_split(dataset, split, data_dir=None, max_samples=None, dev_samples=0):
+    """Rows {id, question, answer (final number), solution} of one split; id = index in the file.
+    With dev_samples = D, "dev" is the train file's last D questions and "train" the rest, so no choice
+    made on dev ever trains on or is shown a dev question."""
     if dataset not in DATASETS:
         raise StarError(f"unknown --dataset {dataset!r} (choose from {', '.join(DATASETS)})")
     if split not in SPLITS:
         raise StarError(f"unknown --split {split!r} (choose from {', '.join(SPLITS)})")
-    raw = load_gsm8k(split, data_dir) if dataset == "gsm8k" else make_arithmetic(split)
+    source = "test" if split == "test" else "train"
+    raw = load_gsm8k(source, data_dir) if dataset == "gsm8k" else make_arithmetic(source)
+    if split != "test" and not 0 <= dev_samples < len(raw):
+        raise StarError(f"--dev_samples must be in [0, {len(raw)}) for the {dataset} train split, got {dev_samples}")
+    first, last = {"train": (0, len(raw) - dev_samples), "dev": (len(raw) - dev_samples, len(raw)),
+                   "test": (0, len(raw))}[split]
+    if max_samples:
+        last = min(last, first + max_samples)
     rows = []
-    for i, r in enumerate(raw[:max_samples] if max_samples else raw):
-        final = r["answer"].rpartition("####")[2]
+    for i in range(first, last):
+        final = raw[i]["answer"].rpartition("####")[2]
         if normalize_number(final) is None:
-            raise StarError(f"{dataset} {split} record {i}: gold answer {final.strip()!r} is not a number")
-        rows.append({"id": i, "question": r["question"], "answer": normalize_number(final), "solution": r["answer"]})
+            raise StarError(f"{dataset} {source} record {i}: gold answer {final.strip()!r} is not a number")
+        rows.append({"id": i, "question": raw[i]["question"], "answer": normalize_number(final),
+                     "solution": raw[i]["answer"]})
     if not rows:
-        raise StarError(f"the {dataset} {split} split holds no questions")
+        raise StarError(f"the {dataset} {split} split holds no questions" + (" (--dev_samples is 0)" if split == "dev" else ""))
     return rows
 
 
@@ -572,8 +583,18 @@ def prefix_cache(model, prefix_ids):
         return None
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix_ids], device=model.device)
-    forward(model, ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache)
+    forward(model, ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache,
+            logits_to_keep=1)  # the prefix's logits are never read: [1, 1, vocab], not [1, P, vocab]
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def kv_bytes_per_token(config, dtype_bytes=2):
+    """Bytes of keys and values one token adds to a cache: 2 x layers x kv heads x head dim x dtype bytes
+    (Llama-3.2-3B in bf16: 2 x 28 x 8 x 128 x 2 = 114,688 B = 112 KiB)."""
+    c = config.get_text_config()
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes
 
 
 @functools.lru_cache(maxsize=None)
@@ -638,6 +659,16 @@ def prefix_mask(**kwargs):
     from transformers.masking_utils import sdpa_mask
 
     return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+
+
+def shares_prefix(model):
+    """Whether prefix_attention computes this model's attention: plain softmax over every cached position.
+    Sliding windows (Mistral, Gemma 2/3...), soft-capped scores (Gemma 2) and attention sinks (gpt-oss) are
+    not that: those models decode whole prompts with their own attention (the prefix computed per row)."""
+    config = model.config.get_text_config()
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return not (windowed or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+                or getattr(config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()))
 
 
 def use_prefix_attention(model):
@@ -750,18 +781,21 @@ def pick_engine(engine):
     return engine
 
 
-def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, engine):
+def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, engine, stop=True):
     """decode(rows, seed) -> new token ids per row (samples per row one after another), by either engine;
-    both stop rows by one rule (row_finished)."""
-    stops, stop_ids = stop_strings(tok), stop_token_ids(model, tok)
+    both stop rows by one rule (row_finished). stop=False: no stop token or string (fixed-length benchmarks)."""
+    stops, stop_ids = (stop_strings(tok), stop_token_ids(model, tok)) if stop else ((), [])
     if engine == "library":
         return lambda rows, seed: library_batch(model, tok, prefix_ids, rows, max_new_tokens, stop_ids, stops,
                                                 sampling, seed)
-    kv = prefix_cache(model, prefix_ids)
+    shared = shares_prefix(model)
+    kv = prefix_cache(model, prefix_ids) if shared else None
+    head = [] if shared else prefix_ids  # not shared: every row holds the whole prompt, the model's own attention
 
     def ours(rows, seed):
         generator = torch.Generator(model.device).manual_seed(seed) if sampling else None
-        return generate_batch(model, tok, kv, len(prefix_ids), rows, max_new_tokens, stop_ids, stops, sampling, generator)
+        return generate_batch(model, tok, kv, len(prefix_ids) if shared else 0, [head + r for r in rows],
+                              max_new_tokens, stop_ids, stops, sampling, generator)
     return ours
 
 

@@ -14,9 +14,9 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
     check_positive, cli_errors, cut_after_answer, dist_state, extract_stated_answer, generate_resumable, load_model,
-    load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, resume_settings, run_info,
+    load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info,
     solution_to_rationale, write_json, write_jsonl,
 )
 from steps import CHAIN_RE, all_steps_true, check_steps
@@ -32,6 +32,9 @@ parser.add_argument("--output", default=None, help="default data/star_iter{N}_tr
 parser.add_argument("--max_samples", type=int, default=None, help="first N train questions (default: all)")
 parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
 parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
+parser.add_argument("--dev_samples", type=int, default=DEV_SAMPLES,
+                    help="the train split's last N questions are the dev slice (evaluate.py --split dev): never "
+                         "trained on nor used as exemplars; 0 = none")
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars")
 parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic")
 parser.add_argument("--no_rationalization", action="store_true", help="skip Stage 2 (the paper's ablation)")
@@ -43,6 +46,9 @@ parser.add_argument("--max_per_question", type=int, default=None, help="cap on d
 parser.add_argument("--check_steps", default="report", choices=["off", "report", "filter"],
                     help="check each written step: report it in the records and stats, or filter: keep only "
                          "rationales with at least one step and every step true")
+parser.add_argument("--accumulate", action="store_true",
+                    help="also keep the previous iteration's training set (star_iter{N-1}_train.jsonl beside --output), "
+                         "duplicates removed; off by default, as in the paper")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
@@ -157,6 +163,24 @@ def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     return keep_faithful(kept, args, stats, 2)
 
 
+def previous_path(args):
+    """--accumulate's source: the previous iteration's training set, beside this one's output."""
+    return os.path.join(os.path.dirname(args.output), f"star_iter{args.iteration - 1}_train.jsonl")
+
+
+def add_previous(records, previous, cap=None):
+    """--accumulate: this iteration's records plus the previous training set's, one copy of each distinct
+    rationale per question (the new ones first, at most `cap` per question); sorted by question id."""
+    by_question = {}
+    for r in records + previous:
+        by_question.setdefault(r["id"], []).append(r)
+    merged = []
+    for _, group in sorted(by_question.items()):
+        distinct = drop_duplicates([r["rationale"] for r in group], cap)
+        merged += [next(r for r in group if r["rationale"] == text) for text in distinct]
+    return merged
+
+
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
     check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
@@ -171,6 +195,8 @@ def check_args(args):
             raise StarError(f"iteration {args.iteration} generates with {args.model_name}, which does not exist: "
                             f"train iteration {args.iteration - 1} first, or pass --model_name")
     args.output = args.output or f"data/star_iter{args.iteration}_train.jsonl"
+    if args.accumulate and args.iteration > 1 and not os.path.isfile(previous_path(args)):
+        raise StarError(f"--accumulate needs the previous training set {previous_path(args)}, which does not exist")
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
     check_output(args.output, args.overwrite)
 
@@ -180,7 +206,7 @@ def main(argv=None):
     with cli_errors(args.debug):
         check_args(args)
         t0 = time.time()
-        train = load_split(args.dataset, "train", args.data_dir)
+        train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples)
         rows = train[: args.max_samples]
         stats = {"questions_seen": len(rows), "tokens_generated": 0}
 
@@ -199,6 +225,12 @@ def main(argv=None):
             kept1, failed = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
+            if args.accumulate and args.iteration > 1:
+                merged = add_previous(records, read_jsonl(previous_path(args), required=("id", "rationale")),
+                                      args.max_per_question)
+                stats.update(new_kept=len(records), carried_over=len(merged) - len(records),
+                             previous_file=previous_path(args))
+                records = merged
             attempted = 0 if args.no_rationalization else len(failed)
             stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
                          stage2_rate=stats.get("stage2_correct", 0) / max(attempted, 1),
@@ -218,8 +250,10 @@ def main(argv=None):
                             f"(stats in {args.output}.stats.json)")
         for r in records[:2]:
             print(f"--- example (stage {r['stage']}, id {r['id']}, gold {r['answer']})\n{r['rationale']}")
+        carried = f", {stats['carried_over']} carried over from {stats['previous_file']}" if "carried_over" in stats else ""
         print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "
-              f"stage 2: {sum(r['stage'] == 2 for r in records)}); wrote {args.output} and {args.output}.stats.json")
+              f"stage 2: {sum(r['stage'] == 2 for r in records)}{carried}); wrote {args.output} and "
+              f"{args.output}.stats.json")
 
 
 if __name__ == "__main__":

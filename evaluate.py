@@ -15,9 +15,9 @@ from collections import Counter
 from decimal import Decimal
 
 from common import (
-    DEFAULT_BASE_MODEL, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
     cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
-    load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
+    load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, SPLITS, write_json, write_jsonl,
 )
 from steps import all_steps_true, check_steps
 
@@ -27,7 +27,10 @@ parser.add_argument("--iteration", type=int, default=None,
 parser.add_argument("--model", default=None, help="default results/model_star_iter{N} (--base_model for N=0); "
                     "with --model and no --iteration, outputs are named after the model")
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL)
-parser.add_argument("--split", default="test", help="test | train")
+parser.add_argument("--split", default="test", choices=SPLITS,
+                    help="test (report), dev (choose: the train file's last --dev_samples questions), train")
+parser.add_argument("--dev_samples", type=int, default=DEV_SAMPLES,
+                    help="size of the dev slice; must match create_data.py's (exemplars never come from it)")
 parser.add_argument("--batch_size", type=int, default=64)
 parser.add_argument("--max_samples", type=int, default=None, help="first N questions (default: all)")
 parser.add_argument("--save_results", action="store_true", help="also write per-example details (JSONL)")
@@ -77,6 +80,7 @@ def check_args(args):
     label = f"iter{args.iteration}"
     if args.iteration is None:  # --model alone: name the results after the model, so two models never share a file
         label, args.iteration = model_label(args.model)
+    label = label if args.split == "test" else f"{args.split}_{label}"  # results/eval_dev_iter2.json
     args.output = args.output or f"results/eval_{label}.json"
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
     check_output(args.output, args.overwrite)
@@ -130,8 +134,9 @@ def main(argv=None):
     with cli_errors(args.debug):
         check_args(args)
         t0 = time.time()
-        rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples)
-        exemplars = pick_exemplars(load_split(args.dataset, "train", args.data_dir), args.k, args.seed) if args.k else []
+        rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples, args.dev_samples)
+        train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples) if args.k else []
+        exemplars = pick_exemplars(train, args.k, args.seed) if args.k else []
         model, tok = load_model(args.model)
         prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
         partial = partial_path(args.output)

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # The STaR loop: evaluate M_0 (iteration 0), then for i = 1..N: create data with M_{i-1},
-# train M_0 on it (never M_{i-1}), evaluate M_i; finally write results/summary.{md,png}.
+# train M_0 on it (never M_{i-1}), evaluate M_i on the dev slice (choose) and the test split (report);
+# with --sft, also the vanilla SFT reference; finally write results/summary.{md,png}.
 # A rerun skips every stage whose output is complete, so an interrupted loop continues.
 # Outputs go to data/ and results/ under the current folder.
 #
 #   bash run_star.sh                                   # the demo: embedded model, arithmetic set
+#   bash run_star.sh --iterations 3 --sft --train_args "--steps 40 --steps_growth 0.2"
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --dataset gsm8k --iterations 3 \
 #       --k 10 --max_samples 7473 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
 
-ITERATIONS=2
+ITERATIONS=3
 BASE_MODEL=smollm2-135m
 DATASET=arithmetic
 DATA_DIR=""
 K=4
 MAX_SAMPLES=96            # train questions per iteration (create_data.py --max_samples)
-EVAL_SAMPLES=100          # test questions (evaluate.py --max_samples)
+EVAL_SAMPLES=200          # test questions (evaluate.py --max_samples)
+DEV_SAMPLES=200           # the train split's last questions, held out: create_data never uses them
+DEV_EVAL_SAMPLES=100      # dev questions scored each iteration (0 = none)
+SFT=0                     # --sft: also train and score M_0 on the human rationales of the same questions
 BATCH_SIZE=32             # generation batch (create_data.py and evaluate.py)
 TRAIN_BATCH_SIZE=8
 EPOCHS=3
@@ -26,9 +31,9 @@ MAX_NEW_TOKENS=""
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --batch_size --train_batch_size --epochs --lr --max_new_tokens --create_args '...' --train_args '...'"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --batch_size --train_batch_size --epochs --lr --max_new_tokens --sft --create_args '...' --train_args '...'"; }
 while [ $# -gt 0 ]; do
-  case "$1" in -h|--help) usage; exit 0 ;; esac
+  case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --iterations) ITERATIONS=$2 ;;
@@ -38,6 +43,8 @@ while [ $# -gt 0 ]; do
     --k) K=$2 ;;
     --max_samples) MAX_SAMPLES=$2 ;;
     --eval_samples) EVAL_SAMPLES=$2 ;;
+    --dev_samples) DEV_SAMPLES=$2 ;;
+    --dev_eval_samples) DEV_EVAL_SAMPLES=$2 ;;
     --batch_size) BATCH_SIZE=$2 ;;
     --train_batch_size) TRAIN_BATCH_SIZE=$2 ;;
     --epochs) EPOCHS=$2 ;;
@@ -50,7 +57,7 @@ while [ $# -gt 0 ]; do
   shift 2
 done
 
-DATA=(--dataset "$DATASET")
+DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
 [ -n "$MAX_NEW_TOKENS" ] && GEN+=(--max_new_tokens "$MAX_NEW_TOKENS")
@@ -62,9 +69,17 @@ stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loo
   "$@" || { echo "run_star.sh: stage '$name' failed (exit $?); fix it and rerun to continue" >&2; exit 1; }
 }
 
-stage "iteration 0: evaluate the base model ($K-shot)" results/eval_iter0.json \
-  "$PY" "$HERE/evaluate.py" --iteration 0 --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
-  --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" --save_results
+evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json), then dev (results/eval_dev_LABEL.json)
+  stage "$1: evaluate on test" "results/eval_$1.json" \
+    "$PY" "$HERE/evaluate.py" --model "$2" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
+    --output "results/eval_$1.json" "${GEN[@]}" "${@:3}" --save_results
+  [ "$DEV_EVAL_SAMPLES" -gt 0 ] || return 0
+  stage "$1: evaluate on dev" "results/eval_dev_$1.json" \
+    "$PY" "$HERE/evaluate.py" --model "$2" "${DATA[@]}" --split dev --max_samples "$DEV_EVAL_SAMPLES" \
+    --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${@:3}" --save_results
+}
+
+evaluate iter0 "$BASE_MODEL" --iteration 0 --k "$K"   # the base model, K-shot
 for ((i = 1; i <= ITERATIONS; i++)); do
   stage "iteration $i: create data" "data/star_iter${i}_train.jsonl" \
     "$PY" "$HERE/create_data.py" --iteration "$i" --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
@@ -72,8 +87,14 @@ for ((i = 1; i <= ITERATIONS; i++)); do
   stage "iteration $i: train the base model" "results/model_star_iter$i" \
     "$PY" "$HERE/train.py" --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
     --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
-  stage "iteration $i: evaluate" "results/eval_iter$i.json" \
-    "$PY" "$HERE/evaluate.py" --iteration "$i" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
-    "${GEN[@]}" --save_results
+  evaluate "iter$i" "results/model_star_iter$i" --iteration "$i"
 done
+if [ "$SFT" = 1 ]; then  # the reference: M_0 fine-tuned on the human rationales of the same train questions
+  stage "vanilla SFT: human rationales" data/sft_train.jsonl \
+    "$PY" "$HERE/create_data.py" --human_rationales "${DATA[@]}" --max_samples "$MAX_SAMPLES" --output data/sft_train.jsonl
+  stage "vanilla SFT: train the base model" results/model_sft \
+    "$PY" "$HERE/train.py" --train_file data/sft_train.jsonl --output_dir results/model_sft --base_model "$BASE_MODEL" \
+    --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
+  evaluate sft results/model_sft
+fi
 "$PY" "$HERE/summary.py"

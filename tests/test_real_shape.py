@@ -251,6 +251,32 @@ class TestBf16:
             restore()
         assert ours == [("", 0)] * len(parts) and [r[0] for r in ref] == [stop] * len(parts)
 
+    def test_row_cache_does_not_grow_with_k(self, bf16_model, tok, train_rows, monkeypatch):
+        """The shared prefix's KV is stored once; a row's cache holds its own tokens only, so its bytes are the
+        same at K = 4 and K = 10 and equal kv_bytes_per_token x its length (measured on the real caches)."""
+        calls, real = [], common.forward
+
+        def measuring(model, input_ids, attention_mask, position_ids, cache, **kwargs):
+            out = real(model, input_ids, attention_mask, position_ids, cache, **kwargs)
+            calls.append(("row" if "prefix_kv" in kwargs else "prefix", input_ids.shape[0], cache.get_seq_length(),
+                          sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)))
+            return out
+
+        monkeypatch.setattr(common, "forward", measuring)
+        per_token, measured = common.kv_bytes_per_token(bf16_model.config, 2), {}
+        assert per_token == 2 * LAYERS * 8 * 128 * 2  # 8 KiB for 2 layers; 112 KiB for the hub model's 28
+        for k in (4, 10):
+            calls.clear()
+            prefix, parts = common.build_prompts(tok, [r["question"] for r in train_rows[200:202]],
+                                                 common.pick_exemplars(train_rows, k, 0))
+            common.generate(bf16_model, tok, prefix, parts, 2, 2)
+            (_, _, p_len, p_bytes), (_, rows, r_len, r_bytes) = calls[0], calls[1]  # prefix prefill, then rows' prefill
+            assert calls[0][0] == "prefix" and calls[1][0] == "row" and rows == 2
+            assert p_bytes == per_token * p_len == per_token * len(ids_of(tok, prefix))
+            assert r_len == max(len(ids_of(tok, p)) for p in parts) and r_bytes == rows * per_token * r_len
+            measured[k] = (p_len, r_bytes // rows)
+        assert measured[10][0] > 2 * measured[4][0] and measured[10][1] == measured[4][1]
+
     def test_forced_ordinary_token_runs_to_the_limit(self, bf16_model, tok, prompts):
         """Control for the test above: the same surgery forcing "a" gives "aaaa..." up to max_new_tokens."""
         prefix, parts = prompts[0], prompts[1][:2]

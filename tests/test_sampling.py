@@ -23,13 +23,6 @@ def test_cap_per_question():
     assert drop_duplicates(many, cap=3) == many[:3]
 
 
-def run(tmp_path, name, *extra):
-    out = str(tmp_path / name)
-    create_data.main(["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "16", "--k", "4",
-                      "--batch_size", "8", "--no_rationalization", "--output", out, *extra])
-    return open(out).read(), json.load(open(out + ".stats.json"))
-
-
 def test_pick_tokens_draws_from_the_tempered_nucleus():
     """20,000 draws from fixed logits: frequencies follow softmax(logits / T) restricted to the top-p nucleus."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])

@@ -103,3 +103,18 @@ def test_lora_trains_saves_and_loads_without_flags(tmp_path, records):
     evaluate.main(["--model", str(out), "--dataset", "arithmetic", "--max_samples", "2", "--max_new_tokens", "16",
                    "--output", str(tmp_path / "e.json")])
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
+
+
+def test_steps_grow_by_iteration(tmp_path, records):
+    """--steps S --steps_growth g trains round(S (1 + g)^(N-1)) optimizer steps at iteration N, whatever the data size."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    out = tmp_path / "grown"
+    train.main(["--train_file", str(path), "--output_dir", str(out), "--base_model", "smollm2-135m", "--iteration", "3",
+                "--steps", "4", "--steps_growth", "0.2", "--batch_size", "2", "--lora_r", "4", "--max_length", "256"])
+    stats = json.loads((out / "train_stats.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert stats["steps"] == 6 == len(log) and log[-1]["epoch"] == 6.0  # 4 x 1.2^2 = 5.76: 6 passes over 1 batch
+    with pytest.raises(SystemExit) as e:
+        train.main(["--train_file", str(path), "--output_dir", str(tmp_path / "x"), "--steps_growth", "0.2"])
+    assert e.value.code == 2

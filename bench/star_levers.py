@@ -1,0 +1,136 @@
+"""Which STaR levers help on the embedded model: each configuration runs the whole loop (bash run_star.sh,
+3 iterations, the arithmetic set) in its own folder under runs/levers/; the choice is made on the dev slice
+and the test split is only reported. Writes docs/levers.md (one table) and docs/levers.png.
+
+    python bench/star_levers.py                       # every configuration below, then the table
+    python bench/star_levers.py --only star,accumulate --table_only
+
+A configuration that shares its first stages with `star` (the same commands, so the same files: greedy runs
+are deterministic) starts from hard links to them instead of computing them again: every configuration
+shares the base model's evaluations and the vanilla SFT reference, and `accumulate` (a no-op at iteration 1)
+shares all of iteration 1.
+"""
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from summary import iteration_rows  # noqa: E402
+
+SHARED = ["results/eval*_iter0.*", "data/sft_train.*", "results/eval*_sft.*", "results/model_sft"]
+# name: (what it changes, run_star.sh arguments, stages shared with `star`)
+CONFIGS = {
+    "star": ("the paper's STaR: greedy, Stage 2, 3 epochs on M_0's kept rationales", [], []),
+    "accumulate": ("+ the previous iteration's kept rationales (duplicates removed)",
+                   ["--create_args", "--accumulate"], ["data/star_iter1_*", "results/model_star_iter1", "results/eval*_iter1.*"]),
+    "schedule": ("the paper's schedule: 40 steps at iteration 1, +20% each iteration",
+                 ["--train_args", "--steps 40 --steps_growth 0.2"], ["data/star_iter1_*"]),
+    "sample_filter": ("4 samples per question (T = 0.7), 2 kept at most, only all-steps-true rationales",
+                      ["--create_args", "--num_samples 4 --max_per_question 2 --check_steps filter"], []),
+}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations, in this order")
+parser.add_argument("--runs", default="runs/levers", help="one folder per configuration")
+parser.add_argument("--table_only", action="store_true", help="write the table from the runs already there")
+parser.add_argument("--run_star_args", default="--sft", help="arguments every configuration passes to run_star.sh")
+
+
+def link_shared(src, dst, patterns):
+    """Hard links (no copy) of the stages `dst` shares with `src`."""
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(src, pattern)):
+            target = os.path.join(dst, os.path.relpath(path, src))
+            if os.path.exists(target):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.isdir(path):
+                shutil.copytree(path, target, copy_function=os.link)
+            else:
+                os.link(path, target)
+
+
+def run_config(name, args):
+    folder = os.path.join(args.runs, name)
+    os.makedirs(folder, exist_ok=True)
+    if name != "star":
+        link_shared(os.path.join(args.runs, "star"), folder, SHARED + CONFIGS[name][2])
+    cmd = ["bash", os.path.join(ROOT, "run_star.sh"), *args.run_star_args.split(), *CONFIGS[name][1]]
+    print(f"== {name}: (cd {folder} && {' '.join(cmd)})", flush=True)
+    t0 = time.time()
+    with open(os.path.join(folder, "run.log"), "a") as log:
+        code = subprocess.call(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    print(f"   exit {code} after {(time.time() - t0) / 60:.1f} min (log: {folder}/run.log)", flush=True)
+
+
+def pct(x):
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def levers_table(names, args):
+    """One row per (configuration, iteration); the dev-chosen row of each configuration in bold."""
+    lines = ["| configuration | iteration | dev accuracy | test accuracy | correct, all steps true (test) "
+             "| kept examples | minutes |", "|---|---|---|---|---|---|---|"]
+    curves = {}
+    for name in names:
+        folder = os.path.join(args.runs, name)
+        rows = iteration_rows(os.path.join(folder, "results"), os.path.join(folder, "data"))
+        star = [r for r in rows if r["label"] != "vanilla SFT"]
+        best = max(star, key=lambda r: (r["dev"] or 0, -int(r["label"])), default=None)
+        curves[name] = star
+        for r in rows if name == "star" else star:
+            mark = "**" if r is best else ""
+            lines.append(f"| {name} | {mark}{r['label']}{mark} | {pct(r['dev'])} | {pct(r['accuracy'])} (n={r['n']}) | "
+                         f"{pct(r['faithful'])} | {'' if r['kept'] is None else r['kept']} | {r['minutes']:.1f} |")
+        if len(star) < 4:
+            lines.append(f"| {name} | stopped after {len(star) - 1} | | | | | see {folder}/run.log |")
+    return "\n".join(lines) + "\n", curves
+
+
+def levers_plot(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, rows in curves.items():
+        x = [int(r["label"]) for r in rows]
+        ax1.plot(x, [100 * (r["dev"] or 0) for r in rows], "o-", label=name)
+        ax2.plot(x, [100 * r["accuracy"] for r in rows], "o-", label=name)
+    ax1.set(xlabel="iteration", ylabel="accuracy (%)", title="dev (choose)")
+    ax2.set(xlabel="iteration", title="test (report)")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"error: unknown configuration {unknown[0]!r} (choose from {', '.join(CONFIGS)})")
+    t0 = time.time()
+    if not args.table_only:
+        for name in names:
+            run_config(name, args)
+    table, curves = levers_table(names, args)
+    configs = "\n".join(f"- `{n}`: {CONFIGS[n][0]} (`bash run_star.sh {args.run_star_args} {' '.join(CONFIGS[n][1])}`)"
+                        for n in names)
+    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+    with open(os.path.join(ROOT, "docs", "levers.md"), "w") as f:
+        f.write(f"# STaR levers on the embedded model\n\nWritten by `python bench/star_levers.py`. Configurations:\n\n"
+                f"{configs}\n\n{table}\n![dev and test accuracy by iteration](levers.png)\n")
+    levers_plot(curves, os.path.join(ROOT, "docs", "levers.png"))
+    print(table + f"wrote docs/levers.md and docs/levers.png ({(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
