@@ -15,8 +15,10 @@ from common import ARITH_COLUMNS
 # Step checking (faithfulness of a rationale). Rounding rule: a right side written with d decimals
 # must equal the left side rounded or truncated to d decimals; a % is read as /100 or as a label.
 # A number: currency, a mixed number (1 1/2), thousands with commas or spaces (1,200 / 3 000),
-# plain digits, decimals, then an optional % or trailing currency (1700$).
-STEP_NUM = (r"[$€£¢]?\s?(?:\d+ (?:and )?\d{1,2}/\d+(?![\d/])|\d{1,3}(?:,\d{3})+(?!\d)|\d{1,3}(?: \d{3})+(?!\d|\.\d)"
+# plain digits, decimals, then an optional % or trailing currency (1700$). A space before the number only
+# after a currency sign: were it optional everywhere, the space after each `+` could go to the operator or
+# to the number, and a long sum with no `=` ("1 + 2 + ... + 50") would take exponential time to reject.
+STEP_NUM = (r"(?:[$€£¢]\s?)?(?:\d+ (?:and )?\d{1,2}/\d+(?![\d/])|\d{1,3}(?:,\d{3})+(?!\d)|\d{1,3}(?: \d{3})+(?!\d|\.\d)"
        r"|\d+(?:\.\d+)?|\.\d+)(?:\s?%)?[$€]?")
 # Operators people write; `of` only after a percent or fraction (50% of 80, 1/3 of 36); `2(7)` multiplies.
 STEP_OP = r"(?:\s*[-+*/xX×÷−–]\s*|(?:(?<=%)|(?<=/\d)|(?<=/\d\d))\s+of\s+|(?<=[\d)])(?=\())"

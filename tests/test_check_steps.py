@@ -160,3 +160,11 @@ def test_filter_drops_unfaithful_rationales_and_keeps_true_ones():
     assert stats == {"stage1_all_steps_true": 1, "stage1_dropped_by_step_check": 4}
     args.check_steps = "report"
     assert create_data.keep_faithful(records, args, {}, 1) == records
+
+
+def test_long_sum_without_equals_is_rejected_at_once():
+    """A degenerate generation seen from the embedded model: a sum that runs on with no `=`. The number pattern
+    once let the space after each `+` go either way, and rejecting 30 terms took minutes (2^terms paths)."""
+    text = "Ones: " + " + ".join(str(i) for i in range(1, 200))
+    assert check_steps(text, "What is 14525 + 72944?") == (0, 0)
+    assert check_steps(text + " = 19900.", "What is 14525 + 72944?")[1] == 1
