@@ -19,9 +19,9 @@ DATASET=arithmetic
 DATA_DIR=""
 K=4
 MAX_SAMPLES=96            # train questions per iteration (create_data.py --max_samples)
-EVAL_SAMPLES=200          # test questions (evaluate.py --max_samples)
+EVAL_SAMPLES=100          # test questions (evaluate.py --max_samples)
 DEV_SAMPLES=200           # the train split's last questions, held out: create_data never uses them
-DEV_EVAL_SAMPLES=100      # dev questions scored each iteration (0 = none)
+DEV_EVAL_SAMPLES=50       # dev questions scored each iteration (0 = none)
 SFT=0                     # --sft: also train and score M_0 on the human rationales of the same questions
 BATCH_SIZE=32             # generation batch (create_data.py and evaluate.py)
 TRAIN_BATCH_SIZE=8

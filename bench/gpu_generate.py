@@ -7,6 +7,7 @@ create_data Stage 1 pass (7,473 questions x 250 new tokens). Needs no download.
 
     python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256, both engines
     python bench/gpu_generate.py --data_dir ../shared/gsm8k --tiny             # a CPU smoke run
+    python bench/gpu_generate.py --data_dir ../shared/gsm8k --plan_only        # the 3B KV plan, on any machine
 """
 import argparse
 import os
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    batch_decoder, build_prompts, kv_bytes_per_token, load_split, pick_exemplars,
+    MAX_NEW_TOKENS, batch_decoder, build_prompts, kv_bytes_per_token, load_split, pick_exemplars,
 )
 
 # meta-llama/Llama-3.2-3B-Instruct's config.json (the shapes that matter for speed and memory)
@@ -36,12 +37,14 @@ parser.add_argument("--engines", default="ours,library")
 parser.add_argument("--k", type=int, default=10)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script on CPU")
+parser.add_argument("--plan_only", action="store_true", help="print the KV plan of the 3B shape (built on the meta "
+                                                               "device: no memory) and stop")
 
 
-def random_model(tiny):
+def random_model(tiny, meta=False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "meta" if meta else "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**(TINY if tiny else LLAMA_3B)), dtype=torch.bfloat16)
     return model.eval()
@@ -52,7 +55,7 @@ def print_kv_plan(model, prefix_tokens, row_tokens, batch_sizes, new_tokens):
     per_token = kv_bytes_per_token(model.config, 2)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     row = per_token * (row_tokens + new_tokens)
-    print(f"KV cache: {per_token / 1024:.0f} KiB per token (bf16); prefix {prefix_tokens} tokens = "
+    print(f"KV cache at create_data's {new_tokens} new tokens: {per_token / 1024:.0f} KiB per token (bf16); prefix {prefix_tokens} tokens = "
           f"{per_token * prefix_tokens / GIB:.2f} GiB, stored once; a row (longest question {row_tokens} + "
           f"{new_tokens} new tokens) = {row / 2**20:.1f} MiB, whatever K (a copied prefix would add "
           f"{per_token * prefix_tokens / 2**20:.0f} MiB per row)")
@@ -68,7 +71,7 @@ def main(argv=None):
     from gpu_train import bench_tokenizer
 
     tok, what = bench_tokenizer(args.tokenizer)
-    model = random_model(args.tiny)
+    model = random_model(args.tiny, meta=args.plan_only)
     train = load_split("gsm8k", "train", args.data_dir)
     exemplars = pick_exemplars(train, args.k, 0)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -77,7 +80,9 @@ def main(argv=None):
     rows = [tok(p, add_special_tokens=False).input_ids for p in parts]
     print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, bf16, {model.device}, tokenizer {what}; "
           f"K={args.k} prefix {len(prefix_ids)} tokens; {args.new_tokens} new tokens per row, no early stop")
-    print_kv_plan(model, len(prefix_ids), max(map(len, rows)), sizes, args.new_tokens)
+    print_kv_plan(model, len(prefix_ids), max(map(len, rows)), sizes, MAX_NEW_TOKENS["gsm8k"])  # create_data's cap
+    if args.plan_only:
+        return
     for engine in args.engines.split(","):
         decode = batch_decoder(model, tok, prefix_ids, args.new_tokens, None, engine, stop=False)
         for bs in sizes:
