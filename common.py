@@ -339,11 +339,6 @@ def normalize_number(text):
     return s
 
 
-def extract_answer(text):
-    """Final answer of a completion: the answer sentence first, then '#### N', then the last number."""
-    return extract_stated_answer(text) or extract_last_number(text)
-
-
 def extract_stated_answer(text):
     """The number of the last answer sentence, else of the last \\boxed{N}, else of '#### N'; None when the
     text states none. Keeping (create_data.py) and strict scoring (evaluate.py) both use this rule."""
