@@ -32,7 +32,7 @@ ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digi
 CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 # Flags that change no generated token and no trained weight: a rerun may change them and still resume.
 NOT_RESUME_SETTINGS = ("output", "output_dir", "overwrite", "debug", "save_results", "check_steps",
-                       "max_per_question", "logging_steps", "save_steps", "gradient_checkpointing")
+                       "max_per_question", "accumulate", "logging_steps", "save_steps", "gradient_checkpointing")
 
 
 class StarError(Exception):
@@ -207,8 +207,11 @@ def load_split(dataset, split, data_dir=None, max_samples=None, dev_samples=0):
         raise StarError(f"unknown --split {split!r} (choose from {', '.join(SPLITS)})")
     source = "test" if split == "test" else "train"
     raw = load_gsm8k(source, data_dir) if dataset == "gsm8k" else make_arithmetic(source)
+    if not raw:
+        raise StarError(f"the {dataset} {source} split holds no questions")
     if split != "test" and not 0 <= dev_samples < len(raw):
-        raise StarError(f"--dev_samples must be in [0, {len(raw)}) for the {dataset} train split, got {dev_samples}")
+        raise StarError(f"--dev_samples {dev_samples} leaves no train question in the {len(raw)} of the {dataset} "
+                        f"train split (it must be in [0, {len(raw)}); --dev_samples 0 holds none out)")
     first, last = {"train": (0, len(raw) - dev_samples), "dev": (len(raw) - dev_samples, len(raw)),
                    "test": (0, len(raw))}[split]
     if max_samples:

@@ -168,11 +168,12 @@ def previous_path(args):
     return os.path.join(os.path.dirname(args.output), f"star_iter{args.iteration - 1}_train.jsonl")
 
 
-def add_previous(records, previous, cap=None):
+def add_previous(records, previous, cap=None, train_ids=None):
     """--accumulate: this iteration's records plus the previous training set's, one copy of each distinct
-    rationale per question (the new ones first, at most `cap` per question); sorted by question id."""
+    rationale per question (the new ones first, at most `cap` per question); sorted by question id. A previous
+    record whose question is not in train_ids (a dev question, under another --dev_samples) is left out."""
     by_question = {}
-    for r in records + previous:
+    for r in records + [r for r in previous if train_ids is None or r["id"] in train_ids]:
         by_question.setdefault(r["id"], []).append(r)
     merged = []
     for _, group in sorted(by_question.items()):
@@ -185,8 +186,9 @@ def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
     check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
                    "top_p", "max_per_question")
-    if args.top_p > 1 or args.k < 0:
-        raise StarError(f"--top_p must be in (0, 1] and --k >= 0 (got {args.top_p}, {args.k})")
+    if args.top_p > 1 or args.k < 0 or args.dev_samples < 0:
+        raise StarError(f"--top_p must be in (0, 1], --k and --dev_samples >= 0 (got {args.top_p}, {args.k}, "
+                        f"{args.dev_samples})")
     if args.num_samples > 1 and args.temperature is None:
         args.temperature = 0.7
     if args.model_name is None and not args.human_rationales:
@@ -226,8 +228,8 @@ def main(argv=None):
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
             if args.accumulate and args.iteration > 1:
-                merged = add_previous(records, read_jsonl(previous_path(args), required=("id", "rationale")),
-                                      args.max_per_question)
+                previous = read_jsonl(previous_path(args), required=("id", "question", "rationale", "answer", "stage"))
+                merged = add_previous(records, previous, args.max_per_question, {r["id"] for r in train})
                 stats.update(new_kept=len(records), carried_over=len(merged) - len(records),
                              previous_file=previous_path(args))
                 records = merged

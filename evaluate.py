@@ -27,7 +27,7 @@ parser.add_argument("--iteration", type=int, default=None,
 parser.add_argument("--model", default=None, help="default results/model_star_iter{N} (--base_model for N=0); "
                     "with --model and no --iteration, outputs are named after the model")
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL)
-parser.add_argument("--split", default="test", choices=SPLITS,
+parser.add_argument("--split", default="test",
                     help="test (report), dev (choose: the train file's last --dev_samples questions), train")
 parser.add_argument("--dev_samples", type=int, default=DEV_SAMPLES,
                     help="size of the dev slice; must match create_data.py's (exemplars never come from it)")
@@ -68,8 +68,10 @@ def score(rows, outs):
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
     check_positive(vars(args), "num_samples", "temperature", "top_p", "max_samples", "batch_size", "max_new_tokens")
-    if args.k < 0 or (args.iteration or 0) < 0:
-        raise StarError("--k and --iteration must be >= 0")
+    if args.k < 0 or (args.iteration or 0) < 0 or args.dev_samples < 0:
+        raise StarError("--k, --iteration and --dev_samples must be >= 0")
+    if args.split not in SPLITS:
+        raise StarError(f"unknown --split {args.split!r} (choose from {', '.join(SPLITS)})")
     if args.top_p > 1:
         raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.model is None:

@@ -8,7 +8,7 @@
 #   bash run_star.sh                                   # the demo: embedded model, arithmetic set
 #   bash run_star.sh --iterations 3 --sft --train_args "--steps 40 --steps_growth 0.2"
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --dataset gsm8k --iterations 3 \
-#       --k 10 --max_samples 7473 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
+#       --k 10 --max_samples 7273 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
@@ -73,7 +73,7 @@ evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json), then
   stage "$1: evaluate on test" "results/eval_$1.json" \
     "$PY" "$HERE/evaluate.py" --model "$2" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
     --output "results/eval_$1.json" "${GEN[@]}" "${@:3}" --save_results
-  [ "$DEV_EVAL_SAMPLES" -gt 0 ] || return 0
+  [ "$DEV_EVAL_SAMPLES" -gt 0 ] && [ "$DEV_SAMPLES" -gt 0 ] || return 0  # no dev slice, or not scored
   stage "$1: evaluate on dev" "results/eval_dev_$1.json" \
     "$PY" "$HERE/evaluate.py" --model "$2" "${DATA[@]}" --split dev --max_samples "$DEV_EVAL_SAMPLES" \
     --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${@:3}" --save_results

@@ -3,7 +3,7 @@ GSM8K K=10 prompts in the real Llama 3.2 chat format (tokenizer from llama3-2-to
 (ours: shared-prefix loop; library: transformers' continuous batching) at batch 64 and 256, every row
 forced to the same length. First prints the KV-cache plan (bytes per token, per row, per batch, against
 24 GB), then per engine and batch: generated tokens/s, peak memory, and the projected time of a full
-create_data Stage 1 pass (7,473 questions x 250 new tokens). Needs no download.
+create_data Stage 1 pass (7,273 questions x 250 new tokens). Needs no download.
 
     python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256, both engines
     python bench/gpu_generate.py --data_dir ../shared/gsm8k --tiny             # a CPU smoke run
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    MAX_NEW_TOKENS, batch_decoder, build_prompts, kv_bytes_per_token, load_split, pick_exemplars,
+    DEV_SAMPLES, MAX_NEW_TOKENS, batch_decoder, build_prompts, kv_bytes_per_token, load_split, pick_exemplars,
 )
 
 # meta-llama/Llama-3.2-3B-Instruct's config.json (the shapes that matter for speed and memory)
@@ -72,7 +72,7 @@ def main(argv=None):
 
     tok, what = bench_tokenizer(args.tokenizer)
     model = random_model(args.tiny, meta=args.plan_only)
-    train = load_split("gsm8k", "train", args.data_dir)
+    train = load_split("gsm8k", "train", args.data_dir, dev_samples=DEV_SAMPLES)  # create_data's default split
     exemplars = pick_exemplars(train, args.k, 0)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:100 + max(sizes)]], exemplars)
@@ -96,9 +96,9 @@ def main(argv=None):
             seconds = time.time() - t0
             tokens = sum(len(o) for o in out)
             peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else float("nan")
-            full = 7473 * 250 / (tokens / seconds)
+            full = len(train) * 250 / (tokens / seconds)
             print(f"{engine:8s} batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, "
-                  f"peak {peak:6.1f} GiB; projected Stage 1 over 7,473 questions x 250 tokens: {full / 60:5.1f} min")
+                  f"peak {peak:6.1f} GiB; projected Stage 1 over {len(train):,} questions x 250 tokens: {full / 60:5.1f} min")
 
 
 if __name__ == "__main__":

@@ -22,16 +22,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from summary import iteration_rows  # noqa: E402
 
-SHARED = ["results/eval*_iter0.*", "data/sft_train.*", "results/eval*_sft.*", "results/model_sft"]
+BASE = ["results/eval*_iter0.*"]  # the base model's evaluations: the same in every configuration
+SFT = ["data/sft_train.*", "results/eval*_sft.*", "results/model_sft"]  # the same where training flags are
 # name: (what it changes, run_star.sh arguments, stages shared with `star`)
 CONFIGS = {
     "star": ("the paper's STaR: greedy, Stage 2, 3 epochs on M_0's kept rationales", [], []),
-    "accumulate": ("+ the previous iteration's kept rationales (duplicates removed)",
-                   ["--create_args", "--accumulate"], ["data/star_iter1_*", "results/model_star_iter1", "results/eval*_iter1.*"]),
+    "accumulate": ("+ the previous iteration's kept rationales (duplicates removed)", ["--create_args", "--accumulate"],
+                   BASE + SFT + ["data/star_iter1_*", "results/model_star_iter1", "results/eval*_iter1.*"]),
     "schedule": ("the paper's schedule: 40 steps at iteration 1, +20% each iteration",
-                 ["--train_args", "--steps 40 --steps_growth 0.2"], ["data/star_iter1_*"]),
+                 ["--train_args", "--steps 40 --steps_growth 0.2"], BASE + ["data/star_iter1_*"]),
     "sample_filter": ("4 samples per question (T = 0.7), 2 kept at most, only all-steps-true rationales",
-                      ["--create_args", "--num_samples 4 --max_per_question 2 --check_steps filter"], []),
+                      ["--create_args", "--num_samples 4 --max_per_question 2 --check_steps filter"], BASE + SFT),
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,21 +60,23 @@ def run_config(name, args):
     folder = os.path.join(args.runs, name)
     os.makedirs(folder, exist_ok=True)
     if name != "star":
-        link_shared(os.path.join(args.runs, "star"), folder, SHARED + CONFIGS[name][2])
+        link_shared(os.path.join(args.runs, "star"), folder, CONFIGS[name][2])
     cmd = ["bash", os.path.join(ROOT, "run_star.sh"), *args.run_star_args.split(), *CONFIGS[name][1]]
     print(f"== {name}: (cd {folder} && {' '.join(cmd)})", flush=True)
     t0 = time.time()
     with open(os.path.join(folder, "run.log"), "a") as log:
         code = subprocess.call(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     print(f"   exit {code} after {(time.time() - t0) / 60:.1f} min (log: {folder}/run.log)", flush=True)
+    return code
 
 
 def pct(x):
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-def levers_table(names, args):
-    """One row per (configuration, iteration); the dev-chosen row of each configuration in bold."""
+def levers_table(names, args, iterations):
+    """One row per (configuration, iteration); the dev-chosen row of each configuration in bold (none without
+    dev scores); a configuration that stopped early says after which iteration."""
     lines = ["| configuration | iteration | dev accuracy | test accuracy | correct, all steps true (test) "
              "| kept examples | minutes |", "|---|---|---|---|---|---|---|"]
     curves = {}
@@ -81,14 +84,16 @@ def levers_table(names, args):
         folder = os.path.join(args.runs, name)
         rows = iteration_rows(os.path.join(folder, "results"), os.path.join(folder, "data"))
         star = [r for r in rows if r["label"] != "vanilla SFT"]
-        best = max(star, key=lambda r: (r["dev"] or 0, -int(r["label"])), default=None)
+        scored = [r for r in star if r["dev"] is not None]
+        best = max(scored, key=lambda r: (r["dev"], -int(r["label"])), default=None)
         curves[name] = star
         for r in rows if name == "star" else star:
             mark = "**" if r is best else ""
             lines.append(f"| {name} | {mark}{r['label']}{mark} | {pct(r['dev'])} | {pct(r['accuracy'])} (n={r['n']}) | "
                          f"{pct(r['faithful'])} | {'' if r['kept'] is None else r['kept']} | {r['minutes']:.1f} |")
-        if len(star) < 4:
-            lines.append(f"| {name} | stopped after {len(star) - 1} | | | | | see {folder}/run.log |")
+        if len(star) < iterations + 1:
+            done = f"stopped after iteration {len(star) - 1}" if star else "did not run"
+            lines.append(f"| {name} | {done} | | | | | see {folder}/run.log |")
     return "\n".join(lines) + "\n", curves
 
 
@@ -121,7 +126,9 @@ def main(argv=None):
     if not args.table_only:
         for name in names:
             run_config(name, args)
-    table, curves = levers_table(names, args)
+    words = args.run_star_args.split()
+    iterations = int(words[words.index("--iterations") + 1]) if "--iterations" in words else 3  # run_star.sh's default
+    table, curves = levers_table(names, args, iterations)
     configs = "\n".join(f"- `{n}`: {CONFIGS[n][0]} (`bash run_star.sh {args.run_star_args} {' '.join(CONFIGS[n][1])}`)"
                         for n in names)
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)

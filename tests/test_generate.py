@@ -139,13 +139,18 @@ def tiny_model(family, vocab_size):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2", "gpt_neox", "gemma2"])
-def test_other_families_equal_reference(setup, family):
+def test_other_families_equal_reference(setup, family, monkeypatch):
     """Every model call is by keyword and caches are built from the model's config, so any causal LM works
     (Llama is the embedded model above); a model whose attention is not plain softmax over all positions
     (Gemma 2: sliding window, soft-capping) decodes without the shared prefix."""
     _, tok, prefix, parts = setup
     model = tiny_model(family, len(tok))
     assert common.shares_prefix(model) == (family != "gemma2")
+    if family == "gemma2":  # the control: forced through the shared prefix, its windowed, capped attention is lost
+        monkeypatch.setattr(common, "shares_prefix", lambda model: True)
+        with pytest.raises(AssertionError):
+            check_against_reference(model, tok, prefix, parts, ["Question:"], max_new_tokens=12)
+        monkeypatch.undo()
     check_against_reference(model, tok, prefix, parts, ["Question:"], max_new_tokens=12)
 
 

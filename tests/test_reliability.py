@@ -162,8 +162,10 @@ def test_data_dir_without_files(tmp_path, capsys, existing):
 def test_gold_answer_not_a_number(tmp_path, capsys, existing):
     for split in ("train", "test"):
         write(tmp_path, f"{split}.jsonl", json.dumps({"question": "q?", "answer": "so\n#### twelve"}) + "\n")
+    expect_error(capsys, create_data.main, ["--data_dir", str(tmp_path), "--output", str(existing), "--overwrite",
+                                            "--dev_samples", "0"], "is not a number")
     expect_error(capsys, create_data.main, ["--data_dir", str(tmp_path), "--output", str(existing), "--overwrite"],
-                 "is not a number")
+                 "--dev_samples 200 leaves no train question")  # a one-question file cannot hold out 200
 
 
 def test_malformed_gsm8k_line(tmp_path, capsys, existing):
@@ -173,7 +175,8 @@ def test_malformed_gsm8k_line(tmp_path, capsys, existing):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--split", "dev", "--iteration", "0"], "unknown --split"),
+    (["--split", "valid", "--iteration", "0"], "unknown --split"),
+    (["--dev_samples", "-1", "--iteration", "0"], "--dev_samples must be >= 0"),
     (["--iteration", "5"], "results/model_star_iter5 does not exist"),
     (["--k", "-1", "--iteration", "0"], "must be >= 0"),
     (["--max_samples", "0", "--iteration", "0"], "--max_samples must be > 0"),
