@@ -10,6 +10,6 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	bash run_star.sh --sft
+	bash run_star.sh --sft --create_args --accumulate
 
 .PHONY: install test demo

@@ -105,9 +105,9 @@ def levers_plot(curves, path):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for name, rows in curves.items():
-        x = [int(r["label"]) for r in rows]
-        ax1.plot(x, [100 * (r["dev"] or 0) for r in rows], "o-", label=name)
-        ax2.plot(x, [100 * r["accuracy"] for r in rows], "o-", label=name)
+        scored = [r for r in rows if r["dev"] is not None]
+        ax1.plot([int(r["label"]) for r in scored], [100 * r["dev"] for r in scored], "o-", label=name)
+        ax2.plot([int(r["label"]) for r in rows], [100 * r["accuracy"] for r in rows], "o-", label=name)
     ax1.set(xlabel="iteration", ylabel="accuracy (%)", title="dev (choose)")
     ax2.set(xlabel="iteration", title="test (report)")
     ax1.legend()
