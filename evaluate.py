@@ -17,7 +17,7 @@ from decimal import Decimal
 from common import (
     DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
     cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
-    load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, SPLITS, write_json, write_jsonl,
+    load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
 from steps import all_steps_true, check_steps
 
@@ -70,8 +70,6 @@ def check_args(args):
     check_positive(vars(args), "num_samples", "temperature", "top_p", "max_samples", "batch_size", "max_new_tokens")
     if args.k < 0 or (args.iteration or 0) < 0 or args.dev_samples < 0:
         raise StarError("--k, --iteration and --dev_samples must be >= 0")
-    if args.split not in SPLITS:
-        raise StarError(f"unknown --split {args.split!r} (choose from {', '.join(SPLITS)})")
     if args.top_p > 1:
         raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.model is None:
