@@ -48,7 +48,8 @@ parser.add_argument("--check_steps", default="report", choices=["off", "report",
                          "rationales with at least one step and every step true")
 parser.add_argument("--accumulate", action="store_true",
                     help="also keep the previous iteration's training set (star_iter{N-1}_train.jsonl beside --output), "
-                         "duplicates removed; off by default, as in the paper")
+                         "duplicates removed; at iteration 1, a human seed star_iter0_train.jsonl if there is one "
+                         "(run_star.sh --human_seed); off by default, as in the paper")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
@@ -168,6 +169,12 @@ def previous_path(args):
     return os.path.join(os.path.dirname(args.output), f"star_iter{args.iteration - 1}_train.jsonl")
 
 
+def carries_previous(args):
+    """--accumulate carries star_iter{N-1}_train.jsonl: always from iteration 2; at iteration 1 only a human
+    seed set (star_iter0_train.jsonl) when there is one."""
+    return args.accumulate and (args.iteration > 1 or os.path.isfile(previous_path(args)))
+
+
 def add_previous(records, previous, cap=None, train_ids=None):
     """--accumulate: this iteration's records plus the previous training set's, one copy of each distinct
     rationale per question (the new ones first, at most `cap` per question); sorted by question id. A previous
@@ -227,7 +234,7 @@ def main(argv=None):
             kept1, failed = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
-            if args.accumulate and args.iteration > 1:
+            if carries_previous(args):
                 previous = read_jsonl(previous_path(args), required=("id", "question", "rationale", "answer", "stage"))
                 merged = add_previous(records, previous, args.max_per_question, {r["id"] for r in train})
                 stats.update(new_kept=len(records), carried_over=len(merged) - len(records),

@@ -7,6 +7,7 @@
 #
 #   bash run_star.sh                                   # the demo: embedded model, arithmetic set
 #   bash run_star.sh --iterations 3 --sft --train_args "--steps 40 --steps_growth 0.2"
+#   bash run_star.sh --human_seed 96 --max_samples 192 --create_args "--accumulate --check_steps filter"
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --dataset gsm8k --iterations 3 \
 #       --k 10 --max_samples 7273 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 set -euo pipefail
@@ -22,6 +23,8 @@ MAX_SAMPLES=96            # train questions per iteration (create_data.py --max_
 EVAL_SAMPLES=100          # test questions (evaluate.py --max_samples)
 DEV_SAMPLES=200           # the train split's last questions, held out: create_data never uses them
 DEV_EVAL_SAMPLES=50       # dev questions scored each iteration (0 = none)
+HUMAN_SEED=0              # --human_seed N: M_0 trained on N human rationales (the first N train questions) is
+                          # iteration 0's model and generates iteration 1's data; --accumulate carries the N on
 SFT=0                     # --sft: also train and score M_0 on the human rationales of the same questions
 BATCH_SIZE=32             # generation batch (create_data.py and evaluate.py)
 TRAIN_BATCH_SIZE=8
@@ -31,7 +34,7 @@ MAX_NEW_TOKENS=""
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --batch_size --train_batch_size --epochs --lr --max_new_tokens --sft --create_args '...' --train_args '...'"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --batch_size --train_batch_size --epochs --lr --max_new_tokens --sft --create_args '...' --train_args '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -45,6 +48,7 @@ while [ $# -gt 0 ]; do
     --eval_samples) EVAL_SAMPLES=$2 ;;
     --dev_samples) DEV_SAMPLES=$2 ;;
     --dev_eval_samples) DEV_EVAL_SAMPLES=$2 ;;
+    --human_seed) HUMAN_SEED=$2 ;;
     --batch_size) BATCH_SIZE=$2 ;;
     --train_batch_size) TRAIN_BATCH_SIZE=$2 ;;
     --epochs) EPOCHS=$2 ;;
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
   shift 2
 done
 
+case "$HUMAN_SEED" in ''|*[!0-9]*) echo "run_star.sh: --human_seed must be a count >= 0 (got '$HUMAN_SEED')" >&2; exit 2 ;; esac
 DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
@@ -79,15 +84,28 @@ evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json), then
     --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${@:3}" --save_results
 }
 
-evaluate iter0 "$BASE_MODEL" --iteration 0 --k "$K"   # the base model, K-shot
+GENERATOR=()  # iteration 1's generator: M_0 (create_data.py's default), or M_0 trained on the human seed
+if [ "$HUMAN_SEED" -gt 0 ]; then  # a warm start (as RFT starts from an SFT model), not in the STaR paper
+  stage "seed: $HUMAN_SEED human rationales" data/star_iter0_train.jsonl \
+    "$PY" "$HERE/create_data.py" --human_rationales "${DATA[@]}" --max_samples "$HUMAN_SEED" \
+    --output data/star_iter0_train.jsonl
+  stage "seed: train the base model" results/model_star_iter0 \
+    "$PY" "$HERE/train.py" --train_file data/star_iter0_train.jsonl --output_dir results/model_star_iter0 \
+    --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
+  evaluate iter0 results/model_star_iter0 --iteration 0
+  GENERATOR=(--model_name results/model_star_iter0)
+else
+  evaluate iter0 "$BASE_MODEL" --iteration 0 --k "$K"   # the base model, K-shot
+fi
 for ((i = 1; i <= ITERATIONS; i++)); do
   stage "iteration $i: create data" "data/star_iter${i}_train.jsonl" \
     "$PY" "$HERE/create_data.py" --iteration "$i" --base_model "$BASE_MODEL" --k "$K" "${DATA[@]}" \
-    --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${EXTRA_CREATE[@]}"
+    --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${EXTRA_CREATE[@]}" "${GENERATOR[@]}"
   stage "iteration $i: train the base model" "results/model_star_iter$i" \
     "$PY" "$HERE/train.py" --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
     --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
   evaluate "iter$i" "results/model_star_iter$i" --iteration "$i"
+  GENERATOR=()  # from iteration 2 on, create_data.py's default: M_{i-1}
 done
 if [ "$SFT" = 1 ]; then  # the reference: M_0 fine-tuned on the human rationales of the same train questions
   stage "vanilla SFT: human rationales" data/sft_train.jsonl \

@@ -7,8 +7,8 @@ and the test split is only reported. Writes docs/levers.md (one table) and docs/
 
 A configuration that shares its first stages with `star` (the same commands, so the same files: greedy runs
 are deterministic) starts from hard links to them instead of computing them again: every configuration
-shares the base model's evaluations and the vanilla SFT reference, and `accumulate` (a no-op at iteration 1)
-shares all of iteration 1.
+shares the base model's evaluations and the vanilla SFT reference, `accumulate` (a no-op at iteration 1)
+shares all of iteration 1, and `human_seed`'s iteration-0 model is star's vanilla SFT model.
 """
 import argparse
 import glob
@@ -33,6 +33,13 @@ CONFIGS = {
                  ["--train_args", "--steps 40 --steps_growth 0.2"], BASE + ["data/star_iter1_*"]),
     "sample_filter": ("4 samples per question (T = 0.7), 2 kept at most, only all-steps-true rationales",
                       ["--create_args", "--num_samples 4 --max_per_question 2 --check_steps filter"], BASE + SFT),
+    # iteration 0 is star's vanilla SFT model (the same command: 96 human rationales, the same training flags)
+    "human_seed": ("a warm start: M_0 trained on 96 human rationales generates iteration 1; 192 train questions "
+                   "per iteration; only all-steps-true rationales kept, carried over with the seed",
+                   ["--human_seed", "96", "--max_samples", "192", "--create_args", "--accumulate --check_steps filter"],
+                   [("data/sft_train.jsonl", "data/star_iter0_train.jsonl"),
+                    ("data/sft_train.jsonl.stats.json", "data/star_iter0_train.jsonl.stats.json"),
+                    ("results/model_sft", "results/model_star_iter0")]),
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,10 +50,12 @@ parser.add_argument("--run_star_args", default="--sft", help="arguments every co
 
 
 def link_shared(src, dst, patterns):
-    """Hard links (no copy) of the stages `dst` shares with `src`."""
+    """Hard links (no copy) of the stages `dst` shares with `src`: a glob pattern keeps the path, a
+    (path, new path) pair renames it."""
     for pattern in patterns:
+        pattern, rename = pattern if isinstance(pattern, tuple) else (pattern, None)
         for path in glob.glob(os.path.join(src, pattern)):
-            target = os.path.join(dst, os.path.relpath(path, src))
+            target = os.path.join(dst, rename or os.path.relpath(path, src))
             if os.path.exists(target):
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -87,7 +96,9 @@ def levers_table(names, args, iterations):
         scored = [r for r in star if r["dev"] is not None]
         best = max(scored, key=lambda r: (r["dev"], -int(r["label"])), default=None)
         curves[name] = star
-        for r in rows if name == "star" else star:
+        sft, star_sft = (os.path.join(f, "results", "eval_sft.json") for f in (folder, os.path.join(args.runs, "star")))
+        linked = name != "star" and os.path.exists(sft) and os.path.exists(star_sft) and os.path.samefile(sft, star_sft)
+        for r in star if linked else rows:  # an SFT row linked from star's is shown once, under star
             mark = "**" if r is best else ""
             lines.append(f"| {name} | {mark}{r['label']}{mark} | {pct(r['dev'])} | {pct(r['accuracy'])} (n={r['n']}) | "
                          f"{pct(r['faithful'])} | {'' if r['kept'] is None else r['kept']} | {r['minutes']:.1f} |")
