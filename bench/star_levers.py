@@ -34,9 +34,11 @@ CONFIGS = {
     "sample_filter": ("4 samples per question (T = 0.7), 2 kept at most, only all-steps-true rationales",
                       ["--create_args", "--num_samples 4 --max_per_question 2 --check_steps filter"], BASE + SFT),
     # iteration 0 is star's vanilla SFT model (the same command: 96 human rationales, the same training flags)
-    "human_seed": ("a warm start: M_0 trained on 96 human rationales generates iteration 1; 192 train questions "
-                   "per iteration; only all-steps-true rationales kept, carried over with the seed",
-                   ["--human_seed", "96", "--max_samples", "192", "--create_args", "--accumulate --check_steps filter"],
+    "human_seed": ("a warm start: M_0 trained on 96 human rationales generates iteration 1; fine-tuned generators "
+                   "prompted zero-shot; 192 train questions per iteration; only all-steps-true rationales kept, "
+                   "carried over with the seed",
+                   ["--human_seed", "96", "--max_samples", "192", "--tuned_k", "0", "--create_args",
+                    "--accumulate --check_steps filter"],
                    [("data/sft_train.jsonl", "data/star_iter0_train.jsonl"),
                     ("data/sft_train.jsonl.stats.json", "data/star_iter0_train.jsonl.stats.json"),
                     ("results/model_sft", "results/model_star_iter0")]),
