@@ -10,6 +10,6 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	bash run_star.sh --sft --create_args --accumulate
+	bash run_star.sh --sft --human_seed 96 --max_samples 192 --tuned_k 0 --create_args "--accumulate --check_steps filter"
 
 .PHONY: install test demo

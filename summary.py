@@ -44,7 +44,8 @@ def iteration_rows(results_dir="results", data_dir="data"):
                      "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
                      "kept1": stats.get("stage1_kept", stats.get("stage1_correct")),
                      "kept2": stats.get("stage2_kept", stats.get("stage2_correct")),
-                     "seen": stats.get("questions_seen"), "kept": stats.get("total_kept"), "minutes": seconds / 60})
+                     "seen": stats.get("questions_seen"), "kept": stats.get("total_kept"), "minutes": seconds / 60,
+                     "seed": bool(m.group(2) and stats.get("args", {}).get("human_rationales"))})  # run_star --human_seed
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
 
@@ -57,7 +58,7 @@ def summary_table(rows):
         change = "" if prev is None or r["label"] == "vanilla SFT" else f"{100 * (r['accuracy'] - prev):+.1f} pts"
         s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] and r["stage1"] is not None else ""
         s2 = f"{r['stage2']}/{r['seen'] - r['stage1']}" if r["seen"] and r["stage2"] is not None else ""
-        shots = f" ({r['k']}-shot)" if r["k"] else ""
+        shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else ""
         faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
         dev = f"{100 * r['dev']:.1f}% (n={r['dev_n']})" if r["dev"] is not None else ""
         lines.append(f"| {r['label']}{shots} | {dev} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {change} | {faithful} "
@@ -78,15 +79,19 @@ def summary_plot(rows, path):
     for r in rows:
         if r["label"] in ("0", "vanilla SFT"):
             ax1.axhline(100 * r["accuracy"], ls="--", color="gray" if r["label"] == "0" else "tab:red",
-                        label="base model" if r["label"] == "0" else "vanilla SFT")
+                        label=("human seed" if r["seed"] else "base model") if r["label"] == "0" else "vanilla SFT")
     ax1.set(xlabel="iteration", ylabel="test accuracy (%)", title="Accuracy by iteration")
     ax1.set_xticks([int(r["label"]) for r in star])
     ax1.legend()
     it = [r for r in star if r["kept"] is not None]
     x = [int(r["label"]) for r in it]
-    ax2.bar(x, [r["kept1"] for r in it], label="Stage 1 (rationale)")
-    ax2.bar(x, [r["kept2"] or 0 for r in it], bottom=[r["kept1"] for r in it], label="Stage 2 (rationalization)")
-    ax2.set(xlabel="iteration", ylabel="kept rationales (count)", title="Training examples by stage")
+    new1, new2 = [r["kept1"] or 0 for r in it], [r["kept2"] or 0 for r in it]  # this iteration's own rationales
+    ax2.bar(x, new1, label="Stage 1 (rationale)")
+    ax2.bar(x, new2, bottom=new1, label="Stage 2 (rationalization)")
+    if any(r["kept"] > a + b for r, a, b in zip(it, new1, new2)):  # --accumulate's carry-over, the human seed
+        ax2.bar(x, [r["kept"] - a - b for r, a, b in zip(it, new1, new2)], bottom=[a + b for a, b in zip(new1, new2)],
+                label="carried over / human seed", color="tab:gray")
+    ax2.set(xlabel="iteration", ylabel="kept rationales (count)", title="Training examples by origin")
     ax2.set_xticks(x)
     ax2.legend()
     fig.tight_layout()

@@ -13,6 +13,7 @@ shares all of iteration 1, and `human_seed`'s iteration-0 model is star's vanill
 import argparse
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def main(argv=None):
     words = args.run_star_args.split()
     iterations = int(words[words.index("--iterations") + 1]) if "--iterations" in words else 3  # run_star.sh's default
     table, curves = levers_table(names, args, iterations)
-    configs = "\n".join(f"- `{n}`: {CONFIGS[n][0]} (`bash run_star.sh {args.run_star_args} {' '.join(CONFIGS[n][1])}`)"
+    configs = "\n".join(f"- `{n}`: {CONFIGS[n][0]} (`bash run_star.sh {args.run_star_args} {shlex.join(CONFIGS[n][1])}`)"
                         for n in names)
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     with open(os.path.join(ROOT, "docs", "levers.md"), "w") as f:

@@ -139,10 +139,11 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
 
 def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     """--human_seed N: M_0 trained on N human rationales is iteration 0 (scored zero-shot, as trained) and generates
-    iteration 1's data; --accumulate carries the seed into iteration 1's training set; training restarts from M_0."""
+    iteration 1's data (zero-shot under --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
+    training restarts from M_0."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--human_seed", "4", "--max_samples", "8",
            "--eval_samples", "4", "--dev_eval_samples", "0", "--k", "2", "--epochs", "1", "--train_batch_size", "4",
-           "--max_new_tokens", "100", "--create_args", "--accumulate"]
+           "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -152,13 +153,13 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     ev0 = read_json("results/eval_iter0.json")
     assert ev0["model"] == "results/model_star_iter0" and ev0["k"] == 0 and ev0["n"] == 4
     records, stats = read_jsonl("data/star_iter1_train.jsonl"), read_json("data/star_iter1_train.jsonl.stats.json")
-    assert stats["previous_file"] == "data/star_iter0_train.jsonl"
+    assert stats["previous_file"] == "data/star_iter0_train.jsonl" and stats["args"]["k"] == 0  # --tuned_k 0
     assert stats["new_kept"] + stats["carried_over"] == len(records) and stats["carried_over"] >= 1
     assert {r["model"] for r in records} <= {"human", "results/model_star_iter0"}  # iteration 1 used the seed model
     assert {0, 1, 2, 3} <= {r["id"] for r in records}  # every seed question is still taught
     ts0, ts1 = (read_json(f"results/model_star_iter{i}/train_stats.json") for i in (0, 1))
     assert ts1["init_fingerprint"] == ts0["init_fingerprint"]  # both start from M_0
-    assert "| 0 |" in open("results/summary.md").read()
+    assert "| 0 (human seed) |" in open("results/summary.md").read() and os.path.getsize("results/summary.png") > 10_000
 
 
 def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
