@@ -5,9 +5,9 @@
 # A rerun skips every stage whose output is complete, so an interrupted loop continues.
 # Outputs go to data/ and results/ under the current folder.
 #
-#   bash run_star.sh                                   # the demo: embedded model, arithmetic set
+#   bash run_star.sh                                   # the paper's loop: embedded model, arithmetic set
 #   bash run_star.sh --iterations 3 --sft --train_args "--steps 40 --steps_growth 0.2"
-#   bash run_star.sh --human_seed 96 --max_samples 192 --tuned_k 0 --create_args "--accumulate --check_steps filter"
+#   bash run_star.sh --human_seed 96 --max_samples 192 --tuned_k 0 --create_args "--accumulate --check_steps filter"  # the demo
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --dataset gsm8k --iterations 3 \
 #       --k 10 --max_samples 7273 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 set -euo pipefail
