@@ -65,7 +65,9 @@ while [ $# -gt 0 ]; do
   shift 2
 done
 
-case "$HUMAN_SEED" in ''|*[!0-9]*) echo "run_star.sh: --human_seed must be a count >= 0 (got '$HUMAN_SEED')" >&2; exit 2 ;; esac
+for value in "$HUMAN_SEED" "${TUNED_K:-0}"; do
+  case "$value" in ''|*[!0-9]*) echo "run_star.sh: --human_seed and --tuned_k must be counts >= 0 (got '$value')" >&2; exit 2 ;; esac
+done
 DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
@@ -88,22 +90,24 @@ evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json), then
     --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${@:3}" --save_results
 }
 
-GENERATOR=()  # iteration 1's generator: M_0 (create_data.py's default), or M_0 trained on the human seed
+human_sft() {  # human_sft NAME COUNT DATA MODEL: M_0 fine-tuned on the human rationales of the first COUNT train questions
+  stage "$1: human rationales" "$3" \
+    "$PY" "$HERE/create_data.py" --human_rationales "${DATA[@]}" --max_samples "$2" --output "$3"
+  stage "$1: train the base model" "$4" \
+    "$PY" "$HERE/train.py" --train_file "$3" --output_dir "$4" --base_model "$BASE_MODEL" \
+    --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
+}
+
 if [ "$HUMAN_SEED" -gt 0 ]; then  # a warm start (as RFT starts from an SFT model), not in the STaR paper
-  stage "seed: $HUMAN_SEED human rationales" data/star_iter0_train.jsonl \
-    "$PY" "$HERE/create_data.py" --human_rationales "${DATA[@]}" --max_samples "$HUMAN_SEED" \
-    --output data/star_iter0_train.jsonl
-  stage "seed: train the base model" results/model_star_iter0 \
-    "$PY" "$HERE/train.py" --train_file data/star_iter0_train.jsonl --output_dir results/model_star_iter0 \
-    --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
-  evaluate iter0 results/model_star_iter0 --iteration 0
-  GENERATOR=(--model_name results/model_star_iter0)
+  human_sft "seed" "$HUMAN_SEED" data/star_iter0_train.jsonl results/model_star_iter0
+  evaluate iter0 results/model_star_iter0
 else
   evaluate iter0 "$BASE_MODEL" --iteration 0 --k "$K"   # the base model, K-shot
 fi
 for ((i = 1; i <= ITERATIONS; i++)); do
-  SHOTS=$K
-  [ "$i" = 1 ] && [ ${#GENERATOR[@]} = 0 ] || SHOTS=${TUNED_K:-$K}  # the generator is a fine-tuned model
+  GENERATOR=(); SHOTS=$K  # M_{i-1}: create_data.py's default (M_0 at i = 1, K-shot) ...
+  if [ "$i" -gt 1 ] || [ "$HUMAN_SEED" -gt 0 ]; then SHOTS=${TUNED_K:-$K}; fi  # ... or a fine-tuned model
+  if [ "$i" = 1 ] && [ "$HUMAN_SEED" -gt 0 ]; then GENERATOR=(--model_name results/model_star_iter0); fi
   stage "iteration $i: create data" "data/star_iter${i}_train.jsonl" \
     "$PY" "$HERE/create_data.py" --iteration "$i" --base_model "$BASE_MODEL" --k "$SHOTS" "${DATA[@]}" \
     --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${EXTRA_CREATE[@]}" "${GENERATOR[@]}"
@@ -111,14 +115,9 @@ for ((i = 1; i <= ITERATIONS; i++)); do
     "$PY" "$HERE/train.py" --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
     --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
   evaluate "iter$i" "results/model_star_iter$i" --iteration "$i"
-  GENERATOR=()  # from iteration 2 on, create_data.py's default: M_{i-1}
 done
 if [ "$SFT" = 1 ]; then  # the reference: M_0 fine-tuned on the human rationales of the same train questions
-  stage "vanilla SFT: human rationales" data/sft_train.jsonl \
-    "$PY" "$HERE/create_data.py" --human_rationales "${DATA[@]}" --max_samples "$MAX_SAMPLES" --output data/sft_train.jsonl
-  stage "vanilla SFT: train the base model" results/model_sft \
-    "$PY" "$HERE/train.py" --train_file data/sft_train.jsonl --output_dir results/model_sft --base_model "$BASE_MODEL" \
-    --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
+  human_sft "vanilla SFT" "$MAX_SAMPLES" data/sft_train.jsonl results/model_sft
   evaluate sft results/model_sft
 fi
 "$PY" "$HERE/summary.py"
