@@ -155,7 +155,8 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     records, stats = read_jsonl("data/star_iter1_train.jsonl"), read_json("data/star_iter1_train.jsonl.stats.json")
     assert stats["previous_file"] == "data/star_iter0_train.jsonl" and stats["args"]["k"] == 0  # --tuned_k 0
     assert stats["new_kept"] + stats["carried_over"] == len(records) and stats["carried_over"] >= 1
-    assert {r["model"] for r in records} <= {"human", "results/model_star_iter0"}  # iteration 1 used the seed model
+    assert stats["args"]["model_name"] == "results/model_star_iter0"  # iteration 1 generated with the seed model
+    assert {r["model"] for r in records} <= {"human", "results/model_star_iter0"}
     assert {0, 1, 2, 3} <= {r["id"] for r in records}  # every seed question is still taught
     ts0, ts1 = (read_json(f"results/model_star_iter{i}/train_stats.json") for i in (0, 1))
     assert ts1["init_fingerprint"] == ts0["init_fingerprint"]  # both start from M_0
