@@ -14,7 +14,7 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
     check_positive, cli_errors, cut_after_answer, dist_state, extract_stated_answer, generate_resumable, load_model,
     load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info,
     solution_to_rationale, write_json, write_jsonl,
@@ -52,6 +52,8 @@ parser.add_argument("--accumulate", action="store_true",
                          "(run_star.sh --human_seed); off by default, as in the paper")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
+parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="weights: auto = bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX, else fp32")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
                     help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
                          "auto = library on CUDA, ours on CPU")
@@ -227,7 +229,7 @@ def main(argv=None):
             rows = [r for r in rows if r["id"] not in ex_ids]  # a question never sees its own solution
             stats.update(questions_seen=len(rows), exemplars_skipped=stats["questions_seen"] - len(rows),
                          exemplar_ids=sorted(ex_ids))
-            model, tok = load_model(args.model_name)
+            model, tok = load_model(args.model_name, dtype=args.dtype)
             partial = partial_path(args.output)
             settings = resume_settings(vars(args), model_weights=model_identity(args.model_name))
             finished = load_partial(partial, settings, args.overwrite)

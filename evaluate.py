@@ -15,7 +15,7 @@ from collections import Counter
 from decimal import Decimal
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
     cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
     load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
@@ -44,6 +44,8 @@ parser.add_argument("--num_samples", type=int, default=1,
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass for --num_samples")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
+parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="weights: auto = bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX, else fp32")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
                     help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
                          "auto = library on CUDA, ours on CPU")
@@ -137,7 +139,7 @@ def main(argv=None):
         rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples, args.dev_samples)
         train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples) if args.k else []
         exemplars = pick_exemplars(train, args.k, args.seed) if args.k else []
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, dtype=args.dtype)
         prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
         partial = partial_path(args.output)
         settings = resume_settings(vars(args), model_weights=model_identity(args.model))

@@ -1,4 +1,4 @@
-"""common.generate against plain model.generate on the same full prompts (embedded model, real GSM8K)."""
+"""common.generate against plain model.generate on the same full prompts (embedded model in fp32, real GSM8K)."""
 import copy
 import re
 
@@ -12,7 +12,7 @@ from conftest import GSM8K_DIR
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", dtype="fp32")  # exact greedy equality: both sides at one fixed dtype
     train = load_split("gsm8k", "train", GSM8K_DIR)
     exemplars = pick_exemplars(train, 2, 0)
     rows = train[20:26]

@@ -144,7 +144,7 @@ def test_training_completion_ends_in_eot(tok, records):
         assert ids[-1] == labels[-1] == EOT_ID and END_OF_TEXT_ID not in ids
 
 
-# ----------------------------------------------------------------------------- generation, fp32 (the CPU default)
+# ----------------------------------------------------------------------------- generation, fp32
 def plain_generate(model, tok, prompts, max_new_tokens):
     """The reference: HF generate on the full prompts, left padding, stopping on the end ids."""
     side, tok.padding_side = tok.padding_side, "left"
@@ -160,8 +160,9 @@ def plain_generate(model, tok, prompts, max_new_tokens):
 
 @pytest.fixture(scope="class")
 def fp32_model(llama32_dir):
-    """fp32 from the bf16 folder: the CPU default (2.4 GiB); class scope frees it before training."""
-    model, _ = common.load_model(llama32_dir, device="cpu")
+    """fp32 from the bf16 folder (2.4 GiB; the CPU default where the CPU has no bf16 hardware); class scope frees it
+    before training."""
+    model, _ = common.load_model(llama32_dir, device="cpu", dtype="fp32")
     yield model
     del model
 
@@ -323,7 +324,7 @@ def trained(llama32_dir, records, tmp_path_factory):
     data, out = tmp / "train.jsonl", tmp / "model"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     train.main(["--train_file", str(data), "--output_dir", str(out), "--base_model", llama32_dir, "--epochs", "1",
-                "--batch_size", "2", "--max_length", "512", "--lr", "1e-5"])
+                "--batch_size", "2", "--max_length", "512", "--lr", "1e-5", "--dtype", "fp32"])
     return str(out)
 
 
