@@ -32,7 +32,8 @@ ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digi
 CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 # Flags that change no generated token and no trained weight: a rerun may change them and still resume.
 NOT_RESUME_SETTINGS = ("output", "output_dir", "overwrite", "debug", "save_results", "check_steps",
-                       "max_per_question", "accumulate", "logging_steps", "save_steps", "gradient_checkpointing")
+                       "max_per_question", "accumulate", "logging_steps", "save_steps", "save_minutes",
+                       "gradient_checkpointing", "report_to", "save_adapter")
 
 
 class StarError(Exception):

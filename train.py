@@ -6,21 +6,29 @@ Examples are the zero-shot prompt (the one evaluate.py asks) + the rationale; th
 rationale tokens only. Examples are packed into one row per micro-batch, each with its own
 positions and its own causal attention, so no compute goes to padding and no example attends to another.
 
-Memory: before it loads any weight, train.py prints its plan from the base model's config, one line per term
-(`memory <term> <GiB> GiB  <what>`: weights, weight copies, gradients, optimizer states, activations at
---batch_size x --max_length tokens, logits/loss, total). On a GPU a plan larger than the free memory stops the run
-with one error line naming a configuration that fits; --skip_memory_check trains anyway. The checkpoint is saved in
-the base model's dtype (bf16 for Llama 3.2), whatever dtype it was trained in.
-meta-llama/Llama-3.2-3B-Instruct (3.21B parameters) at the defaults plans 103.5 GiB on a bf16 GPU (fp32 weights,
-gradients and AdamW states alone are 16 B x 3.21e9 = 51.4 GB); within 24 GB it trains with LoRA and checkpointing:
+Precision (--dtype): auto = bf16 autocast on fp32 master weights on a GPU and on a CPU with AVX-512 BF16 or AMX,
+fp32 elsewhere; LoRA keeps the frozen base in bf16 then. The checkpoint is saved in the base model's dtype (bf16 for
+Llama 3.2), whatever dtype it was trained in; LoRA is merged into it, or saved alone with --save_adapter (the next
+stage loads base + adapter by itself). --lr defaults to 2e-5 for full fine-tuning and 2e-4 for LoRA.
 
-    python train.py --iteration 1 --lora_r 16 --gradient_checkpointing    # plan 21.0 GiB; + --max_length 512: 13.7
+Memory: the examples are tokenized first; before it loads any weight, train.py prints its plan from the base model's
+config and the longest packed micro-batch the run will build, one line per term (`memory <term> <GiB> GiB  <what>`).
+On a GPU a plan larger than the free memory stops the run with one error line naming a configuration that fits;
+--skip_memory_check trains anyway. `python bench/gpu_train.py --plan_only` prints the plan of
+meta-llama/Llama-3.2-3B-Instruct on the real GSM8K rows; within 24 GB it trains with LoRA and checkpointing.
+
+Long runs: the training state is saved every --save_minutes (30) and rerunning the same command resumes from it.
+Loss (averaged over processes), learning rate and tokens/s go to log.jsonl and to --report_to (tensorboard: under
+<output_dir's folder>/runs/, `tensorboard --logdir results/runs`).
 
     python train.py --iteration 1 --base_model smollm2-135m --epochs 3
+    python train.py --iteration 1 --lora_r 16 --gradient_checkpointing --save_adapter
     accelerate launch --num_processes 4 train.py --iteration 1 --lora_r 16
+    accelerate launch --config_file configs/accelerate_fsdp.yaml train.py --iteration 1     # FSDP2, 8 processes
 """
 import argparse
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -34,10 +42,22 @@ import torch
 from tqdm import tqdm
 
 from common import (
-    DEFAULT_BASE_MODEL, StarError, build_completion, build_prompt, check_output, check_positive, cli_errors,
+    DEFAULT_BASE_MODEL, DTYPES, StarError, build_completion, build_prompt, check_output, check_positive, cli_errors,
     device_and_dtype, from_pretrained, load_tokenizer, load_weights, move_into_place, read_jsonl, resume_settings,
     run_info, write_json, write_jsonl,
 )
+
+# Learning rates when --lr is not given. Full fine-tuning: 2e-5, a common rate for 1-8B instruction models. LoRA needs
+# about 10x more: its best learning rate was about 10x full fine-tuning's across ranks and models in Schulman et al.
+# 2025 ("LoRA Without Regret", Thinking Machines Lab), and QLoRA (Dettmers et al. 2023) trained 7B and 13B models at
+# 2e-4.
+FULL_LR, LORA_LR = 2e-5, 2e-4
+# The training state (weights, AdamW states, RNG) is saved every SAVE_MINUTES of training, not every N steps: the cost
+# of a save grows with the model like the time of a step does, so a fixed interval keeps it a small share of any run
+# (the 3B model's state is 16 B x 3.21e9 = 51 GB: about a minute every 30 at 1 GB/s), and short runs (the tests, the
+# demo's 8-10 minute trainings) never save at all.
+SAVE_MINUTES = 30
+TRACKERS = ("tensorboard", "wandb", "none")  # --report_to: accelerate's trackers
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1)
@@ -51,19 +71,28 @@ parser.add_argument("--steps_growth", type=float, default=0.0,
                     help="with --steps: iteration N trains steps x (1 + growth)^(N-1) (the paper: 0.2)")
 parser.add_argument("--batch_size", type=int, default=8, help="examples per device per micro-step")
 parser.add_argument("--grad_accum", type=int, default=1)
-parser.add_argument("--lr", type=float, default=2e-5)
+parser.add_argument("--lr", type=float, default=None, help=f"default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
 parser.add_argument("--lr_scheduler", default="cosine", help="any transformers scheduler name: cosine, linear, constant...")
 parser.add_argument("--warmup_ratio", type=float, default=0.03)
 parser.add_argument("--weight_decay", type=float, default=0.0)
 parser.add_argument("--max_length", type=int, default=1024, help="longer examples are dropped and reported, never cut")
+parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="bf16: autocast on fp32 master weights (LoRA: bf16 frozen base); auto = bf16 on a GPU and on "
+                         "a CPU with AVX-512 BF16 or AMX, else fp32")
 parser.add_argument("--gradient_checkpointing", action="store_true", help="trade ~30%% speed for activation memory")
 parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
 parser.add_argument("--lora_alpha", type=int, default=32)
 parser.add_argument("--lora_dropout", type=float, default=0.05)
 parser.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+parser.add_argument("--save_adapter", action="store_true",
+                    help="with --lora_r: save the adapter alone (MBs), not the merged model; the next stage loads both")
 parser.add_argument("--logging_steps", type=int, default=1, help="optimizer steps between log lines")
-parser.add_argument("--save_steps", type=int, default=0,
-                    help="save the training state every N steps; rerunning the same command resumes from it")
+parser.add_argument("--report_to", default="tensorboard", choices=TRACKERS,
+                    help="also log loss, lr and tokens/s to tensorboard (<output_dir's folder>/runs/) or wandb")
+parser.add_argument("--save_minutes", type=float, default=SAVE_MINUTES,
+                    help="save the training state every M minutes of training (0 = never); rerunning the same command "
+                         "resumes from it")
+parser.add_argument("--save_steps", type=int, default=0, help="also save it every N optimizer steps (0 = off)")
 parser.add_argument("--skip_memory_check", action="store_true",
                     help="on a GPU, train even when the memory plan says the run does not fit in free memory")
 parser.add_argument("--seed", type=int, default=0)
@@ -141,8 +170,12 @@ def packed_loss(model, batch):
 
 
 def weight_fingerprint(model):
-    """A cheap number that tells which weights a model started from (tests compare it)."""
-    return float(sum(p.detach().float().abs().sum() for p in model.parameters() if p.dim() == 2) / 1e3)
+    """A cheap number that tells which weights a model started from (tests compare it); None for a process that holds
+    no weights yet (FSDP's RAM-efficient loading reads them on the main process only, meta tensors elsewhere)."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    if any(p.is_meta for p in weights):
+        return None
+    return float(sum(p.detach().float().abs().sum() for p in weights) / 1e3)
 
 
 def load_base(args, dtype):
@@ -165,10 +198,10 @@ def load_base(args, dtype):
 
 
 # ============================================================================= memory plan
-# Peak training memory from the config alone, printed before the weights are loaded. Units are bytes unless a
-# name says GiB. What lives where: full fine-tuning keeps fp32 master weights (under bf16 autocast on a GPU each
-# matmul also makes a bf16 copy of its weight); LoRA on a bf16 GPU keeps the frozen base in bf16 and the adapters
-# in fp32 (peft's default); on CPU everything is fp32. Gradients and AdamW states exist for trainable weights only.
+# Peak training memory from the config and the run's own rows, printed before the weights are loaded. Units are bytes
+# unless a name says GiB. What lives where: full fine-tuning keeps fp32 master weights (under bf16 autocast each
+# matmul also makes a bf16 copy of its weight); LoRA under bf16 keeps the frozen base in bf16 and the adapters in
+# fp32 (peft's default); in fp32 everything is fp32. Gradients and AdamW states exist for trainable weights only.
 GIB = 2**30
 ADAMW_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each, per trainable parameter (torch.optim.AdamW)
 # Per learned position x vocabulary entry: the fp32 log-probabilities cross_entropy saves (4 B), and at the start of
@@ -202,11 +235,12 @@ def count_parameters(config, target_modules=()):
     return sum(p.numel() for p in model.parameters()), per_rank  # parameters() counts tied weights once
 
 
-def layer_activation_bytes(shape, args, bf16):
+def layer_activation_bytes(shape, args, bf16, cpu=False):
     """Bytes one decoder layer keeps for backward, per token. The count of what autograd saves in a Llama layer, as
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4.1) counted it
     for GPT, checked tensor by tensor with torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py).
-    bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way."""
+    bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way. cpu: dropout
+    keeps a noise tensor in its input's dtype there, a 1 B mask on a GPU."""
     h, i, a = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"]  # a: attention width
     c = 2 if bf16 else 4
     attention = 4 * a * c + 4 * shape["heads"]  # SDPA: q, k, v (k, v repeated to every head), output; fp32 logsumexp
@@ -217,9 +251,11 @@ def layer_activation_bytes(shape, args, bf16):
         # q, k, v, gate, up), attention output (o_proj), act(gate) * up (down_proj)
         return norms + (5 if bf16 else 2) * h * c + a * c + i * c + attention + mlp
     widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": a, "gate_proj": h, "up_proj": h, "down_proj": i}
-    # frozen projections save nothing; each adapter saves its dropout mask (GPU: 1 B bool; CPU: the 4 B noise
-    # tensor) and lora_A's input (bf16 under autocast, else the fp32 dropped input), and lora_A's output (r wide)
-    per_input = (2 + (1 if args.lora_dropout else 0)) if bf16 else (8 if args.lora_dropout else 4)
+    # frozen projections save nothing; each adapter saves its dropout mask (GPU: 1 B bool; CPU: the noise tensor,
+    # 2 B in bf16, 4 B in fp32) and lora_A's input (bf16 under autocast, else the fp32 dropped input), and lora_A's
+    # output (r wide)
+    mask = (2 if cpu else 1) if bf16 else 4
+    per_input = (2 if bf16 else 4) + (mask if args.lora_dropout else 0)
     targets = inputs = args.lora_target_modules.split(",")
     if not bf16 and not args.lora_dropout:  # lora_A saves its very input: one tensor for q, k, v, one for gate, up
         inputs = {{"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(t, t) for t in targets}
@@ -227,18 +263,20 @@ def layer_activation_bytes(shape, args, bf16):
     return 2 * (4 * h + 4) + adapters + attention + mlp  # norms: fp32 input and rsqrt (frozen norm weights)
 
 
-def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None):
+def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None, bf16=None):
     """Peak training memory per process in GiB, term by term, and their sum ("total": an upper bound, the terms need
-    not peak together). device: "cuda" = a bf16 GPU (bf16 autocast); "cpu" = fp32 throughout. tokens: tokens of one
-    packed micro-batch, by default --batch_size x --max_length (an upper bound: a row holds at most that many);
-    learned: its rationale tokens (the logits' positions), by default all of them."""
-    shape, bf16, lora = model_shape(config), device == "cuda", args.lora_r > 0
+    not peak together). device: "cuda" or "cpu" (where the runtime is a line); bf16: bf16 autocast (default: on
+    "cuda"), else fp32 throughout. tokens: tokens of the longest packed micro-batch (longest_micro_batch), by default
+    --batch_size x --max_length (an upper bound: a row holds at most that many); learned: the most rationale tokens
+    of a micro-batch (the logits' positions), by default all of them."""
+    shape, lora = model_shape(config), args.lora_r > 0
+    bf16 = device == "cuda" if bf16 is None else bf16
     tokens = tokens or args.batch_size * args.max_length
     trainable = args.lora_r * lora_per_rank if lora else n_params
     # LoRA: frozen base in bf16 on a bf16 GPU (fp32 on CPU) and fp32 adapters; full fine-tuning: fp32 master weights
     weights = ((2 if bf16 else 4) * n_params + 4 * trainable) if lora else 4 * n_params
     copies = 2 * n_params if bf16 and not lora else 0  # autocast's bf16 casts of the matmul weights, kept for backward
-    layer = layer_activation_bytes(shape, args, bf16)
+    layer = layer_activation_bytes(shape, args, bf16, cpu=device == "cpu")
     if args.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
         per_token = shape["layers"] * shape["hidden"] * (2 if bf16 and lora else 4) + layer
     else:
@@ -254,35 +292,52 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
     return plan
 
 
-def per_process(plan, strategy, processes):
-    """The plan of one process of a distributed run: FSDP (full shard) splits weights, gradients and optimizer
-    states over the processes; DDP keeps a second copy of the gradients in its all-reduce buckets
-    (gradient_as_bucket_view=False, accelerate's default)."""
+def fsdp_gathered_bytes(config, n_params, bf16):
+    """Bytes of the full (unsharded) units FSDP2 holds at once, in the compute dtype (bf16 under mixed precision): the
+    embedding unit, which accelerate keeps gathered from forward to backward (with lm_head when it is untied), two
+    decoder layers (the one computing and the one prefetched) and one layer's gradients before their reduce-scatter."""
+    shape = model_shape(config)
+    embedding = shape["vocab"] * shape["hidden"] * (1 if config.get_text_config().tie_word_embeddings else 2)
+    layer = (n_params - embedding - shape["hidden"]) / shape["layers"]  # minus the final norm
+    return (embedding + 3 * layer) * (2 if bf16 else 4)
+
+
+def per_process(plan, strategy, processes, gathered=0):
+    """The plan of one process of a distributed run: FSDP (full shard) splits weights, their bf16 copies, gradients
+    and optimizer states over the processes and adds the units it gathers (`gathered` bytes, fsdp_gathered_bytes);
+    DDP keeps a second copy of the gradients in its all-reduce buckets (gradient_as_bucket_view=False, accelerate's
+    default)."""
     plan = dict(plan)
     if strategy == "FSDP":
-        for name in ("weights", "gradients", "optimizer states"):
-            plan[name] /= processes
+        for name in ("weights", "weight copies", "gradients", "optimizer states"):
+            if name in plan:
+                plan[name] /= processes
+        plan = {**{k: v for k, v in plan.items() if k != "total"}, "gathered": gathered / GIB}
     elif strategy in ("MULTI_GPU", "MULTI_CPU"):
         plan["gradients"] *= 2
     plan["total"] = sum(v for k, v in plan.items() if k != "total")
     return plan
 
 
-def memory_notes(n_params, args, device, lora_per_rank, vocab):
-    """One short explanation per line of the plan: what is counted, in which dtype."""
-    bf16, tokens = device == "cuda", args.batch_size * args.max_length
+def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, learned=None, bf16=None):
+    """One short explanation per line of the plan: what is counted, in which dtype (estimate_memory's arguments)."""
+    bf16 = device == "cuda" if bf16 is None else bf16
     trainable = args.lora_r * lora_per_rank if args.lora_r else n_params
     weights = f"fp32 master weights, {n_params / 1e9:.3g}B"
     if args.lora_r:
         weights = (f"{'bf16' if bf16 else 'fp32'} frozen base, {n_params / 1e9:.3g}B + fp32 LoRA r={args.lora_r}, "
                    f"{trainable / 1e6:.3g}M")
+    rows = (f"{tokens} tokens (the longest packed micro-batch of {args.batch_size} examples)" if tokens else
+            f"{args.batch_size} x {args.max_length} tokens")
+    learned = learned or tokens or args.batch_size * args.max_length
     return {"weights": weights, "weight copies": "bf16 casts autocast makes for the matmuls, kept for backward",
             "gradients": f"fp32, {trainable / 1e6:.4g}M trainable",
             "optimizer states": "AdamW exp_avg + exp_avg_sq, fp32",
-            "activations": f"{args.batch_size} x {args.max_length} tokens, {'bf16 autocast' if bf16 else 'fp32'}"
+            "activations": f"{rows}, {'bf16 autocast' if bf16 else 'fp32'}"
                            + (", gradient checkpointing" if args.gradient_checkpointing else ""),
-            "logits/loss": f"<= {tokens} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
+            "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
+            "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
             "total": "upper bound: the terms need not peak together"}
 
 
@@ -292,11 +347,12 @@ def print_memory_plan(plan, notes, print_=print):
         print_(f"memory {name:17s} {gib:8.2f} GiB  {notes.get(name, '')}")
 
 
-def smaller_configurations(args):
+def smaller_configurations(args, lora=True):
     """(flags, args) to try when a run does not fit, in the order they are suggested: gradient checkpointing, LoRA
-    r=16, both, then halving --batch_size with --grad_accum doubled (the same effective batch)."""
+    r=16 (not under FSDP, which train.py refuses it with: lora=False), both, then halving --batch_size with
+    --grad_accum doubled (the same effective batch)."""
     steps = [{"gradient_checkpointing": True}] if not args.gradient_checkpointing else []
-    if not args.lora_r:
+    if not args.lora_r and lora:
         steps += [{"lora_r": 16}, {"lora_r": 16, "gradient_checkpointing": True}]
     last = steps[-1] if steps else {}
     batch = args.batch_size // 2
@@ -311,13 +367,14 @@ def smaller_configurations(args):
     return out
 
 
-def check_gpu_memory(plan, estimate, args, free_gib):
+def check_gpu_memory(plan, estimate, args, free_gib, lora=True):
     """Raise StarError, before any weight is loaded, when the plan's total exceeds the free GPU memory, naming the
-    first smaller configuration that fits. estimate(args) -> plan of another configuration."""
+    first smaller configuration that fits (lora=False: none with LoRA). estimate(args) -> plan of another
+    configuration."""
     if plan["total"] <= free_gib:
         return
     head = f"training needs about {plan['total']:.1f} GiB (memory plan above) but the GPU has {free_gib:.1f} GiB free"
-    for flags, other in smaller_configurations(args):
+    for flags, other in smaller_configurations(args, lora):
         total = estimate(other)["total"]
         if total <= free_gib:
             raise StarError(f"{head}: add {flags} (about {total:.1f} GiB), or pass --skip_memory_check to try anyway")
@@ -325,26 +382,31 @@ def check_gpu_memory(plan, estimate, args, free_gib):
                     "--max_length, a GPU with more memory, or FSDP over several (or pass --skip_memory_check)")
 
 
-def plan_memory(acc, args, bf16):
+def plan_memory(acc, args, bf16, longest=None):
     """Load the base model's config (no weights), print the memory plan and, on a GPU, stop when it does not fit.
-    Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype; train_stats.json keeps the
-    plan beside the measured peak."""
+    longest(args) -> (tokens, learned tokens) of the longest packed micro-batch a run with those flags builds
+    (longest_micro_batch); by default the bound --batch_size x --max_length. Returns (config, plan): save_checkpoint
+    writes the checkpoint in the config's dtype; train_stats.json keeps the plan beside the measured peak."""
     from transformers import AutoConfig
 
     config = from_pretrained(AutoConfig, args.base_model)
     n_params, per_rank = count_parameters(config, args.lora_target_modules.split(","))
-    device, strategy = "cuda" if bf16 else "cpu", acc.distributed_type.name
+    device, strategy = "cuda" if torch.cuda.is_available() else "cpu", acc.distributed_type.name
+    gathered = fsdp_gathered_bytes(config, n_params, bf16) if strategy == "FSDP" else 0
+    longest = longest or (lambda a: (None, None))
 
     def estimate(a):
-        return per_process(estimate_memory(config, n_params, a, device, per_rank), strategy, acc.num_processes)
+        plan = estimate_memory(config, n_params, a, device, per_rank, *longest(a), bf16=bf16)
+        return per_process(plan, strategy, acc.num_processes, gathered)
 
     plan = estimate(args)
-    print_memory_plan(plan, memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"]), acc.print)
+    notes = memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"], *longest(args), bf16=bf16)
+    print_memory_plan(plan, notes, acc.print)
     if torch.cuda.is_available() and not args.skip_memory_check:
         free = torch.cuda.mem_get_info(acc.device)[0] / GIB
         print_memory_plan({"GPU free": free}, {"GPU free": "torch.cuda.mem_get_info (--skip_memory_check: no check)"},
                           acc.print)
-        check_gpu_memory(plan, estimate, args, free)
+        check_gpu_memory(plan, estimate, args, free, lora=strategy != "FSDP")
     return config, plan
 
 
@@ -380,17 +442,31 @@ def cast_state_dict(state_dict, dtype):
     return out
 
 
-def save_checkpoint(model, state_dict, tok, out, args, log, stats, dtype):
-    """Write to <out>.tmp, then rename: a killed run never leaves a folder that looks finished. The weights are
-    saved in `dtype`, the base model's own (full fine-tuning trains fp32 master weights; LoRA merges into them)."""
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+def base_reference(name):
+    """How an adapter folder names its base model: a local folder by its absolute path, else the hub id or alias."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def write_weights(model, state_dict, folder, args, dtype):
+    """The merged model in `dtype`, the base model's own (full fine-tuning trains fp32 master weights; LoRA merges into
+    them); with --save_adapter the adapter alone (peft's files, naming the base), which common.load_weights merges."""
+    if args.lora_r and args.save_adapter:
+        model.peft_config["default"].base_model_name_or_path = base_reference(args.base_model)
+        model.save_pretrained(folder)
+        return
     if args.lora_r:
         model = model.merge_and_unload()  # a plain checkpoint: the next stage needs no extra flags
         state_dict = model.state_dict()
-    model.save_pretrained(tmp, state_dict=cast_state_dict(state_dict, dtype))  # FSDP: the gathered full weights
+    model.save_pretrained(folder, state_dict=cast_state_dict(state_dict, dtype))  # FSDP: the gathered full weights
     model.config.dtype = str(dtype).split(".")[1]  # save_pretrained wrote the in-memory dtype: say the saved one
-    model.config.save_pretrained(tmp)
+    model.config.save_pretrained(folder)
+
+
+def save_checkpoint(model, state_dict, tok, out, args, log, stats, dtype):
+    """Write to <out>.tmp, then rename: a killed run never leaves a folder that looks finished."""
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_weights(model, state_dict, tmp, args, dtype)
     tok.save_pretrained(tmp)
     write_json(os.path.join(tmp, "args.json"), run_info(vars(args)))
     write_json(os.path.join(tmp, "train_stats.json"), stats)
@@ -406,15 +482,47 @@ def training_steps(args, steps_per_epoch):
     return max(1, math.ceil(steps_per_epoch * args.epochs))
 
 
-def epoch_loader(examples, args, epoch):
-    """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run sees the same ones."""
-    order = list(range(len(examples)))
+def schedule(args, n_examples, processes):
+    """(optimizer steps per epoch, optimizer steps of the run): each process takes --batch_size examples per micro-step."""
+    steps_per_epoch = math.ceil(math.ceil(n_examples / args.batch_size) / processes / args.grad_accum)
+    return steps_per_epoch, training_steps(args, steps_per_epoch)
+
+
+def epoch_order(n, args, epoch):
+    """The order of one epoch's examples, fixed by (seed, epoch), so a resumed run sees the same batches."""
+    order = list(range(n))
     random.Random(args.seed * 1000 + epoch).shuffle(order)
+    return order
+
+
+def epoch_loader(examples, args, epoch):
+    """One epoch's micro-batches, each packed into one row (acc.prepare deals them to the processes)."""
+    order = epoch_order(len(examples), args, epoch)
     return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size, collate_fn=pack)
 
 
+def longest_micro_batch(examples, args, processes):
+    """(tokens, learned tokens) of the largest packed micro-batches the run will build: those of every epoch it trains,
+    dealt to the processes as acc.prepare deals them (accelerate's BatchSamplerShard, which completes a short last
+    batch with the epoch's first examples). Each is at most the sum of the --batch_size longest examples, and GSM8K
+    rows are far shorter than --max_length: this, not --batch_size x --max_length, is what the memory plan counts."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sizes = [(len(x), sum(t != -100 for t in y)) for x, y in examples]
+    steps_per_epoch, total = schedule(args, len(examples), processes)
+    tokens = learned = 0
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        order = epoch_order(len(sizes), args, epoch)
+        batches = torch.utils.data.BatchSampler(range(len(order)), args.batch_size, drop_last=False)
+        shards = [BatchSamplerShard(batches, processes, rank) for rank in range(processes)] if processes > 1 else [batches]
+        for batch in (b for shard in shards for b in shard):
+            tokens = max(tokens, sum(sizes[order[i]][0] for i in batch))
+            learned = max(learned, sum(sizes[order[i]][1] for i in batch))
+    return tokens, learned
+
+
 def load_resume_state(acc, state_dir, args):
-    """(step, log) of a run stopped after a --save_steps save; (0, []) for a fresh start."""
+    """(step, log) of a run stopped after a state save; (0, []) for a fresh start."""
     info_path = os.path.join(state_dir, "trainer.json")
     if args.overwrite and acc.is_main_process:
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -442,11 +550,26 @@ def save_resume_state(acc, state_dir, args, step, log):
     acc.wait_for_everyone()
 
 
-def train_loop(acc, model, opt, sched, examples, args, total, steps_per_epoch, state_dir):
-    """Optimizer steps from the resume point to `total`; returns (log, real tokens seen, seconds)."""
-    step, log = load_resume_state(acc, state_dir, args)
+def save_due(acc, args, step, last_save):
+    """Is a state save due after this step? Every --save_steps steps, or --save_minutes after the last one by the main
+    process's clock, broadcast so that every process saves at the same step (a save is a collective call)."""
+    if args.save_steps and step % args.save_steps == 0:
+        return True
+    if not args.save_minutes:
+        return False
+    from accelerate.utils import broadcast
+
+    due = torch.tensor([int(time.time() - last_save >= 60 * args.save_minutes)], device=acc.device)
+    return bool(broadcast(due).item())
+
+
+def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_per_epoch):
+    """Optimizer steps from `start` (0, or a resume point) to `total`; returns (log, real tokens seen by all
+    processes, seconds)."""
+    step, state_dir = start, args.output_dir + ".state"
     params = [p for p in model.parameters() if p.requires_grad]
     tokens, losses, t0 = 0, [], time.time()
+    last_save = t0
     bar = tqdm(total=total, initial=step, desc="training", disable=not acc.is_main_process, dynamic_ncols=True)
     model.train()
     while step < total:
@@ -471,20 +594,24 @@ def train_loop(acc, model, opt, sched, examples, args, total, steps_per_epoch, s
             if step % args.logging_steps == 0 or step == total:
                 log.append(log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0))
                 losses = []
-            if args.save_steps and step % args.save_steps == 0 and step < total:
+            if step < total and save_due(acc, args, step, last_save):
                 save_resume_state(acc, state_dir, args, step, log)
+                last_save = time.time()
             if step >= total:
                 break
     bar.close()
-    return log, tokens * acc.num_processes, time.time() - t0
+    return log, int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum")), time.time() - t0
 
 
 def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
-    """One fixed-format line per logged optimizer step; the same numbers go to log.jsonl."""
-    row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(sum(losses) / len(losses), 4),
-           "lr": sched.get_last_lr()[0], "tokens_per_s": round(tokens * acc.num_processes / (time.time() - t0), 1)}
+    """One fixed-format line per logged optimizer step: the loss of every process's micro-batches since the last line
+    (their mean), the learning rate, all processes' tokens/s; the same numbers go to log.jsonl and --report_to."""
+    summed = acc.reduce(torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64, device=acc.device), "sum")
+    row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(float(summed[0] / summed[1]), 4),
+           "lr": sched.get_last_lr()[0], "tokens_per_s": round(float(summed[2]) / (time.time() - t0), 1)}
     if torch.cuda.is_available():
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)  # the main process's trackers
     if acc.is_main_process:
         tqdm.write(f"step {step:5d}/{total} | epoch {row['epoch']:6.3f} | loss {row['loss']:.4f} | "
                    f"lr {row['lr']:.2e} | tok/s {row['tokens_per_s']:8.1f}", file=sys.stdout)
@@ -492,76 +619,163 @@ def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
     return row
 
 
+# ============================================================================= the run
+def check_args(args):
+    """Refuse bad flags before anything loads and fill the defaults that depend on others; returns the records."""
+    check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
+    if args.lora_r < 0 or args.save_steps < 0 or args.save_minutes < 0 or not 0 <= args.warmup_ratio <= 1 \
+            or not 0 <= args.lora_dropout < 1:
+        raise StarError("--lora_r, --save_steps and --save_minutes must be >= 0, --warmup_ratio in [0, 1], "
+                        "--lora_dropout in [0, 1)")
+    if args.steps < 0 or args.steps_growth < 0 or (args.steps_growth and not args.steps):
+        raise StarError("--steps and --steps_growth must be >= 0, and --steps_growth needs --steps")
+    if args.save_adapter and not args.lora_r:
+        raise StarError("--save_adapter saves a LoRA adapter: it needs --lora_r")
+    if args.lora_r and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise StarError("--lora_r under FSDP (an accelerate config with distributed_type: FSDP) is not supported: "
+                        "launch LoRA with plain `accelerate launch --num_processes N` (DDP)")
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise StarError(f"--report_to {args.report_to} needs the package {args.report_to} (pip install "
+                        f"{args.report_to}), or pass --report_to none")
+    args.lr = args.lr or (LORA_LR if args.lora_r else FULL_LR)
+    args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
+    args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
+    check_output(args.output_dir, args.overwrite)
+    records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
+    if not records:
+        raise StarError(f"{args.train_file} holds no records: nothing to train on")
+    return records
+
+
+def runs_dir(args):
+    """Where --report_to tensorboard writes: <output_dir's folder>/runs/<output name> (results/runs/model_star_iter1),
+    outside the checkpoint folder that is renamed into place, so that one `tensorboard --logdir` shows every run."""
+    return os.path.join(os.path.dirname(args.output_dir) or ".", "runs")
+
+
+def shard_on_cpu(acc):
+    """A CPU run launched with an FSDP config (ACCELERATE_USE_FSDP, e.g. `accelerate launch --config_file
+    configs/accelerate_fsdp.yaml`, as the tests launch it) is switched to FSDP as accelerate switches a GPU run:
+    accelerate 1.15 does it for accelerators only (AcceleratorState.__init__) and would run CPU processes as DDP,
+    while FSDP2 (torch's fully_shard) itself runs on CPU over gloo."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as on a GPU
+    if plugin.fsdp_version != 2:
+        raise StarError("FSDP on CPU runs as FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                        "(configs/accelerate_fsdp.yaml does)")
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.distributed_type, acc.state.fsdp_plugin = DistributedType.FSDP, plugin
+
+
+def make_accelerator(args, device, bf16):
+    """accelerate's Accelerator for --dtype and --report_to; sharded on CPU too under an FSDP launch."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # One process may run main() more than once (the tests do): accelerate keeps its state in a process-wide
+    # singleton that refuses another mixed precision, so it starts afresh (the launch itself, PartialState, stays).
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=args.grad_accum,
+                      cpu=device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
+                      project_dir=runs_dir(args))
+    shard_on_cpu(acc)
+    return acc
+
+
+def start_tracking(acc, args, fresh):
+    """--report_to: accelerate's tracker (main process) under runs_dir; a fresh start clears the run's old curves."""
+    if args.report_to == "none":
+        return
+    name = os.path.basename(args.output_dir)
+    if fresh and acc.is_main_process:
+        shutil.rmtree(os.path.join(runs_dir(args), name), ignore_errors=True)
+    if args.report_to == "tensorboard":  # the flags are in args.json: no hparams folders beside the curves
+        acc.init_trackers(name)
+    else:
+        acc.init_trackers("star", {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in
+                                   vars(args).items()}, init_kwargs={"wandb": {"name": name}})
+
+
+def training_examples(acc, tok, records, args):
+    """Tokenized examples (needs the tokenizer only: the memory plan is made from them before any weight loads)."""
+    examples, too_long = tokenize_examples(tok, records, args.max_length)
+    if too_long:
+        acc.print(f"warning: {len(too_long)} examples longer than --max_length {args.max_length} tokens were "
+                  f"dropped (ids {too_long[:10]}{'...' if len(too_long) > 10 else ''})")
+    if not examples:
+        raise StarError(f"no example of {args.train_file} fits in --max_length {args.max_length}")
+    return examples, too_long
+
+
+def make_optimizer(acc, model, args, total, device):
+    """AdamW (fused on CUDA) and the --lr_scheduler schedule over `total` optimizer steps."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay, fused=device == "cuda")
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    sched = get_scheduler(args.lr_scheduler, opt, num_warmup_steps=int(args.warmup_ratio * total) * acc.num_processes,
+                          num_training_steps=total * acc.num_processes)
+    return opt, sched
+
+
+def finish(acc, model, tok, args, log, stats, config):
+    """Gather the weights (a collective call under FSDP), write the checkpoint on the main process, close trackers."""
+    acc.wait_for_everyone()
+    state_dict = None if args.lora_r else acc.get_state_dict(model)
+    if acc.is_main_process:
+        save_checkpoint(acc.unwrap_model(model), state_dict, tok, args.output_dir, args, log, stats, base_dtype(config))
+        shutil.rmtree(args.output_dir + ".state", ignore_errors=True)
+        peak = stats["peak_memory_gib"]
+        memory = f"peak GPU memory {peak:.1f} GiB" if peak else f"peak RSS {stats['peak_rss_gib']} GiB"
+        print(f"trained {stats['steps']} steps in {stats['seconds']:.0f} s ({stats['tokens_per_s']} tok/s, {memory}; "
+              f"loss {stats['first_loss']} -> {stats['final_loss']}); wrote {args.output_dir}")
+    acc.end_training()
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
-        check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
-        if args.lora_r < 0 or args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1 or not 0 <= args.lora_dropout < 1:
-            raise StarError("--lora_r and --save_steps must be >= 0, --warmup_ratio in [0, 1], --lora_dropout in [0, 1)")
-        if args.steps < 0 or args.steps_growth < 0 or (args.steps_growth and not args.steps):
-            raise StarError("--steps and --steps_growth must be >= 0, and --steps_growth needs --steps")
-        args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
-        args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
-        check_output(args.output_dir, args.overwrite)
-        records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
-        if not records:
-            raise StarError(f"{args.train_file} holds no records: nothing to train on")
-
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-        from transformers import get_scheduler
-
-        device, _ = device_and_dtype()
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        records = check_args(args)
+        device, dtype = device_and_dtype(args.dtype)
+        bf16 = dtype == torch.bfloat16  # auto on an older GPU gives fp16 for generation; training stays fp32 there
         if device == "cpu":
             release_freed_memory()  # the host's peak then follows the plan
-        acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=args.grad_accum,
-                          cpu=device == "cpu")
+        acc = make_accelerator(args, device, bf16)
+        from accelerate.utils import set_seed
+
         set_seed(args.seed)
-        config, plan = plan_memory(acc, args, bf16)  # before any weight is loaded: stops in seconds if it cannot fit
         tok = load_tokenizer(args.base_model)
-        examples, too_long = tokenize_examples(tok, records, args.max_length)
-        if too_long:
-            acc.print(f"warning: {len(too_long)} examples longer than --max_length {args.max_length} tokens were "
-                      f"dropped (ids {too_long[:10]}{'...' if len(too_long) > 10 else ''})")
-        if not examples:
-            raise StarError(f"no example of {args.train_file} fits in --max_length {args.max_length}")
-        # LoRA keeps frozen base weights in bf16 on GPU (what makes 3B fit in 24 GB); full FT keeps fp32 master weights.
-        model = load_base(args, torch.bfloat16 if (bf16 and args.lora_r) else torch.float32)
-        init_fingerprint = weight_fingerprint(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                weight_decay=args.weight_decay, fused=device == "cuda")
-        steps_per_epoch = math.ceil(math.ceil(len(examples) / args.batch_size) / acc.num_processes / args.grad_accum)
-        total = training_steps(args, steps_per_epoch)
-        # accelerate steps a prepared scheduler once per process per optimizer step
-        sched = get_scheduler(args.lr_scheduler, opt, num_warmup_steps=int(args.warmup_ratio * total) * acc.num_processes,
-                              num_training_steps=total * acc.num_processes)
-        if args.lora_r and acc.distributed_type.name == "FSDP":
-            raise StarError("--lora_r with FSDP is not supported: use DDP (plain accelerate launch) for LoRA")
-        model, opt, sched = acc.prepare(model, opt, sched)
+        examples, too_long = training_examples(acc, tok, records, args)
+        # before any weight is loaded, from the rows this run builds: stops in seconds if it cannot fit
+        config, plan = plan_memory(acc, args, bf16, lambda a: longest_micro_batch(examples, a, acc.num_processes))
+        # LoRA under bf16 keeps the frozen base in bf16 (what makes 3B fit in 24 GB); full FT keeps fp32 master weights.
+        model = load_base(args, torch.bfloat16 if bf16 and args.lora_r else torch.float32)
+        init_fingerprint = weight_fingerprint(model) if acc.is_main_process else None
+        steps_per_epoch, total = schedule(args, len(examples), acc.num_processes)
+        model, opt, sched = acc.prepare(model, *make_optimizer(acc, model, args, total, device))
         acc.print(f"training {args.base_model} on {len(examples)} examples of {args.train_file}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
-                  f"= {args.batch_size * acc.num_processes * args.grad_accum}")
+                  f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
+                  f"{'bf16 autocast' if bf16 else 'fp32'}, {acc.distributed_type.name}")
+        step, log = load_resume_state(acc, args.output_dir + ".state", args)
+        start_tracking(acc, args, fresh=step == 0)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        log, tokens, seconds = train_loop(acc, model, opt, sched, examples, args, total, steps_per_epoch,
-                                          args.output_dir + ".state")
+        log, tokens, seconds = train_loop(acc, model, opt, sched, examples, args, step, log, total, steps_per_epoch)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         stats = {"examples": len(examples), "dropped_too_long": too_long, "steps": total, "seconds": round(seconds, 1),
                  "tokens_per_s": round(tokens / seconds, 1), "peak_memory_gib": peak,
                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # host memory
                  "memory_plan_gib": {name: round(gib, 2) for name, gib in plan.items()},
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-                 "init_fingerprint": init_fingerprint, "processes": acc.num_processes}
-        acc.wait_for_everyone()
-        state_dict = None if args.lora_r else acc.get_state_dict(model)  # a collective call under FSDP
-        if acc.is_main_process:
-            save_checkpoint(acc.unwrap_model(model), state_dict, tok, args.output_dir, args, log, stats,
-                            base_dtype(config))
-            shutil.rmtree(args.output_dir + ".state", ignore_errors=True)
-            memory = f"peak GPU memory {peak:.1f} GiB" if peak else f"peak RSS {stats['peak_rss_gib']} GiB"
-            print(f"trained {total} steps in {seconds:.0f} s ({stats['tokens_per_s']} tok/s, {memory}; loss "
-                  f"{stats['first_loss']} -> {stats['final_loss']}); wrote {args.output_dir}")
+                 "init_fingerprint": init_fingerprint, "processes": acc.num_processes, "dtype": "bf16" if bf16 else "fp32",
+                 "distributed": acc.distributed_type.name}
+        finish(acc, model, tok, args, log, stats, config)
 
 
 if __name__ == "__main__":
