@@ -457,6 +457,8 @@ def write_weights(model, state_dict, folder, args, dtype):
     if args.lora_r:
         model = model.merge_and_unload()  # a plain checkpoint: the next stage needs no extra flags
         state_dict = model.state_dict()
+    # FSDP gathers tied weights (lm_head = embed_tokens) as two tensors: keep one, as a plain save does
+    state_dict = {k: v for k, v in state_dict.items() if k not in getattr(model, "all_tied_weights_keys", {})}
     model.save_pretrained(folder, state_dict=cast_state_dict(state_dict, dtype))  # FSDP: the gathered full weights
     model.config.dtype = str(dtype).split(".")[1]  # save_pretrained wrote the in-memory dtype: say the saved one
     model.config.save_pretrained(folder)
@@ -658,6 +660,7 @@ def shard_on_cpu(acc):
     configs/accelerate_fsdp.yaml`, as the tests launch it) is switched to FSDP as accelerate switches a GPU run:
     accelerate 1.15 does it for accelerators only (AcceleratorState.__init__) and would run CPU processes as DDP,
     while FSDP2 (torch's fully_shard) itself runs on CPU over gloo."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if acc.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
@@ -668,7 +671,9 @@ def shard_on_cpu(acc):
                         "(configs/accelerate_fsdp.yaml does)")
     if acc.mixed_precision != "no":
         plugin.set_mixed_precision(acc.mixed_precision)
-    acc.state.distributed_type, acc.state.fsdp_plugin = DistributedType.FSDP, plugin
+    acc.state.fsdp_plugin = plugin
+    # where AcceleratorState.__init__ records it too: every later AcceleratorState() copies PartialState's type
+    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def make_accelerator(args, device, bf16):
