@@ -10,6 +10,8 @@
 #   bash run_star.sh --human_seed 96 --max_samples 192 --tuned_k 0 --create_args "--accumulate --check_steps filter"  # the demo
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --dataset gsm8k --iterations 3 \
 #       --k 10 --max_samples 7273 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
+#   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --launcher "accelerate launch --num_processes 8"
+#   bash run_star.sh --launcher "torchrun --standalone --nproc_per_node 2"     # each stage in 2 CPU processes (gloo)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
@@ -36,8 +38,12 @@ LR=1e-4                   # 2e-5 suits a 3B model; the 135M demo model needs mor
 MAX_NEW_TOKENS=""
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
+EXTRA_EVAL=()             # e.g. --eval_args "--num_samples 8"
+LAUNCHER=()               # --launcher "accelerate launch --num_processes 8": runs create_data.py, train.py and
+                          # evaluate.py under it (each script's path and flags follow it); default: $PY alone
+DTYPE=""                  # --dtype auto|bf16|fp32 for the three scripts (default: theirs, auto)
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --sft --create_args '...' --train_args '...'"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --dtype --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -60,6 +66,9 @@ while [ $# -gt 0 ]; do
     --max_new_tokens) MAX_NEW_TOKENS=$2 ;;
     --create_args) read -r -a EXTRA_CREATE <<< "$2" ;;
     --train_args) read -r -a EXTRA_TRAIN <<< "$2" ;;
+    --eval_args) read -r -a EXTRA_EVAL <<< "$2" ;;
+    --launcher) read -r -a LAUNCHER <<< "$2" ;;
+    --dtype) DTYPE=$2 ;;
     *) echo "run_star.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift 2
@@ -68,10 +77,19 @@ done
 for value in "$HUMAN_SEED" "${TUNED_K:-0}"; do
   case "$value" in ''|*[!0-9]*) echo "run_star.sh: --human_seed and --tuned_k must be counts >= 0 (got '$value')" >&2; exit 2 ;; esac
 done
+if [ ${#LAUNCHER[@]} -gt 0 ] && ! command -v "${LAUNCHER[0]}" >/dev/null; then
+  echo "run_star.sh: --launcher: '${LAUNCHER[0]}' is not a command on this machine" >&2; exit 2
+fi
 DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
 [ -n "$MAX_NEW_TOKENS" ] && GEN+=(--max_new_tokens "$MAX_NEW_TOKENS")
+PRECISION=()
+[ -n "$DTYPE" ] && PRECISION=(--dtype "$DTYPE")
+
+run() {  # run SCRIPT flags...: one of the three scripts, under --launcher when given
+  if [ ${#LAUNCHER[@]} -gt 0 ]; then "${LAUNCHER[@]}" "$HERE/$1" "${@:2}"; else "$PY" "$HERE/$1" "${@:2}"; fi
+}
 
 stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loop when the command fails
   local name=$1 output=$2; shift 2
@@ -82,20 +100,21 @@ stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loo
 
 evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json), then dev (results/eval_dev_LABEL.json)
   stage "$1: evaluate on test" "results/eval_$1.json" \
-    "$PY" "$HERE/evaluate.py" --model "$2" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
-    --output "results/eval_$1.json" "${GEN[@]}" "${@:3}" --save_results
+    run evaluate.py --model "$2" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
+    --output "results/eval_$1.json" "${GEN[@]}" "${PRECISION[@]}" "${@:3}" "${EXTRA_EVAL[@]}" --save_results
   [ "$DEV_EVAL_SAMPLES" -gt 0 ] && [ "$DEV_SAMPLES" -gt 0 ] || return 0  # no dev slice, or not scored
   stage "$1: evaluate on dev" "results/eval_dev_$1.json" \
-    "$PY" "$HERE/evaluate.py" --model "$2" "${DATA[@]}" --split dev --max_samples "$DEV_EVAL_SAMPLES" \
-    --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${@:3}" --save_results
+    run evaluate.py --model "$2" "${DATA[@]}" --split dev --max_samples "$DEV_EVAL_SAMPLES" \
+    --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${PRECISION[@]}" "${@:3}" \
+    "${EXTRA_EVAL[@]}" --save_results
 }
 
 human_sft() {  # human_sft NAME COUNT DATA MODEL: M_0 fine-tuned on the human rationales of the first COUNT train questions
   stage "$1: human rationales" "$3" \
-    "$PY" "$HERE/create_data.py" --human_rationales "${DATA[@]}" --max_samples "$2" --output "$3"
+    run create_data.py --human_rationales "${DATA[@]}" --max_samples "$2" --output "$3"
   stage "$1: train the base model" "$4" \
-    "$PY" "$HERE/train.py" --train_file "$3" --output_dir "$4" --base_model "$BASE_MODEL" \
-    --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
+    run train.py --train_file "$3" --output_dir "$4" --base_model "$BASE_MODEL" \
+    --epochs "$EPOCHS" --lr "$LR" --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"
 }
 
 if [ "$HUMAN_SEED" -gt 0 ]; then  # a warm start (as RFT starts from an SFT model), not in the STaR paper
@@ -109,11 +128,12 @@ for ((i = 1; i <= ITERATIONS; i++)); do
   if [ "$i" -gt 1 ] || [ "$HUMAN_SEED" -gt 0 ]; then SHOTS=${TUNED_K:-$K}; fi  # ... or a fine-tuned model
   if [ "$i" = 1 ] && [ "$HUMAN_SEED" -gt 0 ]; then GENERATOR=(--model_name results/model_star_iter0); fi
   stage "iteration $i: create data" "data/star_iter${i}_train.jsonl" \
-    "$PY" "$HERE/create_data.py" --iteration "$i" --base_model "$BASE_MODEL" --k "$SHOTS" "${DATA[@]}" \
-    --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${EXTRA_CREATE[@]}" "${GENERATOR[@]}"
+    run create_data.py --iteration "$i" --base_model "$BASE_MODEL" --k "$SHOTS" "${DATA[@]}" \
+    --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${PRECISION[@]}" "${EXTRA_CREATE[@]}" \
+    "${GENERATOR[@]}"
   stage "iteration $i: train the base model" "results/model_star_iter$i" \
-    "$PY" "$HERE/train.py" --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
-    --batch_size "$TRAIN_BATCH_SIZE" "${EXTRA_TRAIN[@]}"
+    run train.py --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
+    --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"
   evaluate "iter$i" "results/model_star_iter$i" --iteration "$i"
 done
 if [ "$SFT" = 1 ]; then  # the reference: M_0 fine-tuned on the human rationales of the same train questions
