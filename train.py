@@ -239,8 +239,8 @@ def layer_activation_bytes(shape, args, bf16, cpu=False):
     """Bytes one decoder layer keeps for backward, per token. The count of what autograd saves in a Llama layer, as
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4.1) counted it
     for GPT, checked tensor by tensor with torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py).
-    bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way. cpu: dropout
-    keeps a noise tensor in its input's dtype there, a 1 B mask on a GPU."""
+    bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way. cpu: LoRA's
+    dropout keeps a 4 B noise tensor there, a 1 B mask on a GPU."""
     h, i, a = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"]  # a: attention width
     c = 2 if bf16 else 4
     attention = 4 * a * c + 4 * shape["heads"]  # SDPA: q, k, v (k, v repeated to every head), output; fp32 logsumexp
@@ -251,10 +251,10 @@ def layer_activation_bytes(shape, args, bf16, cpu=False):
         # q, k, v, gate, up), attention output (o_proj), act(gate) * up (down_proj)
         return norms + (5 if bf16 else 2) * h * c + a * c + i * c + attention + mlp
     widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": a, "gate_proj": h, "up_proj": h, "down_proj": i}
-    # frozen projections save nothing; each adapter saves its dropout mask (GPU: 1 B bool; CPU: the noise tensor,
-    # 2 B in bf16, 4 B in fp32) and lora_A's input (bf16 under autocast, else the fp32 dropped input), and lora_A's
-    # output (r wide)
-    mask = (2 if cpu else 1) if bf16 else 4
+    # frozen projections save nothing; each adapter saves its dropout mask (GPU: 1 B bool; CPU: a 4 B noise tensor,
+    # measured the same under bf16 autocast) and lora_A's input (bf16 under autocast, else the fp32 dropped input),
+    # and lora_A's output (r wide)
+    mask = 4 if cpu or not bf16 else 1
     per_input = (2 if bf16 else 4) + (mask if args.lora_dropout else 0)
     targets = inputs = args.lora_target_modules.split(",")
     if not bf16 and not args.lora_dropout:  # lora_A saves its very input: one tensor for q, k, v, one for gate, up
