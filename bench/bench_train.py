@@ -8,8 +8,14 @@ per-example-mean loss, so their losses are comparable. Each path runs in its own
 that its peak memory is its own. Prints real (non-pad) tokens/s of each, the ratio, the final
 training loss and peak memory.
 
+--dtypes compares train.py's path (ours) in several precisions instead, on the same batches: fp32; bf16 = bf16
+autocast on fp32 master weights and fp32 AdamW (train.py --dtype bf16, accelerate's mixed precision); pure_bf16 =
+weights, gradients and AdamW states all in bf16 (half the memory, but updates smaller than a bf16 weight's rounding
+step are lost). It prints each one's line, the loss every few steps side by side, and tokens/s relative to the first.
+
     python bench/bench_train.py                 # 200 examples, batch 8, 1 epoch, smollm2-135m, CPU
     python bench/bench_train.py --n 64 --steps 8
+    python bench/bench_train.py --dtypes fp32,bf16,pure_bf16 --n 64 --lr 1e-4
 """
 import argparse
 import json
@@ -26,6 +32,10 @@ sys.path.insert(0, ROOT)
 from common import load_split, load_tokenizer, resolve_model, solution_to_rationale  # noqa: E402
 from train import pack, packed_loss, tokenize_examples, use_packed_attention  # noqa: E402
 
+# precision -> (weights' dtype, autocast dtype or None)
+PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
+              "pure_bf16": (torch.bfloat16, None)}
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", os.path.join(ROOT, "..", "shared", "gsm8k")))
@@ -33,7 +43,9 @@ parser.add_argument("--n", type=int, default=200, help="GSM8K train solutions")
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
 parser.add_argument("--lr", type=float, default=1e-5)
+parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16,pure_bf16: compare ours in these precisions")
 parser.add_argument("--path", choices=["naive", "ours"], default=None, help="run one path (used internally)")
+parser.add_argument("--dtype", choices=list(PRECISIONS), default="fp32", help="of one path (used internally)")
 
 
 def padded_loss(model, batch, pad_id):
@@ -58,13 +70,15 @@ def run_path(args):
     examples, _ = tokenize_examples(tok, records, 1024)
     batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     batches = batches[: args.steps] if args.steps else batches
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).train()
+    weights, autocast = PRECISIONS[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=weights).train()
     if args.path == "ours":
         use_packed_attention(model)  # what train.py's load_base does
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses, real_tokens, t0 = [], 0, time.time()
     for batch in batches:
-        loss = packed_loss(model, pack(batch)) if args.path == "ours" else padded_loss(model, batch, tok.pad_token_id)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = packed_loss(model, pack(batch)) if args.path == "ours" else padded_loss(model, batch, tok.pad_token_id)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -73,23 +87,49 @@ def run_path(args):
     seconds = time.time() - t0
     print(json.dumps({"seconds": seconds, "real_tokens": real_tokens, "steps": len(batches),
                       "padded_tokens": sum(len(b) * max(len(x) for x, _ in b) for b in batches),
-                      "final_loss": sum(losses[-5:]) / len(losses[-5:]), "first_loss": losses[0],
+                      "final_loss": sum(losses[-5:]) / len(losses[-5:]), "first_loss": losses[0], "losses": losses,
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def run_subprocess(args, path, dtype):
+    """One path in its own process (its peak RSS is its own); its JSON result."""
+    flags = ["--model", args.model, "--data_dir", args.data_dir, "--n", str(args.n), "--batch_size",
+             str(args.batch_size), "--lr", str(args.lr)] + (["--steps", str(args.steps)] if args.steps else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--path", path, "--dtype", dtype] + flags
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_result(name, r, width=5):
+    print(f"{name:{width}s}: {r['steps']} steps in {r['seconds']:6.1f} s, {r['real_tokens'] / r['seconds']:6.1f} real tok/s "
+          f"({r['real_tokens']} real of {r['padded_tokens']} padded tokens), loss {r['first_loss']:.4f} -> "
+          f"{r['final_loss']:.4f} (mean of last 5 steps), peak RSS {r['peak_rss_gib']:.2f} GiB")
+
+
+def compare_dtypes(args, dtypes):
+    """Ours in each precision on the same batches: one line each, the loss curves side by side, speed ratios."""
+    res = {}
+    for dtype in dtypes:
+        res[dtype] = run_subprocess(args, "ours", dtype)
+        print_result(dtype, res[dtype], max(map(len, dtypes)))
+    steps = len(res[dtypes[0]]["losses"])
+    print("step  " + "  ".join(f"{d:>9s}" for d in dtypes))
+    for i in sorted(set(range(0, steps, max(1, steps // 8))) | {steps - 1}):
+        print(f"{i + 1:4d}  " + "  ".join(f"{res[d]['losses'][i]:9.4f}" for d in dtypes))
+    speed = {d: res[d]["real_tokens"] / res[d]["seconds"] for d in dtypes}
+    print(f"ratio (real tokens/s vs {dtypes[0]}): " + ", ".join(f"{d} {speed[d] / speed[dtypes[0]]:.2f}x"
+                                                             for d in dtypes[1:]))
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.path:
         return run_path(args)
-    res = {}
+    if args.dtypes:
+        return compare_dtypes(args, args.dtypes.split(","))
+    res = {path: run_subprocess(args, path, "fp32") for path in ("naive", "ours")}
     for path in ("naive", "ours"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--path", path] + (argv if argv is not None else sys.argv[1:])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        res[path] = json.loads(out.strip().splitlines()[-1])
-        r = res[path]
-        print(f"{path:5s}: {r['steps']} steps in {r['seconds']:6.1f} s, {r['real_tokens'] / r['seconds']:6.1f} real tok/s "
-              f"({r['real_tokens']} real of {r['padded_tokens']} padded tokens), loss {r['first_loss']:.4f} -> "
-              f"{r['final_loss']:.4f} (mean of last 5 steps), peak RSS {r['peak_rss_gib']:.2f} GiB")
+        print_result(path, res[path])
     ratio = (res["ours"]["real_tokens"] / res["ours"]["seconds"]) / (res["naive"]["real_tokens"] / res["naive"]["seconds"])
     print(f"ratio (real tokens/s, ours / naive): {ratio:.2f}x; final loss ours {res['ours']['final_loss']:.4f} "
           f"vs naive {res['naive']['final_loss']:.4f}")

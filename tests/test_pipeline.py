@@ -140,14 +140,27 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
 def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     """--human_seed N: M_0 trained on N human rationales is iteration 0 (scored zero-shot, as trained) and generates
     iteration 1's data (zero-shot under --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
-    training restarts from M_0."""
+    training restarts from M_0. Every stage runs in 2 CPU processes under --launcher (torchrun, as a cluster would
+    run `accelerate launch`), and --eval_args reaches evaluate.py; a launcher that is not a command stops the loop
+    before any stage."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--human_seed", "4", "--max_samples", "8",
            "--eval_samples", "4", "--dev_eval_samples", "0", "--k", "2", "--epochs", "1", "--train_batch_size", "4",
-           "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate"]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "PYTHON": sys.executable})
+           "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate", "--eval_args", "--batch_size 3"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    bad = subprocess.run(cmd + ["--launcher", "no-such-launcher --nproc 2"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "run_star.sh: --launcher: 'no-such-launcher' is not a command on this machine" and not os.listdir(tmp_path)
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    run = subprocess.run(cmd + ["--launcher", launcher], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     monkeypatch.chdir(tmp_path)
+    for output in ("data/star_iter0_train.jsonl.stats.json", "results/model_star_iter0/train_stats.json",
+                   "results/eval_iter0.json", "data/star_iter1_train.jsonl.stats.json",
+                   "results/model_star_iter1/train_stats.json", "results/eval_iter1.json"):
+        assert read_json(output)["processes"] == 2, output  # every stage ran under the launcher
+    assert read_json("results/eval_iter1.json")["args"]["batch_size"] == 3  # --eval_args, after run_star's own
     seed = read_jsonl("data/star_iter0_train.jsonl")
     assert [r["id"] for r in seed] == [0, 1, 2, 3] and {r["model"] for r in seed} == {"human"}
     ev0 = read_json("results/eval_iter0.json")

@@ -1,4 +1,5 @@
 """Nothing lost: killed runs resume to the same bytes; bad input is one stderr line, exit 2, outputs untouched."""
+import importlib.util
 import json
 import os
 import shutil
@@ -125,6 +126,21 @@ def test_train_rejects_out_of_range(tmp_path, capsys, flag, value):
     expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(tmp_path / "m"), flag, value], flag)
 
 
+@pytest.mark.parametrize("argv, env, words", [
+    (["--save_adapter"], {}, "--save_adapter saves a LoRA adapter: it needs --lora_r"),
+    (["--lora_r", "8"], {"ACCELERATE_USE_FSDP": "true"}, "--lora_r under FSDP"),  # what an FSDP config's launch sets
+    (["--save_minutes", "-1"], {}, "--save_minutes must be >= 0"),
+    (["--report_to", "wandb"], {}, "--report_to wandb needs the package wandb"),
+])
+def test_train_rejects_bad_combinations(tmp_path, capsys, monkeypatch, argv, env, words):
+    if "wandb" in argv and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
+    expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(tmp_path / "m"), *argv], words)
+
+
 def test_train_rejects_unknown_model(tmp_path, capsys):
     path = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
     expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(tmp_path / "m"),
@@ -199,28 +215,41 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
-def test_training_resumes_from_saved_state(tmp_path):
-    data = tmp_path / "t.jsonl"
-    data.write_text("".join(json.dumps({**GOOD, "question": f"What is {i} + 3?"}) + "\n" for i in range(6)))
-    args = ["--train_file", str(data), "--base_model", "smollm2-135m", "--batch_size", "1", "--epochs", "1",
-            "--lr", "1e-4", "--save_steps", "2"]
+def check_resume(tmp_path, args, kill_at):
+    """A run SIGKILLed after step `kill_at` leaves no checkpoint, only its saved state; rerunning the same command
+    resumes from that state and logs the same losses as an uninterrupted run. Returns the step it resumed from."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_script("train.py", args + ["--output_dir", str(whole)]).returncode == 0
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py")] + args + ["--output_dir", str(cut)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # kill after step 3, past the state saved at step 2
-        if line.startswith("step     3/"):
+    for line in proc.stdout:  # kill after step `kill_at`, past a saved state
+        if line.startswith(f"step {kill_at:5d}/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "killed mid-training"
     assert not cut.exists() and (tmp_path / "cut.state" / "trainer.json").exists()
     r = run_script("train.py", args + ["--output_dir", str(cut)])
-    assert r.returncode == 0 and "resuming from step 2" in r.stdout + r.stderr
+    assert r.returncode == 0 and "resuming from step " in r.stdout + r.stderr
     log = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]  # noqa: E731
-    assert [x["step"] for x in log(cut)] == list(range(1, 7))
+    assert [x["step"] for x in log(cut)] == [x["step"] for x in log(whole)]
     assert [x["loss"] for x in log(cut)] == pytest.approx([x["loss"] for x in log(whole)], abs=1e-3)
     assert not (tmp_path / "cut.state").exists()
+    return int((r.stdout + r.stderr).split("resuming from step ")[1].split()[0])
+
+
+@pytest.mark.parametrize("save, resumed_from", [
+    (["--save_steps", "2"], (2,)),
+    # --save_minutes (default 30: the tests and the demo never reach it) saves by the clock; here after every step,
+    # and the save after step 3 may or may not have been renamed into place when the kill lands
+    (["--save_minutes", "1e-9"], (2, 3)),
+])
+def test_training_resumes_from_saved_state(tmp_path, tiny_llama, gsm8k_records, save, resumed_from):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records[:8]))
+    args = ["--train_file", str(data), "--base_model", tiny_llama, "--batch_size", "1", "--epochs", "1",
+            "--lr", "1e-3", "--dtype", "fp32", *save]
+    assert check_resume(tmp_path, args, 3) in resumed_from
 
 
 def test_create_data_that_keeps_nothing_says_so_and_writes_stats(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""train.py pieces on the embedded model: loss mask, packing equivalence, prompt agreement, LoRA."""
+"""train.py pieces on the embedded model: loss mask, packing equivalence, prompt agreement, LoRA, adapters, tracking."""
 import json
 
 import pytest
@@ -6,7 +6,9 @@ import torch
 
 import evaluate
 import train
-from common import build_prompt, load_split, load_tokenizer, resolve_model, solution_to_rationale
+from common import (
+    build_prompt, load_model, load_split, load_tokenizer, model_identity, resolve_model, solution_to_rationale,
+)
 from conftest import GSM8K_DIR
 
 
@@ -118,3 +120,37 @@ def test_steps_grow_by_iteration(tmp_path, records):
     with pytest.raises(SystemExit) as e:
         train.main(["--train_file", str(path), "--output_dir", str(tmp_path / "x"), "--steps_growth", "0.2"])
     assert e.value.code == 2
+
+
+def test_save_adapter_loads_as_the_merged_model(tmp_path, tiny_llama, gsm8k_records):
+    """--save_adapter writes the LoRA adapter alone (naming its base); common.load_model turns the folder into the
+    same weights as the merged checkpoint of the same run, and evaluate.py takes it with no extra flag. Without --lr,
+    LoRA trains at LORA_LR (10x full fine-tuning's). --report_to tensorboard (the default) logs the loss of log.jsonl."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records[:8]))
+    flags = ["--train_file", str(path), "--base_model", tiny_llama, "--lora_r", "4", "--epochs", "1", "--batch_size",
+             "4", "--dtype", "fp32"]
+    train.main(flags + ["--output_dir", str(tmp_path / "merged")])
+    train.main(flags + ["--output_dir", str(tmp_path / "adapter"), "--save_adapter"])
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_llama
+    assert json.loads((adapter / "args.json").read_text())["args"]["lr"] == train.LORA_LR == 10 * train.FULL_LR
+    merged, _ = load_model(str(tmp_path / "merged"), dtype="fp32")
+    loaded, _ = load_model(str(adapter), dtype="fp32")
+    assert type(loaded) is type(merged)  # a plain model, adapter merged
+    a, b = merged.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    identity = model_identity(str(adapter))
+    assert identity[0] == ["base", model_identity(tiny_llama)] and identity[1][0] == "adapter_model.safetensors"
+    evaluate.main(["--model", str(adapter), "--dataset", "arithmetic", "--max_samples", "2", "--max_new_tokens", "8",
+                   "--output", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "adapter"))
+    events.Reload()
+    logged = [json.loads(line) for line in (adapter / "log.jsonl").read_text().splitlines()]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [(r["step"], r["loss"]) for r in logged]
+    assert {"train/lr", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
