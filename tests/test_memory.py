@@ -4,6 +4,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -105,6 +106,31 @@ def test_fsdp_plan_splits_and_suggests_no_lora(llama_3b):
         assert "--lora_r" not in str(e.value)
     assert "add --gradient_checkpointing (about" in str(pytest.raises(
         train.StarError, train.check_gpu_memory, fsdp, estimate, flags(), 30.0, lora=False).value)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_longest_micro_batch_is_the_largest_the_loaders_build(processes):
+    """longest_micro_batch = the largest packed row (tokens, and learned tokens) of what accelerate's own loaders
+    (prepare_data_loader, what acc.prepare calls) deal to each process over every epoch the run trains: 11 examples
+    in batches of 2, so the last batch is short and, with several processes, completed from the epoch's start."""
+    from accelerate.data_loader import prepare_data_loader
+
+    rng = random.Random(processes)
+    examples = []
+    for n in (rng.randrange(20, 400) for _ in range(11)):
+        prompt = rng.randrange(5, n)
+        examples.append((list(range(n)), [-100] * prompt + list(range(n - prompt))))
+    args = flags("--batch_size", "2", "--epochs", "2")
+    tokens = learned = 0
+    for epoch in range(2):
+        loader = train.epoch_loader(examples, args, epoch)
+        shards = [prepare_data_loader(loader, num_processes=processes, process_index=rank) for rank in
+                  range(processes)] if processes > 1 else [loader]
+        for batch in (b for shard in shards for b in shard):
+            tokens = max(tokens, batch["input_ids"].numel())
+            learned = max(learned, int((batch["labels"] != -100).sum()))
+    assert train.longest_micro_batch(examples, args, processes) == (tokens, learned)
+    assert tokens <= sum(sorted(len(x) for x, _ in examples)[-2:])
 
 
 def test_3b_plan_on_gsm8k_rows_fits_an_80_gb_gpu():
