@@ -273,7 +273,7 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
     bf16 = device == "cuda" if bf16 is None else bf16
     tokens = tokens or args.batch_size * args.max_length
     trainable = args.lora_r * lora_per_rank if lora else n_params
-    # LoRA: frozen base in bf16 on a bf16 GPU (fp32 on CPU) and fp32 adapters; full fine-tuning: fp32 master weights
+    # LoRA: frozen base in bf16 under bf16 (else fp32) and fp32 adapters; full fine-tuning: fp32 master weights
     weights = ((2 if bf16 else 4) * n_params + 4 * trainable) if lora else 4 * n_params
     copies = 2 * n_params if bf16 and not lora else 0  # autocast's bf16 casts of the matmul weights, kept for backward
     layer = layer_activation_bytes(shape, args, bf16, cpu=device == "cpu")
