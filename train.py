@@ -71,7 +71,8 @@ parser.add_argument("--steps_growth", type=float, default=0.0,
                     help="with --steps: iteration N trains steps x (1 + growth)^(N-1) (the paper: 0.2)")
 parser.add_argument("--batch_size", type=int, default=8, help="examples per device per micro-step")
 parser.add_argument("--grad_accum", type=int, default=1)
-parser.add_argument("--lr", type=float, default=None, help=f"default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
+parser.add_argument("--lr", type=float, default=None,
+                    help=f"default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
 parser.add_argument("--lr_scheduler", default="cosine", help="any transformers scheduler name: cosine, linear, constant...")
 parser.add_argument("--warmup_ratio", type=float, default=0.03)
 parser.add_argument("--weight_decay", type=float, default=0.0)
@@ -494,7 +495,7 @@ def training_steps(args, steps_per_epoch):
 
 
 def schedule(args, n_examples, processes):
-    """(optimizer steps per epoch, optimizer steps of the run): each process takes --batch_size examples per micro-step."""
+    """(optimizer steps per epoch, optimizer steps of the run); a process takes --batch_size examples per micro-step."""
     steps_per_epoch = math.ceil(math.ceil(n_examples / args.batch_size) / processes / args.grad_accum)
     return steps_per_epoch, training_steps(args, steps_per_epoch)
 
@@ -525,7 +526,8 @@ def longest_micro_batch(examples, args, processes):
     for epoch in range(math.ceil(total / steps_per_epoch)):
         order = epoch_order(len(sizes), args, epoch)
         batches = torch.utils.data.BatchSampler(range(len(order)), args.batch_size, drop_last=False)
-        shards = [BatchSamplerShard(batches, processes, rank) for rank in range(processes)] if processes > 1 else [batches]
+        shards = [BatchSamplerShard(batches, processes, rank) for rank in range(processes)] if processes > 1 \
+            else [batches]
         for batch in (b for shard in shards for b in shard):
             tokens = max(tokens, sum(sizes[order[i]][0] for i in batch))
             learned = max(learned, sum(sizes[order[i]][1] for i in batch))
@@ -787,8 +789,8 @@ def main(argv=None):
                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # host memory
                  "memory_plan_gib": {name: round(gib, 2) for name, gib in plan.items()},
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-                 "init_fingerprint": init_fingerprint, "processes": acc.num_processes, "dtype": "bf16" if bf16 else "fp32",
-                 "distributed": acc.distributed_type.name}
+                 "init_fingerprint": init_fingerprint, "processes": acc.num_processes,
+                 "dtype": "bf16" if bf16 else "fp32", "distributed": acc.distributed_type.name}
         finish(acc, model, tok, args, log, stats, config)
 
 
