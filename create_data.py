@@ -14,11 +14,12 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
-    check_positive, cli_errors, cut_after_answer, dist_state, extract_stated_answer, generate_resumable, load_model,
-    load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info,
-    solution_to_rationale, write_json, write_jsonl,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, StarError, answers_match, build_prompts, check_output, check_positive, cli_errors,
+    cut_after_answer, dist_state, extract_stated_answer, load_partial, load_split, model_identity, partial_path,
+    pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info, solution_to_rationale, write_json,
+    write_jsonl,
 )
+from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
 from steps import CHAIN_RE, all_steps_true, check_steps
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,8 +54,8 @@ parser.add_argument("--accumulate", action="store_true",
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
-                         "auto = library on CUDA, ours on CPU")
+                    help="decoding: ours (shared-prefix loop, any HF causal LM), vllm (vLLM's engine, where installed), "
+                         "auto = vllm where installed and worth its start, else ours (README \"Speed\")")
 parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
 parser.add_argument("--debug", action="store_true", help="full tracebacks")
 
@@ -123,7 +124,7 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
         return {"stage1_correct": f"{questions_right / questions_done:.1%}"}
 
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
-                              "stage 1", success_rate, sampling, args.engine)
+                              "stage 1", success_rate, sampling)
     kept, failed, per_question, correct_samples = [], [], [], 0
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
@@ -148,7 +149,7 @@ def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     """Rationalization: the hint is the final number only, in the question and in every exemplar."""
     prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 2,
-                              "stage 2", engine=args.engine)
+                              "stage 2")
     kept, rejected = [], {}
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n
@@ -227,7 +228,9 @@ def main(argv=None):
             rows = [r for r in rows if r["id"] not in ex_ids]  # a question never sees its own solution
             stats.update(questions_seen=len(rows), exemplars_skipped=stats["questions_seen"] - len(rows),
                          exemplar_ids=sorted(ex_ids))
-            model, tok = load_model(args.model_name)
+            model, tok = load_generator(args.model_name, args.engine, len(rows) * args.num_samples,
+                                        args.batch_size * args.num_samples, args.seed)
+            stats["engine"] = engine_name(model)
             partial = partial_path(args.output)
             settings = resume_settings(vars(args), model_weights=model_identity(args.model_name))
             finished = load_partial(partial, settings, args.overwrite)

@@ -15,10 +15,11 @@ from collections import Counter
 from decimal import Decimal
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
-    cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, StarError, answers_match, build_prompts, check_output, check_positive,
+    cli_errors, dist_state, extract_last_number, extract_stated_answer, load_partial,
     load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
+from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
 from steps import all_steps_true, check_steps
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,8 +46,8 @@ parser.add_argument("--temperature", type=float, default=0.7, help="sampling tem
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass for --num_samples")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
-                         "auto = library on CUDA, ours on CPU")
+                    help="decoding: ours (shared-prefix loop, any HF causal LM), vllm (vLLM's engine, where installed), "
+                         "auto = vllm where installed and worth its start, else ours (README \"Speed\")")
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--debug", action="store_true")
 
@@ -137,21 +138,22 @@ def main(argv=None):
         rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples, args.dev_samples)
         train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples) if args.k else []
         exemplars = pick_exemplars(train, args.k, args.seed) if args.k else []
-        model, tok = load_model(args.model)
+        model, tok = load_generator(args.model, args.engine, len(rows) * args.num_samples, args.batch_size * args.num_samples,
+                                    args.seed)
         prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
         partial = partial_path(args.output)
         settings = resume_settings(vars(args), model_weights=model_identity(args.model))
         finished = load_partial(partial, settings, args.overwrite)
         outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 0,
-                                  f"evaluating {args.split}", engine=args.engine)
+                                  f"evaluating {args.split}")
         details = score(rows, outs)
         if args.num_samples > 1:
             sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
             samples = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial,
-                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling,
-                                         engine=args.engine)
+                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling)
             score_samples(details, samples)
         result, n = accuracy_report(details, args, time.time() - t0), len(details)
+        result["engine"] = engine_name(model)
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
         if args.save_results:

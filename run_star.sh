@@ -34,10 +34,11 @@ TRAIN_BATCH_SIZE=8
 EPOCHS=3
 LR=1e-4                   # 2e-5 suits a 3B model; the 135M demo model needs more
 MAX_NEW_TOKENS=""
+ENGINE=""                 # --engine auto|ours|vllm for create_data.py and evaluate.py (their default: auto)
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --sft --create_args '...' --train_args '...'"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --sft --create_args '...' --train_args '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -58,6 +59,7 @@ while [ $# -gt 0 ]; do
     --epochs) EPOCHS=$2 ;;
     --lr) LR=$2 ;;
     --max_new_tokens) MAX_NEW_TOKENS=$2 ;;
+    --engine) ENGINE=$2 ;;
     --create_args) read -r -a EXTRA_CREATE <<< "$2" ;;
     --train_args) read -r -a EXTRA_TRAIN <<< "$2" ;;
     *) echo "run_star.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -72,6 +74,7 @@ DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
 [ -n "$MAX_NEW_TOKENS" ] && GEN+=(--max_new_tokens "$MAX_NEW_TOKENS")
+[ -n "$ENGINE" ] && GEN+=(--engine "$ENGINE")
 
 stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loop when the command fails
   local name=$1 output=$2; shift 2

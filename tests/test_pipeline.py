@@ -182,8 +182,7 @@ def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
         return [(text, 7) for text in outputs]
 
     monkeypatch.setattr(create_data, "generate_resumable", crafted)
-    args = argparse.Namespace(check_steps="report", iteration=1, model_name="m", max_new_tokens=64, batch_size=4,
-                              engine="ours")
+    args = argparse.Namespace(check_steps="report", iteration=1, model_name="m", max_new_tokens=64, batch_size=4)
     stats = {"tokens_generated": 0}
     kept = create_data.stage2(None, tok, rows, train_rows[:2], args, "unused.partial", {}, stats)
     assert stats["stage2_rejected"] == {"no_reasoning": 1, "mentions_hint": 1, "answer_not_derived": 1}

@@ -4,7 +4,7 @@ import json
 import torch
 
 import create_data
-from common import Sampling, pick_tokens
+from engines import Sampling, pick_tokens
 from create_data import drop_duplicates
 
 A = "She buys 3 * 4 = 12 apples.\nThen 12 + 6 = 18.\nThe answer is 18."
