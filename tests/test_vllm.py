@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import engines
+import evaluate
 from common import build_prompts, cut_after_answer, extract_stated_answer, load_model, load_split, pick_exemplars
 from conftest import GSM8K_DIR, ROOT
 from engines import Sampling, generate, pick_engine, row_finished, stop_strings, stop_token_ids
@@ -23,7 +24,7 @@ def engines_and_prompts():
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
-    del llm
+    llm.llm_engine.engine_core.shutdown()  # its processes end now, not at the interpreter's exit
 
 
 def answers(out):
@@ -60,7 +61,7 @@ def test_seeded_sampling_is_reproducible(engines_and_prompts):
     assert draw[0] != draw[2]  # another seed, other draws
 
 
-def test_auto_and_errors(tmp_path, monkeypatch):
+def test_auto_and_errors(tmp_path, monkeypatch, capsys):
     """auto: vLLM on CPU from VLLM_MIN_ROWS_CPU rows on, ours below or for an architecture vLLM lacks; --engine vllm
     there (or without vLLM) is one error before any model loads."""
     assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU - 1) == "ours"
@@ -69,8 +70,12 @@ def test_auto_and_errors(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NoSuchForCausalLM"]}))
     assert pick_engine("auto", str(folder), 10_000) == "ours"
-    with pytest.raises(engines.StarError, match="vLLM has no implementation of .*NoSuchForCausalLM"):
-        pick_engine("vllm", str(folder), 1)
+    with pytest.raises(SystemExit) as e:  # through the CLI: one error line, exit 2, before any generation
+        evaluate.main(["--model", str(folder), "--dataset", "arithmetic", "--max_samples", "2", "--engine", "vllm",
+                       "--output", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: --engine vllm: vLLM has no implementation of")
+    assert "NoSuchForCausalLM" in err[-1] and not (tmp_path / "e.json").exists()
     monkeypatch.setattr(engines, "vllm_installed", lambda: False)
     assert pick_engine("auto", "smollm2-135m", 10_000) == "ours"
     with pytest.raises(engines.StarError, match="vLLM is not installed"):
