@@ -116,9 +116,10 @@ def main(argv=None):
                 torch.cuda.synchronize()
             seconds = time.time() - t0
             tokens = sum(len(o) for o in out)
-            peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else float("nan")
+            # vLLM allocates in its own engine process (its KV cache takes --gpu_memory_utilization of the GPU)
+            peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() and engine != "vllm" else float("nan")
             full = len(train) * 250 / (tokens / seconds)
-            print(f"{engine:8s} batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, "
+            print(f"{engine:14s} batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, "
                   f"peak {peak:6.1f} GiB; projected Stage 1 over {len(train):,} questions x 250 tokens: {full / 60:5.1f} min")
 
 
