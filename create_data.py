@@ -19,7 +19,7 @@ from common import (
     load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info,
     solution_to_rationale, write_json, write_jsonl,
 )
-from steps import CHAIN_RE, all_steps_true, check_steps
+from steps import all_steps_true, check_steps, written_equations
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
@@ -99,7 +99,7 @@ def drop_duplicates(rationales, cap=None):
     kept, seen = [], set()
     for r in rationales:
         keys = {("text", re.sub(r"[^a-z0-9]", "", r.lower()))}
-        equations = tuple(re.sub(r"[\s$,]", "", m.group()) for m in CHAIN_RE.finditer(r))
+        equations = tuple(written_equations(r))
         if equations:
             keys.add(("equations", equations))
         if not keys & seen:
