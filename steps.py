@@ -16,16 +16,16 @@ from common import ARITH_COLUMNS
 # A number: currency, a mixed number (1 1/2, 2 and 1/3), a fraction written a/b (one operand, so `25 / 1/3`
 # divides by a third), thousands with commas or spaces (1,200.50 / 3 000), decimals; then an optional %.
 # ASCII digits only: other scripts' digits are not arithmetic we check.
-NUMBER = (r"(?:(?:[$€£¢]|\\\$)\s?)?(?:[0-9]+ (?:and )?[0-9]{1,2}/[0-9]+(?![0-9/])|[0-9]+/[0-9]+(?![0-9/]|\.[0-9])"
-          r"|[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?(?![0-9])|[0-9]{1,3}(?: [0-9]{3})+(?![0-9]|\.[0-9])"
+NUMBER = (r"(?:(?:[$€£¢]|\\\$)\s?)?(?:[0-9]+ (?:and )?[0-9]{1,2}/[0-9]+(?![0-9/])|[0-9]+/[0-9]+(?![0-9%]|/[0-9]|\.[0-9]|\s%)"
+          r"|[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?(?![0-9])|[0-9]{1,3}(?: [0-9]{3})+(?![-0-9]|\.[0-9])"
           r"|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:\s?\\?%)?")
 # One token at a time, each alternative anchored on its first character, so the scan is linear. Currency
 # signs, braces and LaTeX spacing are skipped; `\frac{1}{3}` is a number; `**` is bold unless between numbers.
 TOKEN_RE = re.compile(
     rf"(?P<num>{NUMBER})|(?P<frac>\\[dt]?frac\{{\s*([0-9]{{1,30}})\s*\}}\{{\s*([0-9]{{1,30}})\s*\}})"
-    r"|(?P<word>[A-Za-z]+(?:['’][A-Za-z]+)*)|(?P<op>\*\*|[-+*/×÷−–·⋅^]|\\times|\\cdot|\\div|\\ast)"
+    r"|(?P<word>[A-Za-z]+(?:['’][A-Za-z]+)*)|(?P<op>\*\*|[-+*/×÷−–·⋅^√]|\\times|\\cdot|\\div|\\ast)"
     r"|(?P<eq>=)|(?P<lp>\(|\\left\()|(?P<rp>\)|\\right\))|(?P<nl>\n)"
-    r"|(?P<skip>[ \t\r$€£¢{}]+|\\[$,!;: ]|\\[()\[\]]|\\(?:text|mathrm|mbox)\{|\\quad)|(?P<other>.)")
+    r"|(?P<skip>[ \t\r{}]+|[$€£¢]|\\[$,!;: ]|\\[()\[\]]|\\(?:text|mathrm|mbox)\{|\\quad)|(?P<other>.)")
 OPERATORS = {"+": "+", "-": "-", "−": "-", "–": "-", "*": "*", "×": "*", "·": "*", "⋅": "*", "\\times": "*",
              "\\cdot": "*", "\\ast": "*", "x": "*", "X": "*", "of": "*", "/": "/", "÷": "/", "\\div": "/"}
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "neg": 3}
@@ -90,26 +90,27 @@ def resolve(tokens, i):
     if kind == "word":
         if text in ("x", "X") and prev[0] in ("num", "rp", "word") and operand_next:
             return "op", "*"
-        if text == "of" and (prev[0] == "frac" or prev[0] == "num" and ("/" in prev[1] or "%" in prev[1])) and operand_next:
-            return "op", "*"  # `50% of 80`, `1/3 of 36`; `packages of 3` is a label
-        if len(text) == 1 and prev[0] == "num" and prev[3] == start:
+        if text == "of" and (prev[0] == "frac" or prev[0] == "num" and ("/" in prev[1] or "%" in prev[1])):
+            return ("op", "*") if operand_next else ("var", text)  # `50% of 80`; `1/3 of Solomon` is not a number
+        if len(text) == 1 and prev[0] in ("num", "frac", "rp") and prev[3] == start:
             return "var", text
         return ("stop" if text.lower() in STOP_WORDS else "word"), text
-    if kind == "num" and prev[0] == "word" and prev[3] == start:
-        return "var", text  # a number glued to a name: `x1`, `Q3`
+    if kind == "num" and (prev[0] == "word" or prev[1] == ":" and tokens[i - 2][0] == "num") and prev[3] == start:
+        return "var", text  # a number glued to a name (`x1`, `Q3`) or a clock time's minutes (`7:50`)
     if kind == "op":
         if text == "**":
             return ("sym", text) if prev[0] in ("num", "rp") and operand_next else ("skip", text)
-        if text == "^":
+        if text in "^√":
             return "sym", text
-        if text in "/-–" and prev[0] in ("num", "word") and prev[3] == start and nxt[0] == "word" and nxt[2] == end:
+        if text in "/-–" and prev[0] in ("num", "word") and prev[3] == start and nxt[0] == "word" and nxt[2] == end \
+                and len(nxt[1]) > 1:  # `$35/hour`, `60-mile`; `24/Y` and `100-x` are algebra
             return "unit", text
         return "op", OPERATORS[text]
     return kind, text
 
 
 def new_side():
-    return {"items": [], "symbolic": False, "expect": True, "unit": 0}
+    return {"items": [], "symbolic": False, "expect": True, "unit": 0, "money": False, "cents": False}
 
 
 def close(chains, chain, side):
@@ -136,7 +137,8 @@ def read_operand(tokens, i, kind, text, chains, chain, side):
         side["expect"] = True
     else:
         side["items"] += number_items(text)
-        side["expect"], side["unit"] = False, 0
+        side["expect"], side["unit"], side["cents"] = False, 0, False
+        side["money"] |= text[0] in "$€£¢\\"
 
 
 def read_chains(tokens):
@@ -157,12 +159,15 @@ def read_chains(tokens):
         elif kind in ("rp", "op") and side["items"] and not side["expect"]:
             side["items"].append(("rp",) if kind == "rp" else ("op", text))
             side["expect"] = kind == "op"
-        elif kind == "op" and text == "-" and tokens[i + 1][0] in ("num", "frac", "lp") and tokens[i + 1][2] == tokens[i][3]:
-            side["items"].append(("neg",))  # a minus sign: `-5`, `-(3 + 4)`
+        elif kind == "op" and text == "-" and not was_prose and tokens[i + 1][0] in ("num", "frac", "lp") \
+                and tokens[i + 1][2] == tokens[i][3]:
+            side["items"].append(("neg",))  # a minus sign: `-5`, `-(3 + 4)`; `w-10` is algebra
         elif kind in ("word", "unit") and side["items"] and not side["expect"] and side["unit"] < UNIT_WORDS:
             side["unit"] += kind == "word"
-        elif kind == "var" or kind in ("op", "sym") and (was_prose or side["items"]) or kind == "word" and side["expect"] and side["items"]:
-            side["symbolic"] = True  # an unknown, an operator after a word, a word as an operand, a power
+            side["symbolic"] |= kind == "word" and len(text) == 1  # `1 3/4 t`, `gives b =`: an unknown, not a unit
+            side["cents"] |= text.lower().startswith("cent")
+        elif kind in ("var", "sym") or kind == "op" and (was_prose or side["items"]) or kind == "word" and side["items"] and side["expect"]:
+            side["symbolic"] = True  # an unknown, a power or root, an operator after a word, a word as an operand
         elif kind == "eq" and complete:
             chain.append(dict(side))
             side.update(new_side())
@@ -237,19 +242,20 @@ def match_rounded(value, rhs_value, rhs):
     return abs(value - rhs_value) <= unit / 2 or rhs_value == truncated
 
 
-def check_link(left, right):
+def check_link(left_side, right_side):
     """Judge one `left = right` link: True/False, or None when a side is not arithmetic we check."""
-    left, right = trim_brackets(left["items"]), trim_brackets(right["items"])
+    left, right = trim_brackets(left_side["items"]), trim_brackets(right_side["items"])
     # `0.25 * 100 = 25%`, `1.2 x 100% = 120`: a % may be meant as a label, so try both readings.
     both = [(True, True), (False, True), (True, False), (False, False)]
     readings = both if any(item[0] == "num" and item[2] for item in left + right) else both[:1]
+    scales = (1, 100) if right_side["cents"] and left_side["money"] and not right_side["money"] else (1,)  # $1 / 2 = 50 cents
     try:
         pairs = [(evaluate(left, p), evaluate(right, q)) for p, q in readings]
     except ZeroDivisionError:
         return False
     if None in pairs[0]:
         return None
-    return any(match_rounded(value, rhs, right) for value, rhs in pairs)
+    return any(match_rounded(value * scale, rhs, right) for value, rhs in pairs for scale in scales)
 
 
 def is_label(side):
