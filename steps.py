@@ -49,7 +49,7 @@ def number_items(text):
     if text.startswith("\\"):  # \\frac{a}{b}
         text = "/".join(re.findall(r"[0-9]+", text))
     core = re.sub(r"^(?:[$€£¢]|\\\$)\s?|\s?\\?%$", "", text)
-    if sum(c.isdigit() for c in core) > MAX_DIGITS:
+    if len(core) > MAX_DIGITS and sum(c.isdigit() for c in core) > MAX_DIGITS:
         return [("num", None, False, None)]
     if "/" in core:  # a fraction, or a mixed number `1 1/2` / `2 and 1/3`: the whole plus the fraction
         *whole, fraction = core.replace("and ", "").split(" ")
@@ -115,6 +115,8 @@ def new_side():
 
 def close(chains, chain, side):
     """End the side and its chain at a break; a chain with at least one `=` link is kept."""
+    if not chain and not side["items"] and not side["symbolic"]:
+        return  # nothing open (prose)
     if side["symbolic"] or side["items"] and not side["expect"]:
         chain.append(dict(side))
     if len(chain) > 1:
@@ -147,6 +149,10 @@ def read_chains(tokens):
     with a word or an unknown as an operand (`Cat's speed / 5`, `2x + 3`) is symbolic; prose ends a chain."""
     chains, chain, side, prose = [], [], new_side(), False
     for i in range(len(tokens)):
+        if tokens[i][0] == "word" and not side["items"] and not side["symbolic"] and tokens[i][1] not in "xX":
+            close(chains, chain, side)  # prose: the common case, read quickly
+            prose = True
+            continue
         kind, text = resolve(tokens, i)
         was_prose, prose = prose, False
         complete = side["symbolic"] or side["items"] and not side["expect"]
@@ -235,7 +241,7 @@ def evaluate(items, percent=True):
 
 def match_rounded(value, rhs_value, rhs):
     """True if the right side equals the value up to the rounding (or truncation) the writer used."""
-    if len(rhs) != 1 or rhs[0][3] is None:
+    if value == rhs_value or len(rhs) != 1 or rhs[0][3] is None:
         return value == rhs_value  # an expression or fraction on the right states an exact value
     unit = Fraction(1, 10 ** rhs[0][3])
     truncated = Fraction(int(value / unit)) * unit  # 2/3 = 0.66 is how some people write it

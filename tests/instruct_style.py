@@ -2,7 +2,7 @@
 `$`, units inside the expression, labels on the left, chains over lines that start with `=`), for the step
 checker's tests. Test data only: written for the tests, not model output.
 
-RATIONALES: (GSM8K test question index, gold answer, rationale) for the first 48 test questions, each with a
+RATIONALES: (GSM8K test question index, gold answer, rationale) for the first 62 test questions, each with a
 right final answer and right steps. LINES: single lines with their expected (steps true, steps found).
 """
 
@@ -471,6 +471,125 @@ Cost of red ties: 10 x $60 = $600
 Total spent: $200 + $600 = $800
 
 The final answer is 800."""),
+    (48, "8", """## Step 1: Convert the length of the wire to inches.
+The wire is 4 feet long, and there are 12 inches in a foot, so the wire is $4 \\times 12 = 48$ inches long.
+
+## Step 2: Calculate the number of pieces.
+Each piece is 6 inches long, so the number of pieces is $\\frac{48}{6} = 8$.
+
+The final answer is: $\\boxed{8}$"""),
+    (49, "30", """## Step 1: Calculate the total number of units in the building.
+The building has 15 floors with 8 units each: $15 \\times 8 = 120$ units.
+
+## Step 2: Calculate the number of occupied units.
+$\\frac{3}{4} \\times 120 = 90$ units are occupied.
+
+## Step 3: Calculate the number of unoccupied units.
+$120 - 90 = 30$ units are unoccupied.
+
+The final answer is: $\\boxed{30}$"""),
+    (50, "294", """To find out how much Lloyd makes per week, we need to follow these steps:
+
+1. Calculate the number of dozens of eggs produced per day:
+252 eggs ÷ 12 eggs/dozen = 21 dozen
+
+2. Calculate the daily earnings:
+21 dozen × \\$2/dozen = \\$42
+
+3. Calculate the weekly earnings:
+\\$42/day × 7 days = \\$294
+
+So, Lloyd makes **\\$294** per week.
+
+The final answer is 294."""),
+    (51, "5", """Tom sails from 1 PM to 4 PM, which is 3 hours.
+
+Distance traveled = Speed × Time = 10 mph × 3 hours = 30 miles
+
+Time to get back = Distance ÷ Speed = 30 miles ÷ 6 mph = 5 hours
+
+The final answer is 5."""),
+    (52, "15", """Step 1: Calculate the weight of the comic books removed.
+30 comic books × 1/4 pound = 7.5 pounds
+
+Step 2: Calculate the weight still to remove.
+15 pounds - 7.5 pounds = 7.5 pounds
+
+Step 3: Calculate the number of toys.
+7.5 pounds ÷ 1/2 pound per toy = 15 toys
+
+The final answer is 15."""),
+    (53, "40", """## Step 1: Calculate Thursday's revenue.
+Truck tires: 6 × $60 = $360
+Car tires: 4 × $40 = $160
+Thursday's revenue: $360 + $160 = $520
+
+## Step 2: Calculate Friday's revenue.
+Car tires: 12 × $40 = $480
+
+## Step 3: Find the difference.
+Thursday had the higher revenue, so the difference is $520 - $480 = $40.
+
+The final answer is: $\\boxed{40}$"""),
+    (54, "40", """The family adopted 7 kittens.
+
+Patchy had thrice the number of adopted kittens: 3 × 7 = 21 kittens.
+
+Trixie had 12 kittens.
+
+Total kittens = 7 + 21 + 12 = **40**
+
+The final answer is 40."""),
+    (55, "14", """Jean starts with 30 lollipops and eats 2, so she has 30 - 2 = 28 lollipops left.
+She puts 2 lollipops in each bag, so she can fill 28 ÷ 2 = 14 bags.
+
+The final answer is 14."""),
+    (56, "3", """Each trip to the movies costs Peter a ticket and popcorn, $7 + $7 = $14.
+With $42 he can go $42 / $14 = 3 times.
+
+The final answer is 3."""),
+    (57, "83", """Let's break it down step by step:
+
+1. The maximum weight the bridge can carry is 5000 pounds.
+2. The driver and the empty truck weigh 3755 pounds.
+3. The weight left for the boxes is 5000 - 3755 = 1245 pounds.
+4. Each box weighs 15 pounds, so the number of boxes is 1245 ÷ 15 = 83.
+
+Therefore, the maximum number of boxes is 83.
+
+The final answer is 83."""),
+    (58, "57", """## Step 1: Calculate the 25% fee.
+25% of $40.00 = 0.25 × $40.00 = $10.00
+
+## Step 2: Add up all the charges.
+Final price = $40.00 + $10.00 + $3.00 + $4.00
+= $57.00
+
+The final answer is: $\\boxed{57}$"""),
+    (59, "187", """The bush has 6 clusters with 20 fruit each, which gives 120 raspberries in the clusters. Adding the 67 individual fruit, there are 187 raspberries in total.
+
+The final answer is 187."""),
+    (60, "17", """## Step 1: Calculate the number of unripe oranges.
+20% of 25 oranges = (20/100) × 25 = 5 oranges
+
+## Step 2: Add up the oranges that are not good.
+Bad + unripe + sour = 1 + 5 + 2 = 8 oranges
+
+## Step 3: Calculate the number of good oranges.
+Good oranges = 25 - 8 = 17
+
+The final answer is: $\\boxed{17}$"""),
+    (61, "1430", """Janet pays $500 for the material and $800 for the jeweler, so the brooch costs:
+$500 + $800 = $1,300
+
+The insurance is 10% of that:
+10% × $1,300 = $130
+
+Total paid:
+$1,300 + $130 = $1,430
+
+The final answer is 1430."""),
+
 ]
 
 LINES = [
