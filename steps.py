@@ -33,6 +33,7 @@ PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "neg": 3}
 STOP_WORDS = {"and", "or", "so", "then", "thus", "therefore", "hence", "is", "are", "was", "were", "will", "would",
               "which", "that", "who", "the", "a", "an", "he", "she", "it", "they", "we", "i", "you", "if", "but",
               "because", "since", "when", "while", "where", "now"}
+SIGNS_RE = re.compile(r"^(?:[$€£¢]|\\\$)\s?|\s?\\?%$")  # a number's currency and percent signs
 UNIT_WORDS = 3  # `4 miles per hour` is a number with its unit; a longer run of words is prose
 MAX_DIGITS = 30  # a longer number is not arithmetic we check: Fraction work would grow with its square
 MAX_BITS = 400  # an intermediate value past this is a degenerate product, not a rationale's step
@@ -46,9 +47,11 @@ SO_RE = re.compile(r"^[ \t]*So\s+(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\.?[ \t]*$", re.M
 def number_items(text):
     """A number token as evaluator items: ("num", value, percent, decimals), a fraction as (a / b); the value is
     None when the number is too long to be arithmetic we check."""
+    if text.isdigit() and len(text) <= MAX_DIGITS:
+        return [("num", Fraction(int(text)), False, 0)]  # the common case, quickly
     if text.startswith("\\"):  # \\frac{a}{b}
         text = "/".join(re.findall(r"[0-9]+", text))
-    core = re.sub(r"^(?:[$€£¢]|\\\$)\s?|\s?\\?%$", "", text)
+    core = SIGNS_RE.sub("", text)
     if len(core) > MAX_DIGITS and sum(c.isdigit() for c in core) > MAX_DIGITS:
         return [("num", None, False, None)]
     if "/" in core:  # a fraction, or a mixed number `1 1/2` / `2 and 1/3`: the whole plus the fraction
