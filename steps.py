@@ -45,10 +45,10 @@ SO_RE = re.compile(r"^[ \t]*So\s+(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\.?[ \t]*$", re.M
 
 
 def number_items(text):
-    """A number token as evaluator items: ("num", value, percent, decimals), a fraction as (a / b); the value is
-    None when the number is too long to be arithmetic we check."""
+    """A number token as evaluator items: ("num", value, percent, decimals), a fraction as (a / b). The value is an
+    int or a Fraction (exact), None when the number is too long to be arithmetic we check."""
     if text.isdigit() and len(text) <= MAX_DIGITS:
-        return [("num", Fraction(int(text)), False, 0)]  # the common case, quickly
+        return [("num", int(text), False, 0)]  # the common case, quickly
     if text.startswith("\\"):  # \\frac{a}{b}
         text = "/".join(re.findall(r"[0-9]+", text))
     core = SIGNS_RE.sub("", text)
@@ -57,10 +57,10 @@ def number_items(text):
     if "/" in core:  # a fraction, or a mixed number `1 1/2` / `2 and 1/3`: the whole plus the fraction
         *whole, fraction = core.replace("and ", "").split(" ")
         a, b = fraction.split("/")
-        plus = [("num", Fraction(int(whole[0])), False, None), ("op", "+")] if whole else []
-        return [("lp",), *plus, ("num", Fraction(int(a)), False, None), ("op", "/"), ("num", Fraction(int(b)), False, None), ("rp",)]
+        plus = [("num", int(whole[0]), False, None), ("op", "+")] if whole else []
+        return [("lp",), *plus, ("num", int(a), False, None), ("op", "/"), ("num", int(b), False, None), ("rp",)]
     whole, _, decimals = core.replace(",", "").replace(" ", "").partition(".")
-    value = Fraction(int(whole or "0") * 10 ** len(decimals) + int(decimals or "0"), 10 ** len(decimals))
+    value = Fraction(int((whole or "0") + decimals), 10 ** len(decimals)) if decimals else int(whole)
     return [("num", value, text.endswith("%"), len(decimals))]  # the decimals written: how far it may be rounded
 
 
@@ -207,7 +207,7 @@ def apply(values, op):
         values[-1] = -values[-1]
         return
     b, a = values.pop(), values.pop()
-    value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+    value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else Fraction(a) / b  # ints stay exact
     if max(value.numerator.bit_length(), value.denominator.bit_length()) > MAX_BITS:
         raise ValueError("too large")
     values.append(value)
@@ -222,7 +222,7 @@ def evaluate(items, percent=True):
             if item[0] == "num":
                 if item[1] is None:
                     return None
-                values.append(item[1] / 100 if percent and item[2] else item[1])
+                values.append(Fraction(item[1], 100) if percent and item[2] else item[1])
             elif item[0] in ("lp", "neg"):
                 ops.append(item[0])
             elif item[0] == "rp":
@@ -270,8 +270,7 @@ def check_link(left_side, right_side):
 def is_label(side):
     """A lone number on the left of `=` is a label or a unit change, not a step: `Number of packages of 3 = 18 / 3`,
     `2 hours = 2 x 60 = 120 minutes`, `Day 2 = 15 + 5`."""
-    items = trim_brackets(side["items"])
-    return len(items) == 1
+    return len(side["items"]) == 1 or len(trim_brackets(side["items"])) == 1
 
 
 def check_equations(text):
