@@ -72,6 +72,7 @@ def keep_faithful(records, args, stats, stage):
     if args.check_steps == "off":
         return records
     stats[f"stage{stage}_all_steps_true"] = sum(all_steps_true(r["steps_true"], r["steps_found"]) for r in records)
+    stats[f"stage{stage}_no_step_found"] = sum(r["steps_found"] == 0 for r in records)  # what the filter drops unread
     if args.check_steps != "filter":
         return records
     kept = [r for r in records if all_steps_true(r["steps_true"], r["steps_found"])]

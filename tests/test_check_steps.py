@@ -188,7 +188,7 @@ def test_filter_drops_unfaithful_rationales_and_keeps_true_ones():
     stats = {}
     kept = create_data.keep_faithful(records, args, stats, 1)
     assert [r["rationale"] for r in kept] == [good]
-    assert stats == {"stage1_all_steps_true": 1, "stage1_dropped_by_step_check": 4}
+    assert stats == {"stage1_all_steps_true": 1, "stage1_no_step_found": 1, "stage1_dropped_by_step_check": 4}
     args.check_steps = "report"
     assert create_data.keep_faithful(records, args, {}, 1) == records
 
@@ -210,3 +210,18 @@ def test_long_sum_without_equals_is_rejected_at_once():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_evaluate_counts_right_answers_with_no_step_found():
+    """evaluate.py reports how many right answers the step filter would drop for having no step to read."""
+    import argparse
+
+    import evaluate
+
+    rows = [{"id": i, "question": "q", "answer": "18"} for i in range(3)]
+    outs = [("9 eggs/day * $2/egg = $18/day.\nThe answer is 18.", 20),  # right, a true step
+            ("She makes eighteen dollars.\nThe answer is 18.", 10),  # right, no step found
+            ("9 * 2 = 20.\nThe answer is 20.", 10)]  # wrong
+    args = argparse.Namespace(model="m", iteration=0, dataset="gsm8k", split="test", k=0, num_samples=1)
+    result = evaluate.accuracy_report(evaluate.score(rows, outs), args, 1.0)
+    assert (result["correct"], result["correct_no_step_found"], result["accuracy_faithful"]) == (2, 1, 1 / 3)
