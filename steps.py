@@ -16,7 +16,8 @@ from common import ARITH_COLUMNS
 # A number: currency, a mixed number (1 1/2, 2 and 1/3), a fraction written a/b (one operand, so `25 / 1/3`
 # divides by a third), thousands with commas or spaces (1,200.50 / 3 000), decimals; then an optional %.
 # ASCII digits only: other scripts' digits are not arithmetic we check.
-NUMBER = (r"(?:(?:[$€£¢]|\\\$)\s?)?(?:[0-9]+ (?:and )?[0-9]{1,2}/[0-9]+(?![0-9/])|[0-9]+/[0-9]+(?![0-9%]|/[0-9]|\.[0-9]|\s%)"
+NUMBER = (r"(?:(?:[$€£¢]|\\\$)\s?)?(?:[0-9]+ (?:and )?[0-9]{1,2}/[0-9]+(?![0-9/])"
+          r"|[0-9]+/[0-9]+(?![0-9%]|/[0-9]|\.[0-9]|\s%)"
           r"|[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?(?![0-9])|[0-9]{1,3}(?: [0-9]{3})+(?![-0-9]|\.[0-9])"
           r"|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:\s?\\?%)?")
 # One token at a time, each alternative anchored on its first character, so the scan is linear. Currency
@@ -146,6 +147,29 @@ def read_operand(tokens, i, kind, text, chains, chain, side):
         side["money"] |= text[0] in "$€£¢\\"
 
 
+def extend_side(tokens, i, kind, text, side, was_prose):
+    """Add an operator, a closing bracket, a minus sign or a unit word to the side, or mark it symbolic. False when
+    the token is not part of the side (an `=`, a line end, punctuation, prose)."""
+    items, whole = side["items"], side["items"] and not side["expect"]
+    if side["symbolic"]:
+        return kind in ("num", "frac", "var", "op", "sym", "lp", "rp", "word", "unit")  # to the next `=` or break
+    if kind in ("rp", "op") and whole:
+        items.append(("rp",) if kind == "rp" else ("op", text))
+        side["expect"] = kind == "op"
+    elif kind == "op" and text == "-" and not was_prose and tokens[i + 1][0] in ("num", "frac", "lp") \
+            and tokens[i + 1][2] == tokens[i][3]:
+        items.append(("neg",))  # a minus sign: `-5`, `-(3 + 4)`; `w-10` is algebra
+    elif kind in ("word", "unit") and whole and side["unit"] < UNIT_WORDS:
+        side["unit"] += kind == "word"
+        side["symbolic"] = kind == "word" and len(text) == 1  # `1 3/4 t`, `gives b =`: an unknown, not a unit
+        side["cents"] |= text.lower().startswith("cent")
+    elif kind in ("var", "sym") or kind == "op" and (was_prose or items) or kind == "word" and items and not whole:
+        side["symbolic"] = True  # an unknown, a power or root, an operator after a word, a word as an operand
+    else:
+        return False
+    return True
+
+
 def read_chains(tokens):
     """Group tokens into chains of sides joined by `=` (a line starting with `=` continues the line above). A side
     is numbers, operators and brackets; words right after a number are its unit (`20 miles/day × 5 days`); a side
@@ -161,22 +185,10 @@ def read_chains(tokens):
         complete = side["symbolic"] or side["items"] and not side["expect"]
         if kind == "skip" or kind == "op" and not side["items"] and not was_prose and text != "-":
             prose = was_prose  # bold, or a bullet
-        elif side["symbolic"] and kind in ("num", "frac", "var", "op", "sym", "lp", "rp", "word", "unit"):
-            pass  # a symbolic side runs to the next `=` or break
-        elif kind in ("num", "frac", "lp"):
+        elif kind in ("num", "frac", "lp") and not side["symbolic"]:
             read_operand(tokens, i, kind, text, chains, chain, side)
-        elif kind in ("rp", "op") and side["items"] and not side["expect"]:
-            side["items"].append(("rp",) if kind == "rp" else ("op", text))
-            side["expect"] = kind == "op"
-        elif kind == "op" and text == "-" and not was_prose and tokens[i + 1][0] in ("num", "frac", "lp") \
-                and tokens[i + 1][2] == tokens[i][3]:
-            side["items"].append(("neg",))  # a minus sign: `-5`, `-(3 + 4)`; `w-10` is algebra
-        elif kind in ("word", "unit") and side["items"] and not side["expect"] and side["unit"] < UNIT_WORDS:
-            side["unit"] += kind == "word"
-            side["symbolic"] |= kind == "word" and len(text) == 1  # `1 3/4 t`, `gives b =`: an unknown, not a unit
-            side["cents"] |= text.lower().startswith("cent")
-        elif kind in ("var", "sym") or kind == "op" and (was_prose or side["items"]) or kind == "word" and side["items"] and side["expect"]:
-            side["symbolic"] = True  # an unknown, a power or root, an operator after a word, a word as an operand
+        elif extend_side(tokens, i, kind, text, side, was_prose):
+            pass
         elif kind == "eq" and complete:
             chain.append(dict(side))
             side.update(new_side())
@@ -257,7 +269,8 @@ def check_link(left_side, right_side):
     # `0.25 * 100 = 25%`, `1.2 x 100% = 120`: a % may be meant as a label, so try both readings.
     both = [(True, True), (False, True), (True, False), (False, False)]
     readings = both if any(item[0] == "num" and item[2] for item in left + right) else both[:1]
-    scales = (1, 100) if right_side["cents"] and left_side["money"] and not right_side["money"] else (1,)  # $1 / 2 = 50 cents
+    # `$1 / 2 = 50 cents`: dollars on the left, cents on the right.
+    scales = (1, 100) if right_side["cents"] and left_side["money"] and not right_side["money"] else (1,)
     try:
         pairs = [(evaluate(left, p), evaluate(right, q)) for p, q in readings]
     except ZeroDivisionError:

@@ -605,6 +605,8 @@ LINES = [
     ("2 hours × 6 mph = 14 miles", (0, 1)),
     ("80 GB / 2 GB/minute = 40 minutes", (1, 1)),
     ("16 eggs - 3 eggs - 4 eggs = 9 eggs", (1, 1)),
+    ("So 200 * .55 = 110 pounds more salmon than trout were caught.", (1, 1)),  # a unit is at most 3 words
+    ("So 200 * .55 = 100 pounds more salmon than trout were caught.", (0, 1)),
     # a name or label on the left, whose numbers are not operands
     ("Cost = 6 x $2.50 = $15", (1, 1)),
     ("Cost = 6 x $2.50 = $16", (0, 1)),

@@ -28,7 +28,8 @@ RULES = {
 # What degenerate generations repeat, and what has broken text rules before: sums, chains, brackets, long digit
 # runs, runs of spaces after an answer phrase, other scripts' digits, NUL, LaTeX, units, unknowns, scratchpad lines.
 PIECES = ["1", "9" * 40, " + ", " = ", "=", "1=", "\n", "\n= ", "(", ")", " ", "  ", "*", "**", "$", "%", " of ",
-          "/", "1/2", "x", "2x", " x ", ".", ",", "1,000", "-", "×", "÷", "^", "√", ":", "7:50", "٣", "\x00", "\\frac{1}{3}",
+          "/", "1/2", "x", "2x", " x ", ".", ",", "1,000", "-", "×", "÷", "^", "√", ":", "7:50", "٣", "\x00",
+          "\\frac{1}{3}",
           "\\boxed{", "}", "The answer is", "The final answer is: ", "#### ", "answer is 5", "miles/day", "hint",
           "Ones: 1 + 9 = 10, write 0, carry 1.\n", "So 4721 + 389 = 5110.", "The answer is 18.\n"]
 # Adversarial texts of a given length, each aimed at a rule that was (or could be) super-linear.
@@ -48,6 +49,7 @@ ADVERSARIAL = {
     "digit run with commas": lambda n: repeat("1,", n),
     "newlines then =": lambda n: "\n" * n + "= 1",
     "annotation brackets": lambda n: repeat("<", n),
+    "scratchpad lines": lambda n: repeat("Ones: 1 + 9 = 10, write 0, carry 1.\n", n),
 }
 
 
@@ -81,7 +83,8 @@ def test_adversarial_text_takes_linear_time(case):
         if large > 2 or large > 30 * small + 0.05:
             large = min(large, cpu_seconds(rule, large_text))  # a stray pause (garbage collection): once more
         assert large < 2, f"{name} took {large:.2f} s on 100,000 characters of {case}"
-        assert large < 30 * small + 0.05, f"{name}: {small:.4f} s on 10,000 characters, {large:.2f} s on 100,000 ({case})"
+        assert large < 30 * small + 0.05, f"{name}: {small:.4f} s on 10,000 characters, {large:.2f} s on 100,000 " \
+                                          f"({case})"
 
 
 def test_thousand_term_sum_is_checked():
