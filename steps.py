@@ -263,21 +263,35 @@ def match_rounded(value, rhs_value, rhs):
     return abs(value - rhs_value) <= unit / 2 or rhs_value == truncated
 
 
+def percent_change(items):
+    """`$50 - 10%` written for a 10% discount (`$80 + 25%` for a rise): a * (1 -/+ p/100) as one number, else None."""
+    if len(items) != 3 or items[1] not in (("op", "+"), ("op", "-")) or items[0][0] != "num" or items[2][0] != "num":
+        return None
+    if items[0][1] is None or items[2][1] is None or items[0][2] or not items[2][2]:
+        return None
+    change = Fraction(items[2][1], 100) if items[1][1] == "+" else -Fraction(items[2][1], 100)
+    return [("num", items[0][1] * (1 + change), False, None)]
+
+
 def check_link(left_side, right_side):
     """Judge one `left = right` link: True/False, or None when a side is not arithmetic we check."""
     left, right = trim_brackets(left_side["items"]), trim_brackets(right_side["items"])
     # `0.25 * 100 = 25%`, `1.2 x 100% = 120`: a % may be meant as a label, so try both readings.
     both = [(True, True), (False, True), (True, False), (False, False)]
     readings = both if any(item[0] == "num" and item[2] for item in left + right) else both[:1]
+    lefts = [left] + ([percent_change(left)] if percent_change(left) else [])
+    # `2 x 3 = 6 x 7 = 42`, a running total: the left equals the right side's first number.
+    rights = [right, right[:1]] if len(right) > 2 and right[0][0] == "num" and right[1][0] == "op" else [right]
     # `$1 / 2 = 50 cents`: dollars on the left, cents on the right.
     scales = (1, 100) if right_side["cents"] and left_side["money"] and not right_side["money"] else (1,)
     try:
-        pairs = [(evaluate(left, p), evaluate(right, q)) for p, q in readings]
+        values = [(evaluate(lhs, p), evaluate(rhs, q), rhs) for p, q in readings for lhs in lefts for rhs in rights]
     except ZeroDivisionError:
         return False
-    if None in pairs[0]:
+    if values[0][0] is None or values[0][1] is None:
         return None
-    return any(match_rounded(value * scale, rhs, right) for value, rhs in pairs for scale in scales)
+    return any(match_rounded(value * scale, rhs_value, rhs) for value, rhs_value, rhs in values
+               if value is not None and rhs_value is not None for scale in scales)
 
 
 def is_label(side):

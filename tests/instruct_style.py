@@ -627,6 +627,11 @@ LINES = [
     ("(12 / 20) x 100% = 60%", (1, 1)),
     ("25% of 16 = 0.25 x 16 = 4 students", (2, 2)),
     ("Start = 12 ÷ (2/3) = 18", (1, 1)),
+    ("Sale price = $50 - 10% = $45", (1, 1)),  # a 10% discount, as people write it
+    ("Sale price = $50 - 10% = $44", (0, 1)),
+    # a running total: the next operation written after the result
+    ("Total = 2 x 3 = 6 cups/day x 7 days = 42 cups", (2, 2)),
+    ("Total = 2 x 3 = 7 cups/day x 7 days = 49 cups", (1, 2)),
     # chains over lines that start with `=`
     ("Turtle's speed = Cat's speed / 5\nTurtle's speed = 15 / 5\n= 3 feet/second", (1, 1)),
     ("Turtle's speed = 15 / 5\n= 4 feet/second", (0, 1)),
