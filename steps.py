@@ -249,7 +249,7 @@ def evaluate(items, percent=True):
                 ops.append(item[1])
         while ops and ops[-1] != "lp":
             apply(values, ops.pop())
-    except ValueError:
+    except (ValueError, IndexError):  # too large, or a side that is not a whole expression
         return None
     return values[0] if len(values) == 1 and not ops else None
 
@@ -317,7 +317,7 @@ def check_equations(text):
 def written_equations(text):
     """The chains a rationale writes, normalized (`3 x $4 = $12` -> `3*4=12`): the same reasoning, reworded."""
     def show(item):
-        return {"lp": "(", "rp": ")", "neg": "-"}.get(item[0]) or (str(item[1]) if item[0] == "op" else str(item[1]))
+        return {"lp": "(", "rp": ")", "neg": "-"}.get(item[0]) or str(item[1])
     return ["=".join("".join(map(show, side["items"])) for side in chain) for chain in read_chains(read_tokens(text))]
 
 
