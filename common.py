@@ -26,7 +26,7 @@ SPLITS = ("train", "dev", "test")  # dev: the last --dev_samples train questions
 DEV_SAMPLES = 200  # default dev slice: choices are made on it, the test split is only reported
 ARITH_COLUMNS = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digits, as in the STaR paper
-CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 # Flags that change no generated token and no trained weight: a rerun may change them and still resume.
 NOT_RESUME_SETTINGS = ("output", "output_dir", "overwrite", "debug", "save_results", "check_steps",
                        "max_per_question", "accumulate", "logging_steps", "save_steps", "gradient_checkpointing")
@@ -370,12 +370,14 @@ def build_completion(tok, rationale):
 NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 # A stated answer, in the forms models write: "The answer is 18.", "The final answer is: 18",
 # "The final answer is $\boxed{18}$" (Llama-Instruct), "**The answer is 18**", a bare "\boxed{18}", "#### 18".
-BOXED = r"(?:\\boxed\{\s*)?\$?\s*(" + NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
-ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\**\s*\$?\s*" + BOXED)
-BOXED_RE = re.compile(r"\\boxed\{\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")\s*\}")
+# Each optional sign owns the spaces after it (`\s*(?:\$\s*)?`, never `\s*\$?\s*`): two runs of spaces in a row
+# with nothing between could split the spaces in every way, and a long run of them took polynomial time.
+BOXED = r"(?:\\boxed\{\s*)?(?:\$\s*)?(" + NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
+ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*(?:\*+\s*)?(?:\$\s*)?" + BOXED)
+BOXED_RE = re.compile(r"\\boxed\{\s*(?:\$\s*)?(" + NUMBER.replace(r"\$?", "") + r")\s*\}")
 HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
 NUMBER_RE = re.compile(NUMBER)
-ANSWER_END_RE = re.compile(r"answer is:?\s*\**\s*\$?\s*" + BOXED + r"\s*(?:\.\s|\n)")  # answer sentence complete
+ANSWER_END_RE = re.compile(r"answer is:?\s*(?:\*+\s*)?(?:\$\s*)?" + BOXED + r"\s*(?:\.\s|\n)")  # answer sentence complete
 HINT_WORDS_RE = re.compile(r"\bhint|\bgiven answer|answer (?:is )?given|we are told the answer", re.I)
 
 

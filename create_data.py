@@ -20,7 +20,7 @@ from common import (
     write_jsonl,
 )
 from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
-from steps import CHAIN_RE, all_steps_true, check_steps
+from steps import all_steps_true, check_steps, written_equations
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
@@ -73,6 +73,7 @@ def keep_faithful(records, args, stats, stage):
     if args.check_steps == "off":
         return records
     stats[f"stage{stage}_all_steps_true"] = sum(all_steps_true(r["steps_true"], r["steps_found"]) for r in records)
+    stats[f"stage{stage}_no_step_found"] = sum(r["steps_found"] == 0 for r in records)  # what the filter drops unread
     if args.check_steps != "filter":
         return records
     kept = [r for r in records if all_steps_true(r["steps_true"], r["steps_found"])]
@@ -100,7 +101,7 @@ def drop_duplicates(rationales, cap=None):
     kept, seen = [], set()
     for r in rationales:
         keys = {("text", re.sub(r"[^a-z0-9]", "", r.lower()))}
-        equations = tuple(re.sub(r"[\s$,]", "", m.group()) for m in CHAIN_RE.finditer(r))
+        equations = tuple(written_equations(r))
         if equations:
             keys.add(("equations", equations))
         if not keys & seen:

@@ -122,6 +122,7 @@ def accuracy_report(details, args, seconds):
     count = {key: sum(d[key] for d in details) for key in ("correct", "flexible_correct", "faithful_correct")}
     return {"accuracy": count["correct"] / n, "accuracy_flexible": count["flexible_correct"] / n,
             "accuracy_faithful": count["faithful_correct"] / n, "correct": count["correct"],
+            "correct_no_step_found": sum(d["correct"] and d["steps_found"] == 0 for d in details),
             "correct_flexible": count["flexible_correct"], "n": n, "model": args.model, "iteration": args.iteration,
             "dataset": args.dataset, "split": args.split, "k": args.k, "seconds": round(seconds, 1),
             "tokens_per_s": round(tokens / seconds, 1), **run_info(vars(args)),
@@ -169,7 +170,8 @@ def main(argv=None):
                  if k > 1 else "")
         print(f"accuracy {result['accuracy']:.4f} strict, {result['accuracy_flexible']:.4f} flexible, "
               f"{result['accuracy_faithful']:.4f} correct with all steps true{voted} "
-              f"(n={n}, {result['correct']} correct); wrote {args.output}{also}")
+              f"(n={n}, {result['correct']} correct, {result['correct_no_step_found']} of them with no step found); "
+              f"wrote {args.output}{also}")
 
 
 if __name__ == "__main__":
