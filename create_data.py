@@ -15,9 +15,9 @@ import time
 
 from common import (
     DEFAULT_BASE_MODEL, DEV_SAMPLES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
-    check_positive, cli_errors, cut_after_answer, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model,
-    load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info,
-    solution_to_rationale, write_json, write_jsonl,
+    check_positive, cli_errors, cut_after_answer, dist_state, extract_last_number, extract_stated_answer,
+    generate_resumable, load_model, load_partial, load_split, model_identity, partial_path, pick_exemplars,
+    rationalization_problem, read_jsonl, resume_settings, run_info, solution_to_rationale, write_json, write_jsonl,
 )
 from steps import CHAIN_RE, all_steps_true, check_steps
 
@@ -141,8 +141,8 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
         questions_right += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"]))
                                for i, r in zip(indices, results))
         add_losses(running, 1, [rows[i] for i in indices], results, args.max_new_tokens, S > 1)
-        return {"stage1_correct": f"{questions_right / questions_done:.1%}", "right_unstated": running["stage1_right_unstated"],
-                "cut": running["stage1_cut_at_max_new_tokens"]}
+        return {"stage1_correct": f"{questions_right / questions_done:.1%}",
+                "right_unstated": running["stage1_right_unstated"], "cut": running["stage1_cut_at_max_new_tokens"]}
 
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
                               "stage 1", success_rate, sampling, args.engine)

@@ -50,7 +50,8 @@ parser.add_argument("--k", type=int, default=0, help="few-shot exemplars from th
 parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
 parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars when --k > 0")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic; with --protocol lm_eval_llama the task's max_gen_toks")
+parser.add_argument("--max_new_tokens", type=int, default=None,
+                    help="default: 320 gsm8k, 192 arithmetic; with --protocol lm_eval_llama the task's max_gen_toks")
 parser.add_argument("--num_samples", type=int, default=1,
                     help="k > 1: also draw k sampled answers per question and report maj@k and pass@k")
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
@@ -109,15 +110,15 @@ def lm_eval_protocol(task):
     generation = normalize_gen_kwargs(dict(c.generation_kwargs))  # with lm-eval's own default max_gen_toks (256)
     filters = {f["name"]: f["filter"] for f in c.filter_list}
     metric = c.metric_list[0] if len(c.metric_list) == 1 else {}
-    reproduced = (c.doc_to_text.count("{{") == 1 and "{{question}}" in c.doc_to_text and c.fewshot_config.sampler == "first_n"
-                  and not generation["do_sample"] and sorted(filters) == ["flexible-extract", "strict-match"]
+    reproduced = (c.doc_to_text.count("{{") == 1 and "{{question}}" in c.doc_to_text
+                  and c.fewshot_config.sampler == "first_n" and not generation["do_sample"] and sorted(filters) == ["flexible-extract", "strict-match"]
                   and all([f["function"] for f in pipeline] == ["regex", "take_first"] for pipeline in filters.values())
                   and metric.get("metric") == "exact_match" and not metric.get("ignore_punctuation")
                   and not metric.get("ignore_numbers"))
     if not reproduced:
         raise StarError(f"lm-eval {lm_eval.__version__}'s {LM_EVAL_TASK} is not the protocol this script reproduces "
                         "(prompt template, first_n exemplars, greedy, regex + take_first filters, exact_match)")
-    regex = {name: (pipeline[0]["regex_pattern"], pipeline[0].get("group_select", 0)) for name, pipeline in filters.items()}
+    regex = {name: (steps[0]["regex_pattern"], steps[0].get("group_select", 0)) for name, steps in filters.items()}
     exemplars = [{"question": d["question"], "rationale": task.doc_to_target(d)}
                  for d in c.fewshot_config.samples[:c.num_fewshot]]
     info = {"task": LM_EVAL_TASK, "task_version": c.metadata.get("version"), "lm_eval_version": lm_eval.__version__,

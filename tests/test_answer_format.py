@@ -110,8 +110,8 @@ def test_every_prompt_the_scripts_build_carries_the_instruction(llama_tok, tmp_p
     def answer(model, tok, prefix, parts, *args, **kwargs):  # generation's stand-in: records the prompts (by desc)
         asked[args[5]] = [prefix + p for p in parts]
         hints = [re.search(r"\(Hint: the answer is (.+?)\.\)", p) for p in parts]  # Stage 2 answers right
-        return [(f"9 * 2 = 18.\n{h[1] if h else 18} = {h[1] if h else 18}.\nThe final answer is {h[1] if h else 18}", 12)
-                for h in hints]
+        said = [h[1] if h else "18" for h in hints]
+        return [(f"9 * 2 = 18.\n{n} = {n}.\nThe final answer is {n}", 12) for n in said]
 
     for module in (create_data, evaluate):
         monkeypatch.setattr(module, "load_model", lambda name, *a, **k: (None, tok))
@@ -251,8 +251,9 @@ def test_lm_eval_protocol_scores_as_lm_evals_filters():
         text, _, _, _, lm_strict, lm_flexible = ENDINGS[inst.doc_id]
         strict, flexible, strict_right, flexible_right = evaluate.read_answers(text, rows[inst.doc_id], protocol)
         theirs = {name: inst.filtered_resps[name] for name in ("strict-match", "flexible-extract")}
-        assert {name: None if v == "[invalid]" else v for name, v in theirs.items()} == \
-            {"strict-match": strict, "flexible-extract": flexible} == {"strict-match": lm_strict, "flexible-extract": lm_flexible}
+        read = {name: None if v == "[invalid]" else v for name, v in theirs.items()}
+        assert read == {"strict-match": strict, "flexible-extract": flexible}
+        assert read == {"strict-match": lm_strict, "flexible-extract": lm_flexible}
         assert [task.process_results(inst.doc, [theirs[name]])["exact_match"] for name in theirs] == \
             [strict_right, flexible_right]
     # strict-right wherever strict-match reads a number, but "18.00": exact_match compares strings
