@@ -65,6 +65,19 @@ def test_our_rules_on_realistic_endings(text, gold, strict, flexible, _lm_strict
     assert answers_match(strict, gold) is (strict is not None)  # every stated answer above is right
 
 
+@pytest.mark.parametrize("tail, complete", [
+    ("so 9 * 2 = 18.\nThe final answer is 18\n", True), ("The final answer is 18. ", True),
+    ("The final answer is: $\\boxed{18}$\n", True), ("The final answer is **18**.\n", True),
+    ("The final answer is 18", False), ("The final answer is 18.", False), ("The final answer is 18.5", False),
+    ("The final answer is 1,2", False), ("So, Ali now has $71.\n", False),
+])
+def test_the_stop_rule_knows_the_answer_sentence(tail, complete):
+    """Generation stops a row once its answer sentence is complete (common.ANSWER_END_RE, on the decoded tail): a
+    period and a space, or a line break, after the number; "18" or "18." may still grow (the end of the turn, a
+    stop token, ends those)."""
+    assert bool(common.ANSWER_END_RE.search(tail)) is complete
+
+
 def test_one_answer_rule_on_gsm8k_solutions():
     """The keep rule (cut after the last stated answer, then read it) reads what strict reads, on 7,473 real texts."""
     rows = load_split("gsm8k", "train", GSM8K_DIR)
