@@ -15,7 +15,7 @@ import time
 
 from common import (
     DEFAULT_BASE_MODEL, DEV_SAMPLES, StarError, answers_match, build_prompts, check_output, check_positive, cli_errors,
-    cut_after_answer, dist_state, extract_stated_answer, load_partial, load_split, model_identity, partial_path,
+    cut_after_answer, dist_state, extract_last_number, extract_stated_answer, load_partial, load_split, model_identity, partial_path,
     pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info, solution_to_rationale, write_json,
     write_jsonl,
 )
@@ -95,6 +95,25 @@ def correct_rationales(samples, gold):
     return [r for r in cut if answers_match(extract_stated_answer(r), gold)]
 
 
+def yield_losses(samples, gold, max_new_tokens):
+    """{right_unstated, cut_at_max_new_tokens} among (text, tokens) samples: right answers that state no answer (right
+    by their last number only, so not kept) and rationales that ran into --max_new_tokens. Counted per stage, so no
+    right answer is dropped for its form without a trace."""
+    return {"right_unstated": sum(extract_stated_answer(text) is None and answers_match(extract_last_number(text), gold)
+                                  for text, _ in samples),
+            "cut_at_max_new_tokens": sum(n >= max_new_tokens for _, n in samples)}
+
+
+def add_losses(stats, stage, rows, outs, max_new_tokens, sampled=False):
+    """Add each question's yield_losses to stats["stage{N}_..."] (0 when none); outs[i] is a (text, tokens) or,
+    sampled, a list of them."""
+    for key in ("right_unstated", "cut_at_max_new_tokens"):
+        stats.setdefault(f"stage{stage}_{key}", 0)
+    for row, out in zip(rows, outs):
+        for key, count in yield_losses(out if sampled else [out], row["answer"], max_new_tokens).items():
+            stats[f"stage{stage}_{key}"] += count
+
+
 def drop_duplicates(rationales, cap=None):
     """Distinct reasoning only: the same normalized text, or the same sequence of written equations
     (RFT, Yuan et al. 2023), counts once; at most `cap` kept (ReST-EM caps at 10 per problem)."""
@@ -116,16 +135,20 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
     prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
     sampling = Sampling(S, args.temperature, args.top_p, args.seed) if S > 1 else None
     questions_done = questions_right = 0
+    running = {}
 
-    def success_rate(indices, results):  # running Stage-1 success shown on the progress bar
+    def success_rate(indices, results):  # running Stage-1 success and losses shown on the progress bar
         nonlocal questions_done, questions_right
         questions_done += len(indices)
         questions_right += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"]))
                                for i, r in zip(indices, results))
-        return {"stage1_correct": f"{questions_right / questions_done:.1%}"}
+        add_losses(running, 1, [rows[i] for i in indices], results, args.max_new_tokens, S > 1)
+        return {"stage1_correct": f"{questions_right / questions_done:.1%}",
+                "right_unstated": running["stage1_right_unstated"], "cut": running["stage1_cut_at_max_new_tokens"]}
 
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
                               "stage 1", success_rate, sampling)
+    add_losses(stats, 1, rows, outs, args.max_new_tokens, S > 1)  # all batches, resumed ones too
     kept, failed, per_question, correct_samples = [], [], [], 0
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
@@ -149,8 +172,15 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
 def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     """Rationalization: the hint is the final number only, in the question and in every exemplar."""
     prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
+    running = {}
+
+    def losses(indices, results):  # shown on the progress bar
+        add_losses(running, 2, [rows[i] for i in indices], results, args.max_new_tokens)
+        return {"right_unstated": running["stage2_right_unstated"], "cut": running["stage2_cut_at_max_new_tokens"]}
+
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 2,
-                              "stage 2")
+                              "stage 2", losses)
+    add_losses(stats, 2, rows, outs, args.max_new_tokens)
     kept, rejected = [], {}
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n
@@ -267,6 +297,10 @@ def main(argv=None):
         print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "
               f"stage 2: {sum(r['stage'] == 2 for r in records)}{carried}); wrote {args.output} and "
               f"{args.output}.stats.json")
+        if not args.human_rationales:
+            print("not kept for their form (stage 1, stage 2): right but no stated answer "
+                  f"{stats['stage1_right_unstated']}, {stats.get('stage2_right_unstated', 0)}; cut at --max_new_tokens "
+                  f"{stats['stage1_cut_at_max_new_tokens']}, {stats.get('stage2_cut_at_max_new_tokens', 0)}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def reference_generate(model, tok, prompts, max_new_tokens, stops):
             for r in rows]  # up to the row's own stop (finished rows are padded)
 
 
-# Written here, not taken from common.py: the answer sentence "The answer is N." followed by a space or newline.
+# Written here, not taken from common.py: an answer sentence ("The final answer is N", "The answer is N.") followed
+# by a period and a space, or by a newline.
 ANSWER_DONE = re.compile(r"answer is:? ?\$?-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")
 
 

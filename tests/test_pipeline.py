@@ -49,7 +49,7 @@ def test_human_rationales_for_the_sft_baseline(tmp_path):
     records = read_jsonl(out)
     assert len(records) == 5 and all(r["model"] == "human" and r["stage"] == 0 for r in records)
     assert records[0]["rationale"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips " \
-                                      "altogether in April and May.\nThe answer is 72."
+                                      "altogether in April and May.\nThe final answer is 72"
 
 
 def test_dev_slice_is_held_out(tmp_path, capsys):

@@ -122,8 +122,8 @@ def test_prompt_prefix_and_question_part(tok, train_rows, test_rows):
 
     # the exact text of a 1-shot prompt, as Llama 3 Instruct formats it
     q = test_rows[0]["question"]
-    turns = [("user", "Question: " + ex[0]["question"]), ("assistant", common.solution_to_rationale(ex[0]["solution"])),
-             ("user", "Question: " + q)]
+    asked = [common.INSTRUCTION.replace("{question}", text) for text in (ex[0]["question"], q)]  # Meta's instruction
+    turns = [("user", asked[0]), ("assistant", common.solution_to_rationale(ex[0]["solution"])), ("user", asked[1])]
     expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
                 f"Today Date: {common.FIXED_DATE}\n\n<|eot_id|>"
                 + "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>" for role, text in turns)
