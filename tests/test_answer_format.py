@@ -127,7 +127,7 @@ def test_every_prompt_the_scripts_build_carries_the_instruction(llama_tok, tmp_p
         return [(f"9 * 2 = 18.\n{n} = {n}.\nThe final answer is {n}", 12) for n in said]
 
     for module in (create_data, evaluate):
-        monkeypatch.setattr(module, "load_model", lambda name, *a, **k: (None, tok))
+        monkeypatch.setattr(module, "load_generator", lambda name, *a, **k: (None, tok))
         monkeypatch.setattr(module, "generate_resumable", answer)
     create_data.main(["--model_name", folder, "--data_dir", GSM8K_DIR, "--max_samples", "3", "--k", "2",
                       "--output", str(tmp_path / "d.jsonl")])
@@ -288,7 +288,7 @@ def test_evaluate_with_the_lm_eval_protocol(llama_tok, tmp_path, monkeypatch, ca
         seen.update(max_new_tokens=max_new_tokens, prompts=[prefix + p for p in parts])
         return [(c, 30) for c in completions]
 
-    monkeypatch.setattr(evaluate, "load_model", lambda name, *a, **k: (None, tok))
+    monkeypatch.setattr(evaluate, "load_generator", lambda name, *a, **k: (None, tok))
     monkeypatch.setattr(evaluate, "generate_resumable", answer)
     out = tmp_path / "e.json"
     evaluate.main(["--model", folder, "--protocol", "lm_eval_llama", "--data_dir", GSM8K_DIR, "--max_samples", "2",
