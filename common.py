@@ -1,13 +1,11 @@
-"""Shared pieces of the STaR scripts, in the order a record meets them: data, prompts, answers,
-models, generation.
+"""Shared pieces of the STaR scripts, in the order a record meets them: data (and resume files), prompts,
+answers, models. Generation (the scheduler, the engines and their stop rule) is in engines.py.
 
 STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning", https://arxiv.org/abs/2203.14465
 """
 import contextlib
-import functools
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import random
@@ -21,7 +19,6 @@ from decimal import Decimal, InvalidOperation
 from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
 # ============================================================================= data (and the files around it)
 DATASETS = ("gsm8k", "arithmetic")
@@ -29,7 +26,7 @@ SPLITS = ("train", "dev", "test")  # dev: the last --dev_samples train questions
 DEV_SAMPLES = 200  # default dev slice: choices are made on it, the test split is only reported
 ARITH_COLUMNS = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 ARITH_SIZES = {"train": 2000, "test": 500}  # per split; operands of 1 to 5 digits, as in the STaR paper
-CALC_RE = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 # Flags that change no generated token and no trained weight: a rerun may change them and still resume.
 NOT_RESUME_SETTINGS = ("output", "output_dir", "overwrite", "debug", "save_results", "check_steps",
                        "max_per_question", "accumulate", "logging_steps", "save_steps", "save_minutes",
@@ -238,11 +235,83 @@ def pick_exemplars(train_rows, k, seed):
 
 
 
+# Resume: each finished batch is appended to <output>.partial as soon as it is done; a rerun of the
+# same command reads them back and runs only the rest.
+def partial_path(output):
+    return output + ".partial"
+
+
+def load_partial(path, settings, overwrite):
+    """Finished batches of an interrupted run: {(stage, batch number): [[index, result], ...]}.
+
+    The first line records the settings; a rerun with other settings refuses to mix its records
+    with these (or starts over under --overwrite). A last line cut short by a kill is dropped.
+    Only the main process writes the file; every process reads it.
+    """
+    state = dist_state()
+    if state.is_main_process:
+        prepare_partial(path, settings, overwrite)
+    state.wait_for_everyone()
+    with open(path) as f:
+        lines = f.read().split("\n")
+    saved = json.loads(lines[0]).get("settings", {})
+    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if differ:
+        raise StarError(f"{path} holds an interrupted run with other settings ({', '.join(differ)}); rerun it as "
+                        "it was, or pass --overwrite to start over")
+    finished = {}
+    for line in filter(None, lines[1:]):
+        r = json.loads(line)
+        finished[(r["stage"], r["batch"])] = r["results"]
+    if finished and state.is_main_process:
+        print(f"resuming: {len(finished)} finished batches in {path}", file=sys.stderr)
+    return finished
+
+
+def prepare_partial(path, settings, overwrite):
+    """Start a partial file (header line), or clean one up: drop a torn last line so appends start clean."""
+    if os.path.exists(path) and overwrite:
+        os.remove(path)
+    if not os.path.exists(path):
+        return write_text(path, json.dumps({"settings": settings}) + "\n")
+    with open(path) as f:
+        lines = f.read().split("\n")
+    try:
+        json.loads(lines[0])
+    except json.JSONDecodeError:  # killed while writing the header: nothing was saved yet
+        os.remove(path)
+        return prepare_partial(path, settings, overwrite)
+    good = [lines[0]]
+    for line in filter(None, lines[1:]):
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            pass  # the line being written when the run was killed
+    write_text(path, "\n".join(good) + "\n")
+
+
+def append_partial(path, stage, number, indices, results):
+    """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"stage": stage, "batch": number, "results": [[i, r] for i, r in zip(indices, results)]}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # ============================================================================= prompts
 # One question/answer pair per turn (chat models) or per paragraph (base models).
-QUESTION_TEMPLATE = "Question: {question}"
-HINT_TEMPLATE = "Question: {question} (Hint: the answer is {answer}.)"  # Stage 2 only, never saved
-ANSWER_SENTENCE = "The answer is {answer}."
+# Every chat user turn (exemplars, Stage 2's hinted question, the zero-shot prompt train.py trains on and
+# evaluate.py asks) carries Meta's GSM8K answer-format instruction, worded as lm-evaluation-harness's
+# gsm8k_cot_llama task words it. Without it Llama-3.2-3B-Instruct ends "So, Ali now has $71.", and the stated-answer
+# rule reads about 20% of its right answers (strict 13.5% where 68.7% are right); with it, all of them (README).
+INSTRUCTION = ("Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
+               "Your response should end with \"The final answer is [answer]\" where [answer] is the response to the problem.")
+QUESTION_TEMPLATE = "Question: {question}"  # base models (no chat template): plain "Question: ...\nAnswer: ..."
+HINT_TEMPLATE = "{question} (Hint: the answer is {answer}.)"  # Stage 2 only, never saved
+# The sentence the instruction asks for, ending as Meta's exemplars end it: no period after the number (the end of
+# the turn, or of the line, ends it). Human rationales and the arithmetic scratchpads end with it.
+ANSWER_SENTENCE = "The final answer is {answer}"
 PLAIN_ANSWER_PREFIX = "\nAnswer:"  # base models: "Question: ...\nAnswer: <rationale>\n\n"
 STOP_STRINGS = ("Question:",)  # the model starting a new question means its answer is over
 PLAIN_STOP_STRINGS = ("Question:", "\n\n")  # rationales never hold a blank line
@@ -264,23 +333,30 @@ def chat_text(tok, messages, generation_prompt):
     )
 
 
-def ask(question, hint=None):
-    """The user's turn: the question, with the Stage-2 hint (the gold final number) when given."""
-    if hint is None:
-        return QUESTION_TEMPLATE.format(question=question)
-    return HINT_TEMPLATE.format(question=question, answer=hint)
+def ask(question, hint=None, instruction=INSTRUCTION):
+    """The user's turn: the question (with the Stage-2 hint, the gold final number, when given) put into the
+    instruction; instruction=QUESTION_TEMPLATE gives base models' plain form."""
+    if hint is not None:
+        question = HINT_TEMPLATE.format(question=question, answer=hint)
+    return instruction.replace("{question}", question)  # not format(): another template may hold braces
 
 
-def build_prompt(tok, question, exemplars=(), hint=None):
+def exemplar_rationale(exemplar):
+    """A train row's human solution as a rationale, or a ready rationale (lm-evaluation-harness's exemplars)."""
+    return exemplar["rationale"] if "rationale" in exemplar else solution_to_rationale(exemplar["solution"])
+
+
+def build_prompt(tok, question, exemplars=(), hint=None, instruction=INSTRUCTION):
     """Prompt(prefix, question part) of a K-shot prompt; with exemplars=() the zero-shot prompt.
 
+    Chat models: one user turn per question, each in `instruction`; base models: "Question: ..." paragraphs.
     A hint (Stage 2) goes into the question and into every exemplar; it is never part of a saved record.
     """
-    hinted = hint is not None
-    shots = [(ask(e["question"], e["answer"] if hinted else None), solution_to_rationale(e["solution"]))
-             for e in exemplars]
-    query = ask(question, hint)
-    if is_chat(tok):
+    hinted, chat = hint is not None, is_chat(tok)
+    form = instruction if chat else QUESTION_TEMPLATE
+    shots = [(ask(e["question"], e["answer"] if hinted else None, form), exemplar_rationale(e)) for e in exemplars]
+    query = ask(question, hint, form)
+    if chat:
         msgs = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         full = chat_text(tok, msgs + [{"role": "user", "content": query}], True)
         prefix = chat_text(tok, msgs, False) if msgs else ""
@@ -293,10 +369,10 @@ def build_prompt(tok, question, exemplars=(), hint=None):
     return Prompt(prefix, ("\n\n" if shots else "") + query + PLAIN_ANSWER_PREFIX)
 
 
-def build_prompts(tok, questions, exemplars=(), hints=None):
+def build_prompts(tok, questions, exemplars=(), hints=None, instruction=INSTRUCTION):
     """(shared prefix, [question part of each question]): what generate() takes."""
     hints = hints or [None] * len(questions)
-    prompts = [build_prompt(tok, q, exemplars, h) for q, h in zip(questions, hints)]
+    prompts = [build_prompt(tok, q, exemplars, h, instruction) for q, h in zip(questions, hints)]
     return (prompts[0].prefix if prompts else ""), [p.question for p in prompts]
 
 
@@ -306,28 +382,26 @@ def build_completion(tok, rationale):
     return lead + rationale + (tok.eos_token or "")
 
 
-def stop_strings(tok):
-    return STOP_STRINGS if is_chat(tok) else PLAIN_STOP_STRINGS
-
-
-def truncate_at_stop(text, stops):
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
-
-
 # ============================================================================= answers
 NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-# A stated answer, in the forms models write: "The answer is 18.", "The final answer is: 18",
-# "The final answer is $\boxed{18}$" (Llama-Instruct), "**The answer is 18**", a bare "\boxed{18}", "#### 18".
-BOXED = r"(?:\\boxed\{\s*)?\$?\s*(" + NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
-ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\**\s*\$?\s*" + BOXED)
-BOXED_RE = re.compile(r"\\boxed\{\s*\$?\s*(" + NUMBER.replace(r"\$?", "") + r")\s*\}")
+# A stated answer, in the forms models write: "The final answer is 18" (what INSTRUCTION asks), "The answer is 18.",
+# "The final answer is: 18", "The final answer is $\boxed{18}$" (Llama-Instruct), "**The final answer is 18**",
+# a bare "\boxed{18}", "#### 18". Not "So she has 18." nor a JSON {"answer": 18}: those count as unstated.
+# Each optional sign owns the spaces after it (`\s*(?:\$\s*)?`, never `\s*\$?\s*`): two runs of spaces in a row
+# with nothing between could split the spaces in every way, and a long run of them took polynomial time.
+BOXED = r"(?:\\boxed\{\s*)?(?:\$\s*)?(" + NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
+ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*(?:\*+\s*)?(?:\$\s*)?" + BOXED)
+BOXED_RE = re.compile(r"\\boxed\{\s*(?:\$\s*)?(" + NUMBER.replace(r"\$?", "") + r")\s*\}")
 HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
+# The one answer rule: the stated answer is the text's LAST statement in any of these forms, as lm-evaluation-harness's
+# strict-match reads (group_select -1). Strict scoring reads it (extract_stated_answer) and create_data.py keeps the
+# rationale up to its end (cut_after_answer), so a kept rationale ends with what strict reads. A completion seldom
+# holds two: generation stops after the first complete answer sentence (ANSWER_END_RE).
+STATED_RE = re.compile("|".join(p.pattern for p in (ANSWER_RE, BOXED_RE, HASH_RE)))
 NUMBER_RE = re.compile(NUMBER)
-ANSWER_END_RE = re.compile(r"answer is:?\s*\**\s*\$?\s*" + BOXED + r"\s*(?:\.\s|\n)")  # answer sentence complete
+# An answer sentence is complete once a period + space or a line break follows the number: "18." alone may still
+# become "18.5". (The end of the turn also ends one: the stop tokens do that.)
+ANSWER_END_RE = re.compile(r"answer is:?\s*(?:\*+\s*)?(?:\$\s*)?" + BOXED + r"\s*(?:\.\s|\n)")
 HINT_WORDS_RE = re.compile(r"\bhint|\bgiven answer|answer (?:is )?given|we are told the answer", re.I)
 
 
@@ -343,14 +417,19 @@ def normalize_number(text):
     return s
 
 
+def last_statement(text):
+    """The last STATED_RE match in the text (the one answer rule above), or None."""
+    m = None
+    for m in STATED_RE.finditer(text):
+        pass
+    return m
+
+
 def extract_stated_answer(text):
-    """The number of the last answer sentence, else of the last \\boxed{N}, else of '#### N'; None when the
-    text states none. Keeping (create_data.py) and strict scoring (evaluate.py) both use this rule."""
-    for pattern in (ANSWER_RE, BOXED_RE, HASH_RE):
-        found = pattern.findall(text)
-        if found:
-            return normalize_number(found[-1])
-    return None
+    """The number of the text's last stated answer, or None when it states none. Keeping (create_data.py) and
+    strict scoring (evaluate.py) both use this rule."""
+    m = last_statement(text)
+    return normalize_number(next(g for g in m.groups() if g is not None)) if m else None
 
 
 def extract_last_number(text):
@@ -367,8 +446,9 @@ def answers_match(pred, gold):
 
 
 def cut_after_answer(text):
-    """The rationale up to and including its first answer sentence (drops anything after it)."""
-    m = ANSWER_RE.search(text)
+    """The rationale up to and including its last stated answer (drops anything after it): a kept rationale ends
+    with the answer extract_stated_answer reads."""
+    m = last_statement(text)
     if not m:
         return text.strip()
     end = m.end()
@@ -379,7 +459,7 @@ def cut_after_answer(text):
 
 def rationalization_problem(rationale, answer):
     """Why a Stage-2 rationale must be rejected, or None. It must reason, not lean on the hint."""
-    m = ANSWER_RE.search(rationale)
+    m = last_statement(rationale)
     reasoning = rationale[: m.start()] if m else rationale
     if not NUMBER_RE.search(reasoning):
         return "no_reasoning"
@@ -562,35 +642,6 @@ def load_model(name, device=None, dtype="auto"):
     return model.to(device).eval(), tok
 
 
-def stop_token_ids(model, tok):
-    """EOS and end-of-turn ids: any of them ends a row."""
-    ids = {tok.eos_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    for t in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>"):
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
-
-
-
-# ============================================================================= generation
-PREFIX_ATTENTION = "star_prefix"  # the attention implementation registered for shared-prefix decoding
-ENGINES = ("auto", "ours", "library")  # --engine: our decoding loop, or transformers' continuous batching
-# New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
-# solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
-MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
-
-
-class Sampling(NamedTuple):
-    """Draw `samples` completions per question at `temperature` from the `top_p` nucleus; `seed` fixes the draws."""
-    samples: int
-    temperature: float
-    top_p: float
-    seed: int
-
-
 def dist_state():
     """accelerate's view of the launch (1 process under plain `python`); CPU runs use gloo."""
     from accelerate import PartialState
@@ -605,397 +656,3 @@ def gather_all(items, state):
     from accelerate.utils import gather_object
 
     return gather_object(items)
-
-
-@torch.no_grad()
-def prefix_cache(model, prefix_ids):
-    """KV cache of the shared few-shot prefix, computed once: list of (keys, values), each [1, heads, P, dim]."""
-    from transformers import DynamicCache
-
-    if not prefix_ids:
-        return None
-    cache = DynamicCache(config=model.config)
-    ids = torch.tensor([prefix_ids], device=model.device)
-    forward(model, ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache,
-            logits_to_keep=1)  # the prefix's logits are never read: [1, 1, vocab], not [1, P, vocab]
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def kv_bytes_per_token(config, dtype_bytes=2):
-    """Bytes of keys and values one token adds to a cache: 2 x layers x kv heads x head dim x dtype bytes
-    (Llama-3.2-3B in bf16: 2 x 28 x 8 x 128 x 2 = 114,688 B = 112 KiB)."""
-    c = config.get_text_config()
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes
-
-
-@functools.lru_cache(maxsize=None)
-def cache_argument(model_class):
-    """The cache argument's name: renamed from past_key_values to cache within transformers 5 (looked up once
-    per model class, not at every decoding step)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
-    """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                 **{cache_argument(type(model)): cache}, **kwargs)
-
-
-def row_finished(tok, tokens, stop_ids, stops):
-    if tokens[-1] in stop_ids:
-        return True
-    tail = tok.decode(tokens[-12:])  # a stop string or an answer sentence spans a few tokens at most
-    return any(s in tail for s in stops) or bool(ANSWER_END_RE.search(tail))
-
-
-def attend(q, k, v, scale, mask=None):
-    """fp32 softmax attention returning (out, lse); a query that sees no key gets out 0 and lse -inf."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    return torch.exp(s - lse.clamp(min=torch.finfo(s.dtype).min)) @ v.float(), lse
-
-
-def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **kw):
-    """Each row attends to the shared prefix (stored once: [1, kv_heads, P, dim], no mask) and to its own
-    cached tokens (causal + padding mask), merged exactly by log-sum-exp (Hydragen, Juravsky et al. 2024).
-
-    query [B, heads, T, dim] in, [B, T, heads, dim] out. The query heads of one kv head are adjacent
-    (repeat_kv order), so all B rows' queries of a kv head form one matmul against the prefix: the
-    prefix is never copied per row.
-    """
-    B, H, T, D = query.shape
-    kvh, L = key.shape[1], key.shape[2]
-    g, scale = H // kvh, scaling if scaling is not None else D ** -0.5
-    q = query.reshape(B, kvh, g * T, D)  # [B, kv head, (group, t), dim]
-    mask = attention_mask if attention_mask is not None else torch.ones(T, L, dtype=torch.bool,
-                                                                        device=q.device).tril(L - T)[None, None]
-    out, lse = attend(q, key, value, scale, mask.expand(B, 1, T, L).repeat(1, 1, g, 1))
-    if prefix_kv is not None:
-        pk, pv = prefix_kv[module.layer_idx]
-        qp = q.transpose(0, 1).reshape(kvh, B * g * T, D)  # every row's queries of a kv head together
-        chunk = max(1, 2**26 // pk.shape[2])  # at most 2^26 scores (256 MiB in fp32) at once: a big batch's prefill
-        parts = [attend(qp[:, i:i + chunk], pk[0], pv[0], scale) for i in range(0, qp.shape[1], chunk)]
-        out_p, lse_p = (torch.cat(t, 1) for t in zip(*parts))
-        out_p, lse_p = (t.view(kvh, B, g * T, -1).transpose(0, 1) for t in (out_p, lse_p))
-        m = torch.maximum(lse, lse_p)  # finite: the prefix is never masked
-        wa, wb = torch.exp(lse_p - m), torch.exp(lse - m)
-        out = (wa * out_p + wb * out) / (wa + wb)
-    return out.reshape(B, H, T, D).transpose(1, 2).to(query.dtype), None
-
-
-def prefix_mask(**kwargs):
-    """transformers' sdpa mask, always materialized (never None): [B, 1, T, row cache length] bool."""
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
-
-
-def shares_prefix(model):
-    """Whether prefix_attention computes this model's attention: plain softmax over every cached position.
-    Sliding windows (Mistral, Gemma 2/3...), soft-capped scores (Gemma 2) and attention sinks (gpt-oss) are
-    not that: those models decode whole prompts with their own attention (the prefix computed per row)."""
-    config = model.config.get_text_config()
-    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return not (windowed or "sliding_attention" in (getattr(config, "layer_types", None) or ())
-                or getattr(config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()))
-
-
-def use_prefix_attention(model):
-    """Switch the model to prefix_attention; returns the implementation to restore afterwards."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, prefix_mask)
-    old = model.config._attn_implementation
-    model.set_attn_implementation(PREFIX_ATTENTION)
-    return old
-
-
-@torch.no_grad()
-def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None, generator=None):
-    """Decode one batch of question parts after the cached prefix: greedy, or sampled.
-
-    The prefix KV (kv, from prefix_cache) is shared by all rows, never copied: the row cache holds only
-    [padding | question | new tokens], at positions prefix_len onwards, and prefix_attention merges the
-    two. Finished rows are dropped once a quarter are done. With a Sampling, each row draws
-    sampling.samples continuations from one prefill (its row cache is copied, not recomputed). Returns
-    the new token ids of each row (samples rows per question when sampling), stop token excluded.
-    """
-    from transformers import DynamicCache
-
-    dev, B, L = model.device, len(rows), max(len(r) for r in rows)
-    ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long, device=dev)
-    mask = torch.zeros((B, L), dtype=torch.long, device=dev)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r, device=dev)
-        mask[i, L - len(r):] = 1
-    pos = prefix_len + (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    shared = {"prefix_kv": kv} if kv else {}  # no prefix (zero-shot): the model's own attention
-    old = use_prefix_attention(model) if kv else None
-    try:
-        logits = forward(model, ids, mask, pos, cache, logits_to_keep=1, **shared).logits[:, -1]
-        if sampling:
-            cache.batch_repeat_interleave(sampling.samples)
-            mask, pos, logits = (t.repeat_interleave(sampling.samples, 0) for t in (mask, pos, logits))
-            B *= sampling.samples
-        out, alive, pos = [[] for _ in range(B)], list(range(B)), pos[:, -1:]
-        for step in range(max_new_tokens):
-            nxt = pick_tokens(logits, sampling, generator)
-            picked = nxt.tolist()  # one device->host copy per step, not one per row
-            for j, row in enumerate(alive):
-                if row < 0:
-                    continue
-                out[row].append(picked[j])
-                if row_finished(tok, out[row], stop_ids, stops):
-                    alive[j] = -1
-            live = [j for j, r in enumerate(alive) if r >= 0]
-            if not live or step == max_new_tokens - 1:
-                break
-            if len(live) <= 0.75 * len(alive):  # most rows finished: stop paying for them
-                sel = torch.tensor(live, device=dev)
-                cache.batch_select_indices(sel)
-                mask, pos, nxt, alive = mask[sel], pos[sel], nxt[sel], [alive[j] for j in live]
-            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], 1)
-            pos = pos + 1
-            logits = forward(model, nxt[:, None], mask, pos, cache, **shared).logits[:, -1]
-    finally:
-        if old is not None:
-            model.set_attn_implementation(old)
-    return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
-
-
-def pick_tokens(logits, sampling=None, generator=None):
-    """Greedy argmax, or a draw at temperature T from the top-p nucleus (Holtzman et al. 2019)."""
-    if not sampling:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, -1)
-    sorted_p, sorted_i = probs.sort(-1, descending=True)
-    outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # tokens past the nucleus (the top one always stays)
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_p, 1, generator=generator)
-    return sorted_i.gather(-1, choice).squeeze(-1)
-
-
-def run_batch(decode, tok, rows, rows_per_call, stops, samples=1):
-    """(results, rows_per_call) of one batch, decoded rows_per_call rows at a time: a result is (text, new
-    tokens), or a list of `samples` of them. A CUDA OOM halves rows_per_call (for later batches too)."""
-    out, start = [], 0
-    while start < len(rows):
-        part = rows[start:start + rows_per_call]
-        try:
-            toks = decode(part)
-        except torch.cuda.OutOfMemoryError:
-            if rows_per_call == 1:
-                raise
-            rows_per_call //= 2
-            torch.cuda.empty_cache()
-            tqdm.write(f"out of memory: batch size halved to {rows_per_call}", file=sys.stderr)
-            continue
-        texts = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
-        if samples > 1:
-            texts = [texts[i * samples:(i + 1) * samples] for i in range(len(part))]
-        out += texts
-        start += len(part)
-    return out, rows_per_call
-
-
-def pick_engine(engine):
-    """auto: transformers' continuous batching on CUDA, our loop on CPU (where it measured 5.5x faster)."""
-    if engine not in ENGINES:
-        raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
-    if engine == "auto":
-        return "library" if torch.cuda.is_available() else "ours"
-    return engine
-
-
-def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, engine, stop=True):
-    """decode(rows, seed) -> new token ids per row (samples per row one after another), by either engine;
-    both stop rows by one rule (row_finished). stop=False: no stop token or string (fixed-length benchmarks)."""
-    stops, stop_ids = (stop_strings(tok), stop_token_ids(model, tok)) if stop else ((), [])
-    if engine == "library":
-        return lambda rows, seed: library_batch(model, tok, prefix_ids, rows, max_new_tokens, stop_ids, stops,
-                                                sampling, seed)
-    shared = shares_prefix(model)
-    kv = prefix_cache(model, prefix_ids) if shared else None
-    head = [] if shared else prefix_ids  # not shared: every row holds the whole prompt, the model's own attention
-
-    def ours(rows, seed):
-        generator = torch.Generator(model.device).manual_seed(seed) if sampling else None
-        return generate_batch(model, tok, kv, len(prefix_ids) if shared else 0, [head + r for r in rows],
-                              max_new_tokens, stop_ids, stops, sampling, generator)
-    return ours
-
-
-def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=(),
-             sampling=None, engine="ours"):
-    """Completions of prefix + each question part: a list of (text, new-token count) in input order
-    (with a Sampling, a list of sampling.samples of them per question).
-
-    Questions are sorted longest first and cut into batches of batch_size: rows of a batch have similar
-    lengths, an out-of-memory error shows up on the first batch, and the batches are the same on every
-    run (what resume relies on: batches in `skip` are not run). Under `accelerate launch` or torchrun,
-    process r runs batches r, r + P, r + 2P...; every process gets every result. on_batch(number,
-    indices, results) is called on the main process for each finished batch (it may return a dict for
-    the progress bar). Sampled draws are seeded by (sampling.seed, batch number): the same command
-    gives the same draws. engine: "ours" (generate_batch) or "library" (library_batch).
-    """
-    state = dist_state()
-    prefix_ids = tok(prefix, add_special_tokens=False).input_ids if prefix else []
-    rows = [tok(q, add_special_tokens=False).input_ids for q in questions]
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    decode = batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, pick_engine(engine))
-    results, rows_per_call = [None] * len(rows), batch_size
-    bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True, disable=not state.is_main_process)
-    for first in range(0, len(batches), state.num_processes):
-        number, texts = first + state.process_index, None  # this process's batch in this round
-        if number < len(batches) and number not in skip:
-            seed = (sampling.seed if sampling else 0) * 1_000_003 + number
-            texts, rows_per_call = run_batch(lambda part: decode(part, seed), tok, [rows[i] for i in batches[number]],
-                                             rows_per_call, stop_strings(tok), sampling.samples if sampling else 1)
-        for number, texts in gather_all([(number, texts)], state):
-            if number >= len(batches):
-                continue
-            bar.update(len(batches[number]))
-            if texts is None:  # skipped: finished in an earlier run
-                continue
-            for i, r in zip(batches[number], texts):
-                results[i] = r
-            if on_batch and state.is_main_process:
-                bar.set_postfix(on_batch(number, batches[number], texts) or {})
-    bar.close()
-    return results
-
-
-@torch.no_grad()
-def library_batch(model, tok, prefix_ids, rows, max_new_tokens, stop_ids, stops, sampling=None, generator_seed=None):
-    """What common.generate_batch returns for these rows (new token ids per row; sampling.samples lists per row,
-    one after another, when sampling), computed by transformers' continuous batching on prefix_ids + row.
-
-    The library stops only at stop_ids and max_new_tokens; common.row_finished (stop strings, answer sentence) is
-    applied to the token prefixes afterwards, so both engines cut rows by one rule. The manager switches the model to
-    a CB attention (5.17: "paged|" + it; 5.24: sdpa stays, eager -> "paged|eager"; both: flash if installed) and
-    restores the original one when it stops: do not set "paged|..." yourself (5.17 would then not restore it).
-    Draws are seeded by ContinuousBatchingConfig.seed (generator_seed, else sampling.seed, else 0), which calls
-    torch.manual_seed: the process's global RNG is reseeded.
-    """
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    samples = sampling.samples if sampling else 1
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=tok.pad_token_id,
-                              num_return_sequences=1, do_sample=bool(sampling),
-                              **(dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0) if sampling else {}))
-    seed = generator_seed if generator_seed is not None else (sampling.seed if sampling else 0)
-    # Cache sized from the workload (blocks of 256 tokens, the default page/block size of both versions): left to
-    # itself the library takes 90% of free memory, 14 GB and ~30 s of allocation per call on a CPU.
-    blocks = samples * sum(-(-(len(prefix_ids) + len(r) + max_new_tokens) // 256) for r in rows) + 1
-    # Prefix blocks are shared only with requests first scheduled after a forward that completed them: a batch budget
-    # of one prompt makes the first forward prefill one whole prompt, and the later rows reuse its full 256-token
-    # blocks of the prefix (with 8192, all rows prefill together and nothing is shared).
-    budget = max(256, len(prefix_ids) + max(len(r) for r in rows))
-    cb = ContinuousBatchingConfig(seed=seed, allow_block_sharing=True, num_blocks=blocks, max_batch_tokens=budget)
-    # Each prompt `samples` times, not num_return_sequences: 5.17's generate_batch drops the "__child#" results.
-    inputs = [list(prefix_ids) + list(r) for r in rows for _ in range(samples)]
-    out = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cb,
-                               progress_bar=False)
-    got = [None] * len(inputs)  # keys "req_<input index>": a fresh manager counts from 0
-    for key, result in out.items():
-        i = int(re.fullmatch(r"req_(\d+)", key)[1])
-        got[i] = result.generated_tokens if result.error is None else None
-    if any(t is None for t in got):  # generate_batch logs a failure and returns what it has
-        raise RuntimeError(f"continuous batching returned {sum(t is not None for t in got)} of {len(inputs)} sequences")
-    cut = []
-    for toks in got:
-        toks = list(toks[:max_new_tokens])
-        end = next((k + 1 for k in range(len(toks)) if row_finished(tok, toks[:k + 1], stop_ids, stops)), len(toks))
-        toks = toks[:end]
-        cut.append(toks[:-1] if toks and toks[-1] in stop_ids else toks)
-    return cut
-
-
-# Resume: each finished batch is appended to <output>.partial as soon as it is done; a rerun of the
-# same command reads them back and runs only the rest.
-def partial_path(output):
-    return output + ".partial"
-
-
-def load_partial(path, settings, overwrite):
-    """Finished batches of an interrupted run: {(stage, batch number): [[index, result], ...]}.
-
-    The first line records the settings; a rerun with other settings refuses to mix its records
-    with these (or starts over under --overwrite). A last line cut short by a kill is dropped.
-    Only the main process writes the file; every process reads it.
-    """
-    state = dist_state()
-    if state.is_main_process:
-        prepare_partial(path, settings, overwrite)
-    state.wait_for_everyone()
-    with open(path) as f:
-        lines = f.read().split("\n")
-    saved = json.loads(lines[0]).get("settings", {})
-    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-    if differ:
-        raise StarError(f"{path} holds an interrupted run with other settings ({', '.join(differ)}); rerun it as "
-                        "it was, or pass --overwrite to start over")
-    finished = {}
-    for line in filter(None, lines[1:]):
-        r = json.loads(line)
-        finished[(r["stage"], r["batch"])] = r["results"]
-    if finished and state.is_main_process:
-        print(f"resuming: {len(finished)} finished batches in {path}", file=sys.stderr)
-    return finished
-
-
-def prepare_partial(path, settings, overwrite):
-    """Start a partial file (header line), or clean one up: drop a torn last line so appends start clean."""
-    if os.path.exists(path) and overwrite:
-        os.remove(path)
-    if not os.path.exists(path):
-        return write_text(path, json.dumps({"settings": settings}) + "\n")
-    with open(path) as f:
-        lines = f.read().split("\n")
-    try:
-        json.loads(lines[0])
-    except json.JSONDecodeError:  # killed while writing the header: nothing was saved yet
-        os.remove(path)
-        return prepare_partial(path, settings, overwrite)
-    good = [lines[0]]
-    for line in filter(None, lines[1:]):
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            pass  # the line being written when the run was killed
-    write_text(path, "\n".join(good) + "\n")
-
-
-def append_partial(path, stage, number, indices, results):
-    """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
-    with open(path, "a") as f:
-        f.write(json.dumps({"stage": stage, "batch": number, "results": [[i, r] for i, r in zip(indices, results)]}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def generate_resumable(model, tok, prefix, questions, max_new_tokens, batch_size, partial, finished, stage,
-                       desc="generating", on_batch=None, sampling=None, engine="ours"):
-    """generate() whose finished batches go to the partial file and come back from it on a rerun.
-    finished: what load_partial read; on_batch(indices, results) may return a dict for the progress bar."""
-    earlier = {number: items for (s, number), items in finished.items() if s == stage}
-
-    def save(number, indices, results):
-        append_partial(partial, stage, number, indices, results)
-        return on_batch(indices, results) if on_batch else None
-
-    results = generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc, save, set(earlier), sampling,
-                       engine)
-    for items in earlier.values():
-        for i, r in items:  # JSON gave lists back: make them the tuples generate returns
-            results[i] = [tuple(x) for x in r] if sampling else tuple(r)
-    return results

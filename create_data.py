@@ -14,12 +14,13 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output,
-    check_positive, cli_errors, cut_after_answer, dist_state, extract_stated_answer, generate_resumable, load_model,
-    load_partial, load_split, model_identity, partial_path, pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info,
-    solution_to_rationale, write_json, write_jsonl,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, StarError, answers_match, build_prompts, check_output, check_positive, cli_errors,
+    cut_after_answer, dist_state, extract_last_number, extract_stated_answer, load_partial, load_split, model_identity, partial_path,
+    pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info, solution_to_rationale, write_json,
+    write_jsonl,
 )
-from steps import CHAIN_RE, all_steps_true, check_steps
+from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
+from steps import all_steps_true, check_steps, written_equations
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
@@ -55,8 +56,8 @@ parser.add_argument("--human_rationales", action="store_true",
 parser.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="weights: auto = bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX, else fp32")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
-                         "auto = library on CUDA, ours on CPU")
+                    help="decoding: ours (shared-prefix loop, any HF causal LM), vllm (vLLM's engine, where installed), "
+                         "auto = vllm where installed and worth its start, else ours (README \"Speed\")")
 parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
 parser.add_argument("--debug", action="store_true", help="full tracebacks")
 
@@ -74,6 +75,7 @@ def keep_faithful(records, args, stats, stage):
     if args.check_steps == "off":
         return records
     stats[f"stage{stage}_all_steps_true"] = sum(all_steps_true(r["steps_true"], r["steps_found"]) for r in records)
+    stats[f"stage{stage}_no_step_found"] = sum(r["steps_found"] == 0 for r in records)  # what the filter drops unread
     if args.check_steps != "filter":
         return records
     kept = [r for r in records if all_steps_true(r["steps_true"], r["steps_found"])]
@@ -95,13 +97,32 @@ def correct_rationales(samples, gold):
     return [r for r in cut if answers_match(extract_stated_answer(r), gold)]
 
 
+def yield_losses(samples, gold, max_new_tokens):
+    """{right_unstated, cut_at_max_new_tokens} among (text, tokens) samples: right answers that state no answer (right
+    by their last number only, so not kept) and rationales that ran into --max_new_tokens. Counted per stage, so no
+    right answer is dropped for its form without a trace."""
+    return {"right_unstated": sum(extract_stated_answer(text) is None and answers_match(extract_last_number(text), gold)
+                                  for text, _ in samples),
+            "cut_at_max_new_tokens": sum(n >= max_new_tokens for _, n in samples)}
+
+
+def add_losses(stats, stage, rows, outs, max_new_tokens, sampled=False):
+    """Add each question's yield_losses to stats["stage{N}_..."] (0 when none); outs[i] is a (text, tokens) or,
+    sampled, a list of them."""
+    for key in ("right_unstated", "cut_at_max_new_tokens"):
+        stats.setdefault(f"stage{stage}_{key}", 0)
+    for row, out in zip(rows, outs):
+        for key, count in yield_losses(out if sampled else [out], row["answer"], max_new_tokens).items():
+            stats[f"stage{stage}_{key}"] += count
+
+
 def drop_duplicates(rationales, cap=None):
     """Distinct reasoning only: the same normalized text, or the same sequence of written equations
     (RFT, Yuan et al. 2023), counts once; at most `cap` kept (ReST-EM caps at 10 per problem)."""
     kept, seen = [], set()
     for r in rationales:
         keys = {("text", re.sub(r"[^a-z0-9]", "", r.lower()))}
-        equations = tuple(re.sub(r"[\s$,]", "", m.group()) for m in CHAIN_RE.finditer(r))
+        equations = tuple(written_equations(r))
         if equations:
             keys.add(("equations", equations))
         if not keys & seen:
@@ -116,16 +137,20 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
     prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
     sampling = Sampling(S, args.temperature, args.top_p, args.seed) if S > 1 else None
     questions_done = questions_right = 0
+    running = {}
 
-    def success_rate(indices, results):  # running Stage-1 success shown on the progress bar
+    def success_rate(indices, results):  # running Stage-1 success and losses shown on the progress bar
         nonlocal questions_done, questions_right
         questions_done += len(indices)
         questions_right += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"]))
                                for i, r in zip(indices, results))
-        return {"stage1_correct": f"{questions_right / questions_done:.1%}"}
+        add_losses(running, 1, [rows[i] for i in indices], results, args.max_new_tokens, S > 1)
+        return {"stage1_correct": f"{questions_right / questions_done:.1%}",
+                "right_unstated": running["stage1_right_unstated"], "cut": running["stage1_cut_at_max_new_tokens"]}
 
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
-                              "stage 1", success_rate, sampling, args.engine)
+                              "stage 1", success_rate, sampling)
+    add_losses(stats, 1, rows, outs, args.max_new_tokens, S > 1)  # all batches, resumed ones too
     kept, failed, per_question, correct_samples = [], [], [], 0
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
@@ -149,8 +174,15 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
 def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
     """Rationalization: the hint is the final number only, in the question and in every exemplar."""
     prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
+    running = {}
+
+    def losses(indices, results):  # shown on the progress bar
+        add_losses(running, 2, [rows[i] for i in indices], results, args.max_new_tokens)
+        return {"right_unstated": running["stage2_right_unstated"], "cut": running["stage2_cut_at_max_new_tokens"]}
+
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 2,
-                              "stage 2", engine=args.engine)
+                              "stage 2", losses)
+    add_losses(stats, 2, rows, outs, args.max_new_tokens)
     kept, rejected = [], {}
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n
@@ -229,7 +261,9 @@ def main(argv=None):
             rows = [r for r in rows if r["id"] not in ex_ids]  # a question never sees its own solution
             stats.update(questions_seen=len(rows), exemplars_skipped=stats["questions_seen"] - len(rows),
                          exemplar_ids=sorted(ex_ids))
-            model, tok = load_model(args.model_name, dtype=args.dtype)
+            model, tok = load_generator(args.model_name, args.engine, len(rows) * args.num_samples,
+                                        args.batch_size * args.num_samples, args.seed, args.dtype)
+            stats["engine"] = engine_name(model)
             partial = partial_path(args.output)
             settings = resume_settings(vars(args), model_weights=model_identity(args.model_name))
             finished = load_partial(partial, settings, args.overwrite)
@@ -265,6 +299,10 @@ def main(argv=None):
         print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "
               f"stage 2: {sum(r['stage'] == 2 for r in records)}{carried}); wrote {args.output} and "
               f"{args.output}.stats.json")
+        if not args.human_rationales:
+            print("not kept for their form (stage 1, stage 2): right but no stated answer "
+                  f"{stats['stage1_right_unstated']}, {stats.get('stage2_right_unstated', 0)}; cut at --max_new_tokens "
+                  f"{stats['stage1_cut_at_max_new_tokens']}, {stats.get('stage2_cut_at_max_new_tokens', 0)}")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,37 @@
 """Evaluate a STaR checkpoint: batched greedy answers on the test split and their accuracy.
 
-Accuracy under two rules, named as in lm-evaluation-harness: strict (the answer sentence
-"The answer is N." or "#### N") and flexible (the last number of the completion).
+Accuracy under two rules, named as in lm-evaluation-harness: strict (the stated answer: the last
+"The final answer is N", "\\boxed{N}" or "#### N", the rule create_data.py keeps by) and flexible (the
+last number of the completion). A warning line says when flexible exceeds strict by more than 5 points.
 Zero-shot by default (--k 0): the format train.py teaches. --k K > 0 for few-shot base models.
+--protocol lm_eval_llama runs lm-evaluation-harness's gsm8k_cot_llama task instead (Meta's 8-shot chat
+chain-of-thought protocol, read from the installed lm-eval): the model card's GSM8K figure.
 
     python evaluate.py --iteration 1 --dataset arithmetic --max_samples 64 --save_results
     python evaluate.py --iteration 0 --base_model smollm2-135m --k 4 --data_dir ../shared/gsm8k --max_samples 100
+    python evaluate.py --iteration 0 --protocol lm_eval_llama --data_dir ../shared/gsm8k   # vs the card's 77.7
 """
 import argparse
+import logging
 import os
 import re
+import sys
 import time
 from collections import Counter
 from decimal import Decimal
+from typing import NamedTuple
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, ENGINES, MAX_NEW_TOKENS, Sampling, StarError, answers_match, build_prompts, check_output, check_positive,
-    cli_errors, dist_state, extract_last_number, extract_stated_answer, generate_resumable, load_model, load_partial,
-    load_split, model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
+    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, StarError, answers_match, build_prompts, check_output, check_positive, cli_errors,
+    dist_state, extract_last_number, extract_stated_answer, is_chat, load_partial, load_split, load_tokenizer,
+    model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
 )
+from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
 from steps import all_steps_true, check_steps
+
+PROTOCOLS = ("star", "lm_eval_llama")  # --protocol: our prompts and answer rule, or lm-eval's gsm8k_cot_llama task
+LM_EVAL_TASK = "gsm8k_cot_llama"  # Meta's GSM8K protocol for Llama 3 (8-shot chain of thought as chat turns)
+GAP_WARNING_POINTS = 5  # flexible above strict by more: right answers are written in a form strict cannot read
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=None,
@@ -38,7 +50,8 @@ parser.add_argument("--k", type=int, default=0, help="few-shot exemplars from th
 parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
 parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
 parser.add_argument("--seed", type=int, default=0, help="picks the exemplars when --k > 0")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic")
+parser.add_argument("--max_new_tokens", type=int, default=None,
+                    help="default: 320 gsm8k, 192 arithmetic; with --protocol lm_eval_llama the task's max_gen_toks")
 parser.add_argument("--num_samples", type=int, default=1,
                     help="k > 1: also draw k sampled answers per question and report maj@k and pass@k")
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
@@ -47,20 +60,129 @@ parser.add_argument("--output", default=None, help="default results/eval_iter{N}
 parser.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="weights: auto = bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX, else fp32")
 parser.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decoding: ours (shared-prefix loop), library (transformers' continuous batching), "
-                         "auto = library on CUDA, ours on CPU")
+                    help="decoding: ours (shared-prefix loop, any HF causal LM), vllm (vLLM's engine, where installed), "
+                         "auto = vllm where installed and worth its start, else ours (README \"Speed\")")
+parser.add_argument("--protocol", default="star", choices=PROTOCOLS,
+                    help="star: our prompts (--k exemplars) and answer rule; lm_eval_llama: lm-evaluation-harness's "
+                         f"{LM_EVAL_TASK} task (its 8 exemplars as chat turns, Meta's instruction, its stop sequences, "
+                         "max new tokens, strict-match and flexible-extract), comparable with the Llama model cards")
 parser.add_argument("--overwrite", action="store_true")
 parser.add_argument("--debug", action="store_true")
 
 
-def score(rows, outs):
+# ============================================================================= the lm-evaluation-harness protocol
+class LmEvalProtocol(NamedTuple):
+    """What lm-eval's task sets, read from the installed package (nothing here is a copy of it)."""
+    instruction: str     # the user turn, "{question}" where the question goes
+    exemplars: list      # [{question, rationale}]: the few-shot chat turns
+    until: list          # stop sequences
+    max_new_tokens: int  # max_gen_toks
+    strict: tuple        # (regex, group_select) of the strict-match filter
+    flexible: tuple      # (regex, group_select) of the flexible-extract filter
+    ignore: list         # exact_match's regexes_to_ignore, removed from both sides before comparing
+    ignore_case: bool
+    info: dict           # recorded in the results JSON
+
+
+def load_lm_eval_task(rows):
+    """lm-eval's gsm8k_cot_llama task, built by its own TaskManager from its own YAML, with these GSM8K rows as
+    its documents: lm-eval would fetch openai/gsm8k from the hub, so the local rows are handed to it."""
+    try:
+        import datasets
+        import lm_eval.tasks
+    except ImportError:
+        raise StarError("--protocol lm_eval_llama needs lm-eval: pip install lm-eval (make install does)") from None
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that a custom dataset takes --metadata kwargs
+    folder = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "gsm8k")  # index this folder: 0.01 s, all tasks: 10 s
+    manager = lm_eval.tasks.TaskManager(include_path=folder, include_defaults=False)
+    entry = manager.task_index.get(LM_EVAL_TASK)
+    if entry is None or not entry.cfg:
+        raise StarError(f"the installed lm-eval has no {LM_EVAL_TASK} task in {folder}")
+    docs = datasets.Dataset.from_list([{"question": r["question"], "answer": r["solution"]} for r in rows])
+    config = {**entry.cfg, "custom_dataset": lambda **_: datasets.DatasetDict({"test": docs})}
+    return manager.load(config)["tasks"][LM_EVAL_TASK]
+
+
+def lm_eval_protocol(task):
+    """LmEvalProtocol from the task's config; a StarError if the task is no longer the protocol reproduced here."""
+    import lm_eval
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    c = task.config
+    generation = normalize_gen_kwargs(dict(c.generation_kwargs))  # with lm-eval's own default max_gen_toks (256)
+    filters = {f["name"]: f["filter"] for f in c.filter_list}
+    metric = c.metric_list[0] if len(c.metric_list) == 1 else {}
+    reproduced = (c.doc_to_text.count("{{") == 1 and "{{question}}" in c.doc_to_text
+                  and c.fewshot_config.sampler == "first_n" and not generation["do_sample"] and sorted(filters) == ["flexible-extract", "strict-match"]
+                  and all([f["function"] for f in pipeline] == ["regex", "take_first"] for pipeline in filters.values())
+                  and metric.get("metric") == "exact_match" and not metric.get("ignore_punctuation")
+                  and not metric.get("ignore_numbers"))
+    if not reproduced:
+        raise StarError(f"lm-eval {lm_eval.__version__}'s {LM_EVAL_TASK} is not the protocol this script reproduces "
+                        "(prompt template, first_n exemplars, greedy, regex + take_first filters, exact_match)")
+    regex = {name: (steps[0]["regex_pattern"], steps[0].get("group_select", 0)) for name, steps in filters.items()}
+    exemplars = [{"question": d["question"], "rationale": task.doc_to_target(d)}
+                 for d in c.fewshot_config.samples[:c.num_fewshot]]
+    info = {"task": LM_EVAL_TASK, "task_version": c.metadata.get("version"), "lm_eval_version": lm_eval.__version__,
+            "num_fewshot": len(exemplars), "until": list(generation["until"]), "max_gen_toks": generation["max_gen_toks"],
+            "strict_regex": regex["strict-match"][0], "flexible_regex": regex["flexible-extract"][0]}
+    return LmEvalProtocol(c.doc_to_text.replace("{{question}}", "{question}"), exemplars, list(generation["until"]),
+                          generation["max_gen_toks"], regex["strict-match"], regex["flexible-extract"],
+                          list(metric.get("regexes_to_ignore") or []), bool(metric.get("ignore_case")), info)
+
+
+def cut_at(text, stops):
+    """The text before its first stop sequence, as lm-eval cuts a generation."""
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+def lm_eval_extract(text, regex, group_select):
+    """lm-eval's regex filter then take_first: the selected match (its first non-empty group), stripped; None for
+    no match (lm-eval's "[invalid]")."""
+    found = re.findall(regex, text)
+    if not found:
+        return None
+    match = found[group_select]
+    if isinstance(match, tuple):
+        match = next((g for g in match if g), None)
+    return match.strip() if match is not None else None
+
+
+def lm_eval_correct(pred, gold, protocol):
+    """exact_match as the task sets it: strings, with regexes_to_ignore removed from both (and lowercased), equal.
+    Not numbers: "18.00" is not "18" there."""
+    if pred is None:
+        return False
+    for r in protocol.ignore:
+        pred, gold = re.sub(r, "", pred), re.sub(r, "", gold)
+    if protocol.ignore_case:
+        pred, gold = pred.lower(), gold.lower()
+    return pred == gold
+
+
+# ============================================================================= scoring
+
+
+def read_answers(text, row, protocol=None):
+    """(strict answer, flexible answer, strict right, flexible right): our rule (common.extract_stated_answer, the last
+    number, compared as numbers), or under an LmEvalProtocol its filters and exact_match."""
+    if protocol is None:
+        strict, flexible = extract_stated_answer(text), extract_last_number(text)
+        return strict, flexible, answers_match(strict, row["answer"]), answers_match(flexible, row["answer"])
+    gold = row["solution"].split("####")[-1].strip()  # the task's doc_to_target
+    strict, flexible = lm_eval_extract(text, *protocol.strict), lm_eval_extract(text, *protocol.flexible)
+    return strict, flexible, lm_eval_correct(strict, gold, protocol), lm_eval_correct(flexible, gold, protocol)
+
+
+def score(rows, outs, protocol=None):
     details = []
     for row, (text, n) in zip(rows, outs):
-        strict, flexible = extract_stated_answer(text), extract_last_number(text)
+        strict, flexible, right, flexible_right = read_answers(text, row, protocol)
         details.append({"id": row["id"], "question": row["question"], "gold": row["answer"], "completion": text,
-                        "extracted": strict, "flexible_extracted": flexible,
-                        "correct": answers_match(strict, row["answer"]),
-                        "flexible_correct": answers_match(flexible, row["answer"]), "tokens": n})
+                        "extracted": strict, "flexible_extracted": flexible, "correct": right,
+                        "flexible_correct": flexible_right, "tokens": n})
         details[-1]["steps_true"], details[-1]["steps_found"] = check_steps(text, row["question"])
         details[-1]["faithful_correct"] = details[-1]["correct"] and all_steps_true(details[-1]["steps_true"],
                                                                                    details[-1]["steps_found"])
@@ -74,6 +196,9 @@ def check_args(args):
         raise StarError("--k, --iteration and --dev_samples must be >= 0")
     if args.top_p > 1:
         raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.protocol != "star" and (args.dataset != "gsm8k" or args.k or args.num_samples > 1):
+        raise StarError(f"--protocol {args.protocol} is GSM8K with the task's own exemplars, greedy: it takes no "
+                        f"--dataset {args.dataset}, --k {args.k} or --num_samples {args.num_samples}")
     if args.model is None:
         args.iteration = 1 if args.iteration is None else args.iteration
         args.model = args.base_model if args.iteration == 0 else f"results/model_star_iter{args.iteration}"
@@ -82,9 +207,11 @@ def check_args(args):
     label = f"iter{args.iteration}"
     if args.iteration is None:  # --model alone: name the results after the model, so two models never share a file
         label, args.iteration = model_label(args.model)
+    label = label if args.protocol == "star" else f"{args.protocol}_{label}"  # results/eval_lm_eval_llama_iter0.json
     label = label if args.split == "test" else f"{args.split}_{label}"  # results/eval_dev_iter2.json
     args.output = args.output or f"results/eval_{label}.json"
-    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
+    if args.protocol == "star":  # lm_eval_llama: the task's max_gen_toks, set once the task is read
+        args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
     check_output(args.output, args.overwrite)
     if args.save_results:
         check_output(details_path(args.output), args.overwrite)
@@ -118,13 +245,16 @@ def score_samples(details, samples):
         d["tokens"] += sum(n for _, n in drawn)
 
 
-def accuracy_report(details, args, seconds):
+def accuracy_report(details, args, seconds, protocol=None):
     n, tokens = len(details), sum(d["tokens"] for d in details)
     count = {key: sum(d[key] for d in details) for key in ("correct", "flexible_correct", "faithful_correct")}
     return {"accuracy": count["correct"] / n, "accuracy_flexible": count["flexible_correct"] / n,
             "accuracy_faithful": count["faithful_correct"] / n, "correct": count["correct"],
+            "correct_no_step_found": sum(d["correct"] and d["steps_found"] == 0 for d in details),
             "correct_flexible": count["flexible_correct"], "n": n, "model": args.model, "iteration": args.iteration,
-            "dataset": args.dataset, "split": args.split, "k": args.k, "seconds": round(seconds, 1),
+            "dataset": args.dataset, "split": args.split, "protocol": args.protocol,
+            "k": len(protocol.exemplars) if protocol else args.k, "seconds": round(seconds, 1),
+            **({"lm_eval": protocol.info} if protocol else {}),
             "tokens_per_s": round(tokens / seconds, 1), **run_info(vars(args)),
             **({f"accuracy_maj_at_{args.num_samples}": sum(d["maj_correct"] for d in details) / n,
                 f"accuracy_pass_at_{args.num_samples}": sum(d["pass_correct"] for d in details) / n}
@@ -139,21 +269,30 @@ def main(argv=None):
         rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples, args.dev_samples)
         train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples) if args.k else []
         exemplars = pick_exemplars(train, args.k, args.seed) if args.k else []
-        model, tok = load_model(args.model, dtype=args.dtype)
-        prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
+        protocol = None if args.protocol == "star" else lm_eval_protocol(load_lm_eval_task(rows))
+        if protocol:
+            exemplars, args.max_new_tokens = protocol.exemplars, args.max_new_tokens or protocol.max_new_tokens
+            if not is_chat(load_tokenizer(args.model)):  # before the weights load
+                raise StarError(f"--protocol {args.protocol} asks in chat turns: {args.model} has no chat template")
+        model, tok = load_generator(args.model, args.engine, len(rows) * args.num_samples, args.batch_size * args.num_samples,
+                                    args.seed, args.dtype)
+        prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars,
+                                      **({"instruction": protocol.instruction} if protocol else {}))
         partial = partial_path(args.output)
         settings = resume_settings(vars(args), model_weights=model_identity(args.model))
         finished = load_partial(partial, settings, args.overwrite)
         outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 0,
-                                  f"evaluating {args.split}", engine=args.engine)
-        details = score(rows, outs)
+                                  f"evaluating {args.split}")
+        if protocol:  # the task's stop sequences (our generation also stops at "Question:" and after an answer sentence)
+            outs = [(cut_at(text, protocol.until), n) for text, n in outs]
+        details = score(rows, outs, protocol)
         if args.num_samples > 1:
             sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
             samples = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial,
-                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling,
-                                         engine=args.engine)
+                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling)
             score_samples(details, samples)
-        result, n = accuracy_report(details, args, time.time() - t0), len(details)
+        result, n = accuracy_report(details, args, time.time() - t0, protocol), len(details)
+        result["engine"] = engine_name(model)
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
         if args.save_results:
@@ -169,7 +308,17 @@ def main(argv=None):
                  if k > 1 else "")
         print(f"accuracy {result['accuracy']:.4f} strict, {result['accuracy_flexible']:.4f} flexible, "
               f"{result['accuracy_faithful']:.4f} correct with all steps true{voted} "
-              f"(n={n}, {result['correct']} correct); wrote {args.output}{also}")
+              f"(n={n}, {result['correct']} correct, {result['correct_no_step_found']} of them with no step found); "
+              f"wrote {args.output}{also}")
+        warn_unstated(result)
+
+
+def warn_unstated(result):
+    """One line when flexible beats strict by more than GAP_WARNING_POINTS: right answers lost to their form."""
+    points = round(100 * (result["accuracy_flexible"] - result["accuracy"]), 6)  # 55% - 50% is 5 points, not 5.000001
+    if points > GAP_WARNING_POINTS:
+        print(f"warning: flexible accuracy is {points:.1f} points above strict: the model does not state its answers "
+              "in the expected form", file=sys.stderr)
 
 
 if __name__ == "__main__":

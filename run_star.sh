@@ -36,6 +36,7 @@ TRAIN_BATCH_SIZE=8
 EPOCHS=3
 LR=1e-4                   # 2e-5 suits a 3B model; the 135M demo model needs more
 MAX_NEW_TOKENS=""
+ENGINE=""                 # --engine auto|ours|vllm for create_data.py and evaluate.py (their default: auto)
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 EXTRA_EVAL=()             # e.g. --eval_args "--num_samples 8"
@@ -43,7 +44,7 @@ LAUNCHER=()               # --launcher "accelerate launch --num_processes 8": ru
                           # evaluate.py under it (each script's path and flags follow it); default: $PY alone
 DTYPE=""                  # --dtype auto|bf16|fp32 for the three scripts (default: theirs, auto)
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --dtype --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -64,6 +65,7 @@ while [ $# -gt 0 ]; do
     --epochs) EPOCHS=$2 ;;
     --lr) LR=$2 ;;
     --max_new_tokens) MAX_NEW_TOKENS=$2 ;;
+    --engine) ENGINE=$2 ;;
     --create_args) read -r -a EXTRA_CREATE <<< "$2" ;;
     --train_args) read -r -a EXTRA_TRAIN <<< "$2" ;;
     --eval_args) read -r -a EXTRA_EVAL <<< "$2" ;;
@@ -84,6 +86,7 @@ DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
 [ -n "$MAX_NEW_TOKENS" ] && GEN+=(--max_new_tokens "$MAX_NEW_TOKENS")
+[ -n "$ENGINE" ] && GEN+=(--engine "$ENGINE")
 PRECISION=()
 [ -n "$DTYPE" ] && PRECISION=(--dtype "$DTYPE")
 

@@ -1,5 +1,5 @@
-"""Summarize a STaR loop: one row per iteration (test accuracy, faithful share, Stage-1/2 success,
-training examples) from results/eval_*.json and data/*.stats.json, as a table and a plot.
+"""Summarize a STaR loop: one row per iteration (test accuracy, flexible - strict gap, faithful share, Stage-1/2
+success, training examples) from results/eval_*.json and data/*.stats.json, as a table and a plot.
 
     python summary.py                       # writes results/summary.md and results/summary.png
     python summary.py --results_dir results --data_dir data
@@ -39,6 +39,7 @@ def iteration_rows(results_dir="results", data_dir="data"):
         trained = read_json(os.path.join(results_dir, model, "train_stats.json"))
         seconds = sum(x.get("seconds", 0) for x in (ev, dev, stats, trained))
         rows.append({"label": "vanilla SFT" if m.group(1) == "sft" else m.group(2), "accuracy": ev["accuracy"],
+                     "flexible": ev.get("accuracy_flexible"),
                      "dev": dev.get("accuracy"), "dev_n": dev.get("n"),
                      "faithful": ev.get("accuracy_faithful"), "n": ev["n"], "k": ev["k"],
                      "stage1": stats.get("stage1_correct"), "stage2": stats.get("stage2_correct"),
@@ -51,8 +52,9 @@ def iteration_rows(results_dir="results", data_dir="data"):
 
 
 def summary_table(rows):
-    lines = ["| iteration | dev accuracy | test accuracy | change | correct, all steps true | Stage-1 success "
-             "| Stage-2 success | training examples | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    # flexible - strict: right answers (by the last number) whose answer is not stated in the expected form
+    lines = ["| iteration | dev accuracy | test accuracy | flexible - strict | change | correct, all steps true "
+             "| Stage-1 success | Stage-2 success | training examples | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
     prev = None
     for r in rows:
         change = "" if prev is None or r["label"] == "vanilla SFT" else f"{100 * (r['accuracy'] - prev):+.1f} pts"
@@ -61,7 +63,8 @@ def summary_table(rows):
         shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else ""
         faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
         dev = f"{100 * r['dev']:.1f}% (n={r['dev_n']})" if r["dev"] is not None else ""
-        lines.append(f"| {r['label']}{shots} | {dev} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {change} | {faithful} "
+        gap = f"{100 * (r['flexible'] - r['accuracy']):+.1f} pts" if r["flexible"] is not None else ""
+        lines.append(f"| {r['label']}{shots} | {dev} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {gap} | {change} | {faithful} "
                      f"| {s1} | {s2} | {r['kept'] if r['kept'] is not None else ''} | {r['minutes']:.1f} |")
         prev = r["accuracy"] if r["label"] != "vanilla SFT" else prev
     return "\n".join(lines) + "\n"

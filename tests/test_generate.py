@@ -1,4 +1,4 @@
-"""common.generate against plain model.generate on the same full prompts (embedded model in fp32, real GSM8K)."""
+"""engines.generate against plain model.generate on the same full prompts (embedded model in fp32, real GSM8K)."""
 import copy
 import re
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import common
-from common import build_prompts, generate, load_model, load_split, pick_exemplars, stop_token_ids
+import engines
+from common import build_prompts, load_model, load_split, pick_exemplars
+from engines import generate, stop_token_ids
 from conftest import GSM8K_DIR
 
 
@@ -33,7 +35,8 @@ def reference_generate(model, tok, prompts, max_new_tokens, stops):
             for r in rows]  # up to the row's own stop (finished rows are padded)
 
 
-# Written here, not taken from common.py: the answer sentence "The answer is N." followed by a space or newline.
+# Written here, not taken from common.py: an answer sentence ("The final answer is N", "The answer is N.") followed
+# by a period and a space, or by a newline.
 ANSWER_DONE = re.compile(r"answer is:? ?\$?-?[\d,]*\d(?:\.\d+)?\s*(?:\.\s|\n)")
 
 
@@ -69,7 +72,7 @@ def test_shared_prefix_equals_the_whole_prompt_path(setup, monkeypatch):
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:132]], pick_exemplars(train, 4, 0))
     shared = generate(model, tok, prefix, parts, 96, batch_size=16)
-    monkeypatch.setattr(common, "shares_prefix", lambda model: False)
+    monkeypatch.setattr(engines, "shares_prefix", lambda model: False)
     whole = generate(model, tok, prefix, parts, 96, batch_size=16)
     assert sum(a == b for a, b in zip(shared, whole)) >= 31  # texts and token counts; float rounding may move one
     answers = [[common.extract_stated_answer(common.cut_after_answer(text)) for text, _ in out] for out in (shared, whole)]
@@ -101,7 +104,7 @@ def test_results_come_back_in_input_order(setup):
 def test_out_of_memory_halves_the_batch(setup, monkeypatch, capsys):
     """A CUDA OOM cannot happen on CPU: this raises one for batches over 2 rows, as a GPU would."""
     model, tok, prefix, parts = setup
-    real = common.generate_batch
+    real = engines.generate_batch
     sizes = []
 
     def small_memory(model, tok, kv, plen, rows, *a):
@@ -110,7 +113,7 @@ def test_out_of_memory_halves_the_batch(setup, monkeypatch, capsys):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real(model, tok, kv, plen, rows, *a)
 
-    monkeypatch.setattr(common, "generate_batch", small_memory)
+    monkeypatch.setattr(engines, "generate_batch", small_memory)
     out = generate(model, tok, prefix, parts[:4], 16, batch_size=8)
     monkeypatch.undo()
     assert sizes == [4, 4, 2, 2] and all(o is not None for o in out)
@@ -145,23 +148,10 @@ def test_other_families_equal_reference(setup, family, monkeypatch):
     (Gemma 2: sliding window, soft-capping) decodes without the shared prefix."""
     _, tok, prefix, parts = setup
     model = tiny_model(family, len(tok))
-    assert common.shares_prefix(model) == (family != "gemma2")
+    assert engines.shares_prefix(model) == (family != "gemma2")
     if family == "gemma2":  # the control: forced through the shared prefix, its windowed, capped attention is lost
-        monkeypatch.setattr(common, "shares_prefix", lambda model: True)
+        monkeypatch.setattr(engines, "shares_prefix", lambda model: True)
         with pytest.raises(AssertionError):
             check_against_reference(model, tok, prefix, parts, ["Question:"], max_new_tokens=12)
         monkeypatch.undo()
     check_against_reference(model, tok, prefix, parts, ["Question:"], max_new_tokens=12)
-
-
-def test_library_engine_gives_the_same_rows(setup):
-    """--engine library: transformers' continuous batching decodes, our stop rule cuts the rows (slow on CPU:
-    three short rows)."""
-    model, tok, prefix, parts = setup
-    ours = generate(model, tok, prefix, parts[:3], 24, batch_size=3, engine="ours")
-    library = generate(model, tok, prefix, parts[:3], 24, batch_size=3, engine="library")
-    assert library == ours
-    sampling = common.Sampling(2, 0.7, 0.9, 0)
-    drawn = generate(model, tok, prefix, parts[:2], 16, batch_size=2, sampling=sampling, engine="library")
-    assert drawn == generate(model, tok, prefix, parts[:2], 16, batch_size=2, sampling=sampling, engine="library")
-    assert all(len(d) == 2 for d in drawn)

@@ -49,7 +49,7 @@ def test_human_rationales_for_the_sft_baseline(tmp_path):
     records = read_jsonl(out)
     assert len(records) == 5 and all(r["model"] == "human" and r["stage"] == 0 for r in records)
     assert records[0]["rationale"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips " \
-                                      "altogether in April and May.\nThe answer is 72."
+                                      "altogether in April and May.\nThe final answer is 72"
 
 
 def test_dev_slice_is_held_out(tmp_path, capsys):
@@ -195,8 +195,7 @@ def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
         return [(text, 7) for text in outputs]
 
     monkeypatch.setattr(create_data, "generate_resumable", crafted)
-    args = argparse.Namespace(check_steps="report", iteration=1, model_name="m", max_new_tokens=64, batch_size=4,
-                              engine="ours")
+    args = argparse.Namespace(check_steps="report", iteration=1, model_name="m", max_new_tokens=64, batch_size=4)
     stats = {"tokens_generated": 0}
     kept = create_data.stage2(None, tok, rows, train_rows[:2], args, "unused.partial", {}, stats)
     assert stats["stage2_rejected"] == {"no_reasoning": 1, "mentions_hint": 1, "answer_not_derived": 1}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import engines
 import create_data
 import evaluate
 import train
@@ -121,8 +122,8 @@ def test_prompt_prefix_and_question_part(tok, train_rows, test_rows):
 
     # the exact text of a 1-shot prompt, as Llama 3 Instruct formats it
     q = test_rows[0]["question"]
-    turns = [("user", "Question: " + ex[0]["question"]), ("assistant", common.solution_to_rationale(ex[0]["solution"])),
-             ("user", "Question: " + q)]
+    asked = [common.INSTRUCTION.replace("{question}", text) for text in (ex[0]["question"], q)]  # Meta's instruction
+    turns = [("user", asked[0]), ("assistant", common.solution_to_rationale(ex[0]["solution"])), ("user", asked[1])]
     expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
                 f"Today Date: {common.FIXED_DATE}\n\n<|eot_id|>"
                 + "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>" for role, text in turns)
@@ -154,7 +155,7 @@ def plain_generate(model, tok, prompts, max_new_tokens):
         tok.padding_side = side
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             pad_token_id=tok.pad_token_id, eos_token_id=common.stop_token_ids(model, tok))
+                             pad_token_id=tok.pad_token_id, eos_token_id=engines.stop_token_ids(model, tok))
     return [out[i, enc.input_ids.shape[1]:].tolist() for i in range(len(prompts))]
 
 
@@ -177,19 +178,19 @@ def prompts(tok, train_rows, test_rows):
 class TestGenerateFp32:
     def test_stop_token_ids(self, fp32_model, tok):
         assert fp32_model.dtype == torch.float32
-        assert common.stop_token_ids(fp32_model, tok) == EOS_IDS  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+        assert engines.stop_token_ids(fp32_model, tok) == EOS_IDS  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 
     def test_greedy_equals_hf_generate(self, fp32_model, tok, prompts):
-        """common.generate (cached prefix, [prefix | pad | question] rows of 3 lengths in one batch) gives
+        """engines.generate (cached prefix, [prefix | pad | question] rows of 3 lengths in one batch) gives
         HF generate's greedy tokens on the full left-padded prompts, up to the reference's own stop."""
         prefix, parts = prompts[0], prompts[1][:3]
-        ours = common.generate(fp32_model, tok, prefix, parts, 8, 3)
+        ours = engines.generate(fp32_model, tok, prefix, parts, 8, 3)
         ref = plain_generate(fp32_model, tok, [prefix + p for p in parts], 8)
-        stops, ids = common.stop_strings(tok), common.stop_token_ids(fp32_model, tok)
+        stops, ids = engines.stop_strings(tok), engines.stop_token_ids(fp32_model, tok)
         for (text, n), r in zip(ours, ref):
             r = r[: next((i for i, t in enumerate(r) if t in ids), len(r))]
-            assert n == len(r) or common.row_finished(tok, r[:n], ids, stops)  # stopped early only for a reason
-            assert text == common.truncate_at_stop(tok.decode(r[:n], skip_special_tokens=True), stops).strip()
+            assert n == len(r) or engines.row_finished(tok, r[:n], ids, stops)  # stopped early only for a reason
+            assert text == engines.truncate_at_stop(tok.decode(r[:n], skip_special_tokens=True), stops).strip()
 
 
 # ----------------------------------------------------------------------------- bf16 on CPU
@@ -237,7 +238,7 @@ class TestBf16:
         with torch.no_grad():
             logits = bf16_model(torch.tensor([ids_of(tok, prefix + parts[0])]), logits_to_keep=1).logits
         assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-        out = common.generate(bf16_model, tok, prefix, parts, 6, 2)
+        out = engines.generate(bf16_model, tok, prefix, parts, 6, 2)
         assert len(out) == 2 and all(isinstance(text, str) and 0 <= n <= 6 for text, n in out)
 
     @pytest.mark.parametrize("stop", EOS_IDS)
@@ -246,7 +247,7 @@ class TestBf16:
         prefix, parts = prompts[0], prompts[1][:2]
         restore = force_next_token(bf16_model, stop)
         try:
-            ours = common.generate(bf16_model, tok, prefix, parts, 8, 2)
+            ours = engines.generate(bf16_model, tok, prefix, parts, 8, 2)
             ref = plain_generate(bf16_model, tok, [prefix + p for p in parts], 8)
         finally:
             restore()
@@ -255,7 +256,7 @@ class TestBf16:
     def test_row_cache_does_not_grow_with_k(self, bf16_model, tok, train_rows, monkeypatch):
         """The shared prefix's KV is stored once; a row's cache holds its own tokens only, so its bytes are the
         same at K = 4 and K = 10 and equal kv_bytes_per_token x its length (measured on the real caches)."""
-        calls, real = [], common.forward
+        calls, real = [], engines.forward
 
         def measuring(model, input_ids, attention_mask, position_ids, cache, **kwargs):
             out = real(model, input_ids, attention_mask, position_ids, cache, **kwargs)
@@ -263,14 +264,14 @@ class TestBf16:
                           sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)))
             return out
 
-        monkeypatch.setattr(common, "forward", measuring)
-        per_token, measured = common.kv_bytes_per_token(bf16_model.config, 2), {}
+        monkeypatch.setattr(engines, "forward", measuring)
+        per_token, measured = engines.kv_bytes_per_token(bf16_model.config, 2), {}
         assert per_token == 2 * LAYERS * 8 * 128 * 2  # 8 KiB for 2 layers; 112 KiB for the hub model's 28
         for k in (4, 10):
             calls.clear()
             prefix, parts = common.build_prompts(tok, [r["question"] for r in train_rows[200:202]],
                                                  common.pick_exemplars(train_rows, k, 0))
-            common.generate(bf16_model, tok, prefix, parts, 2, 2)
+            engines.generate(bf16_model, tok, prefix, parts, 2, 2)
             (_, _, p_len, p_bytes), (_, rows, r_len, r_bytes) = calls[0], calls[1]  # prefix prefill, then rows' prefill
             assert calls[0][0] == "prefix" and calls[1][0] == "row" and rows == 2
             assert p_bytes == per_token * p_len == per_token * len(ids_of(tok, prefix))
@@ -284,7 +285,7 @@ class TestBf16:
         plain = tok.convert_tokens_to_ids("a")
         restore = force_next_token(bf16_model, plain)
         try:
-            ours = common.generate(bf16_model, tok, prefix, parts, 5, 2)
+            ours = engines.generate(bf16_model, tok, prefix, parts, 5, 2)
         finally:
             restore()
         assert ours == [("a" * 5, 5)] * len(parts)

