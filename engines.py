@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from common import (
-    ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, append_partial, device_and_dtype, dist_state,
+    ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, adapter_base, append_partial, device_and_dtype, dist_state,
     from_pretrained, gather_all, is_chat, load_model, load_tokenizer, resolve_model,
 )
 
@@ -150,6 +150,11 @@ def pick_engine(engine, name, rows):
     if engine not in ENGINES:
         raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
     if engine == "ours":
+        return "ours"
+    if adapter_base(name):  # ours loads base + adapter merged; vLLM here serves whole checkpoints only
+        if engine == "vllm":
+            raise StarError(f"--engine vllm: {name} is a LoRA adapter folder; use --engine ours (auto picks it), or "
+                            "train without --save_adapter for a merged checkpoint vLLM can serve")
         return "ours"
     if engine == "auto":
         worth_it = torch.cuda.is_available() or rows >= VLLM_MIN_ROWS_CPU

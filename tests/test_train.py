@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
+import engines
 import evaluate
 import train
 from common import (
-    build_prompt, load_model, load_split, load_tokenizer, model_identity, resolve_model, solution_to_rationale,
+    StarError, build_prompt, load_model, load_split, load_tokenizer, model_identity, resolve_model, solution_to_rationale,
 )
 from conftest import GSM8K_DIR
 
@@ -146,6 +147,10 @@ def test_save_adapter_loads_as_the_merged_model(tmp_path, tiny_llama, gsm8k_reco
     evaluate.main(["--model", str(adapter), "--dataset", "arithmetic", "--max_samples", "2", "--max_new_tokens", "8",
                    "--output", str(tmp_path / "e.json")])
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
+    # the engine: auto runs an adapter folder on ours at any size; --engine vllm is one clear error
+    assert engines.pick_engine("auto", str(adapter), 10_000) == "ours"
+    with pytest.raises(StarError, match="is a LoRA adapter folder; use --engine ours"):
+        engines.pick_engine("vllm", str(adapter), 10_000)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
