@@ -430,8 +430,9 @@ def vllm_architecture(name):
 
 
 def quiet_vllm():
-    """vLLM logs every engine step at INFO: keep its warnings and errors only, unless the user set a level."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    """vLLM logs every engine step at INFO and, loading fp32 weights in bf16, one WARNING per weight: keep its errors
+    only, unless the user set a level (VLLM_LOGGING_LEVEL=INFO shows everything)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def local_checkpoint(name):

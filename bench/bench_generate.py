@@ -10,9 +10,11 @@
 (d) ours: engines.generate with the ours engine (the prefix's KV stored once, shared-prefix attention, per-row
     stop at the answer sentence, finished rows dropped, length-sorted batches);
 (e) ours:vllm: engines.generate with the vllm engine (the same scheduler and stop rule around vLLM).
-All greedy, the same max_new_tokens, vLLM's prefix cache emptied before each of its runs. For each K it prints
-seconds, new tokens, tokens/s and whether the final answers agree with ours; its last three lines are the
-ratios of seconds (theirs / ours) at each K, for both of our engines.
+All greedy, the same max_new_tokens, vLLM's prefix cache emptied before each of its runs; the Hugging Face runs
+come first, before vLLM's engine starts (its idle worker polls and would take CPU from them). For each K it prints
+seconds, new tokens, tokens/s and whether the final answers agree with ours; then vLLM's start, the number of
+questions after which that start is paid back (what --engine auto follows on CPU), and, as its last three lines,
+the ratios of seconds (theirs / ours) at each K, for both of our engines.
 
 --dtypes runs ours alone in each precision on the same prompts: seconds, tokens/s, final answers equal to the
 first precision's, and right final answers (the questions are train questions: their gold answers are known).
@@ -117,31 +119,33 @@ def k_shot(tok, train, k, n):
     return (rows, *build_prompts(tok, [r["question"] for r in rows], exemplars))
 
 
-def run_k(model, llm, tok, train, k, args):
-    """{name: seconds} at one K, printed with new tokens and agreement of the final answers with ours."""
+def run_k(model, llm, tok, train, k, args, names):
+    """{name: ((texts, new tokens), seconds)} of the runs in `names` at one K, on the same prompts."""
     rows, prefix, parts = k_shot(tok, train, k, args.n)
     prefix_ids = tok(prefix, add_special_tokens=False).input_ids
     ids = [tok(p, add_special_tokens=False).input_ids for p in parts]
-    print(f"K={k}: {len(rows)} questions, prefix {len(prefix_ids)} tokens, batch {args.batch_size}, max_new_tokens "
-          f"{args.max_new_tokens}, {model.device}, {model.dtype}, {torch.get_num_threads()} threads", flush=True)
-    new, runs = args.max_new_tokens, {}
+    new = args.max_new_tokens
 
     def ours(m):
         out = generate(m, tok, prefix, parts, new, args.batch_size, "ours")
         return [t for t, _ in out], sum(n for _, n in out)
-    runs["generate"] = timed(lambda: with_generate(model, tok, prefix_ids, ids, new, args.batch_size))
-    runs["generate_batch"] = timed(lambda: with_generate_batch(model, tok, prefix_ids, ids, new))
-    if llm is not None:
-        runs["vllm"] = timed(lambda: with_vllm(llm, tok, prefix_ids, ids, new), llm)
-    runs["ours"] = timed(lambda: ours(model))
-    if llm is not None:
-        runs["ours:vllm"] = timed(lambda: ours(llm), llm)
+    calls = {"generate": lambda: timed(lambda: with_generate(model, tok, prefix_ids, ids, new, args.batch_size)),
+             "generate_batch": lambda: timed(lambda: with_generate_batch(model, tok, prefix_ids, ids, new)),
+             "ours": lambda: timed(lambda: ours(model)),
+             "vllm": lambda: timed(lambda: with_vllm(llm, tok, prefix_ids, ids, new), llm),
+             "ours:vllm": lambda: timed(lambda: ours(llm), llm)}
+    return {name: calls[name]() for name in names}, len(rows), len(prefix_ids)
+
+
+def report(k, runs, n, prefix_tokens, model, args):
+    """One line per run at one K: seconds, new tokens, tokens/s, final answers equal to ours'."""
+    print(f"K={k}: {n} questions, prefix {prefix_tokens} tokens, batch {args.batch_size}, max_new_tokens "
+          f"{args.max_new_tokens}, {model.device}, {model.dtype}, {torch.get_num_threads()} threads", flush=True)
     answers = {name: [extract_stated_answer(cut_after_answer(t)) for t in texts] for name, ((texts, _), _) in runs.items()}
     for name, ((_, tokens), s) in runs.items():
         same = sum(a == b for a, b in zip(answers[name], answers["ours"]))
         print(f"  {name:14s} {s:7.1f} s  {tokens:6d} new tokens  {tokens / s:7.1f} tok/s  "
-              f"final answers equal to ours: {same}/{len(rows)}", flush=True)
-    return {name: s for name, (_, s) in runs.items()}
+              f"final answers equal to ours: {same}/{n}", flush=True)
 
 
 def compare_dtypes(args, train, dtypes):
@@ -170,15 +174,29 @@ def main(argv=None):
     if args.dtypes:
         return compare_dtypes(args, train, args.dtypes.split(","))
     model, tok = load_model(args.model, dtype=args.dtype)
-    llm = None
+    ks = list(map(int, args.ks.split(",")))
+    # Hugging Face runs first, with no vLLM engine alive: its idle worker process polls and takes a share of the CPU.
+    runs = {k: run_k(model, None, tok, train, k, args, ("generate", "generate_batch", "ours")) for k in ks}
+    start = None
     if vllm_installed():
         t0 = time.time()
         llm = load_vllm(args.model, args.batch_size, dtype=args.dtype)
-        print(f"vllm engine start: {time.time() - t0:.1f} s (once; not in the seconds below)", flush=True)
-    times = {k: run_k(model, llm, tok, train, k, args) for k in map(int, args.ks.split(","))}
-    ours = [name for name in ("ours", "ours:vllm") if name in times[min(times)]]
+        start = time.time() - t0
+        for k in ks:
+            runs[k][0].update(run_k(model, llm, tok, train, k, args, ("vllm", "ours:vllm"))[0])
+    for k in ks:
+        report(k, *runs[k], model, args)
+    if start is not None:
+        print(f"vllm engine start: {start:.1f} s (once per run of a script; not in the seconds above)")
+        for k in ks:  # rows after which vLLM's start is paid back: start / (ours' seconds per row - vLLM's)
+            t, n = {name: s for name, (_, s) in runs[k][0].items()}, runs[k][1]
+            gain = (t["ours"] - t["ours:vllm"]) / n
+            print(f"break-even at K={k}: vLLM's start is paid back after "
+                  + (f"{start / gain:.0f} questions" if gain > 0 else "no number of questions"))
+    times = {k: {name: s for name, (_, s) in runs[k][0].items()} for k in ks}
+    ours = [name for name in ("ours", "ours:vllm") if name in times[ks[0]]]
     for theirs in ("generate", "generate_batch", "vllm"):  # seconds of theirs / seconds of ours
-        if theirs in times[min(times)]:
+        if theirs in times[ks[0]]:
             print(f"ratio vs {theirs}: " + "; ".join(
                 ", ".join(f"{o} {t[theirs] / t[o]:.2f}x" for o in ours) + f" (K={k})" for k, t in times.items()))
 
