@@ -31,8 +31,9 @@ ENGINES = ("auto", "ours", "vllm")  # --engine
 # solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
 MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
 # --engine auto on CPU: vLLM once a run has this many rows to generate (questions x samples). Its engine start
-# (45-52 s here, compile cache warm) is then paid back by its faster decoding (README "Speed": bench_generate.py).
-VLLM_MIN_ROWS_CPU = 64
+# (50-90 s on 2 cores, compile cache warm) is then paid back by its faster decoding: bench_generate.py measured the
+# break-even at 118 questions at K = 4 and 76 at K = 10, in bf16 (README "Speed").
+VLLM_MIN_ROWS_CPU = 128
 PREFIX_ATTENTION = "star_prefix"  # the attention implementation registered for shared-prefix decoding
 # vLLM on CPU reserves a fraction of all host memory unless told a KV-cache size: this many GiB
 # (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, overrides it). K = 10 GSM8K rows of the 135M model in fp32 need

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is no
 
 @pytest.fixture(scope="module")
 def engines_and_prompts():
-    model, tok = load_model("smollm2-135m")
-    llm = engines.load_vllm("smollm2-135m", 8)
+    model, tok = load_model("smollm2-135m", dtype="fp32")  # greedy equality: both engines at one fixed dtype
+    llm = engines.load_vllm("smollm2-135m", 8, dtype="fp32")
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
