@@ -777,7 +777,7 @@ def main(argv=None):
         acc.print(f"training {args.base_model} on {len(examples)} examples of {args.train_file}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
-                  f"{'bf16 autocast' if bf16 else 'fp32'}, {acc.distributed_type.name}")
+                  f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}")
         step, log = load_resume_state(acc, args.output_dir + ".state", args)
         start_tracking(acc, args, fresh=step == 0)
         if torch.cuda.is_available():
