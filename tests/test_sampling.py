@@ -55,7 +55,7 @@ def rationales(jsonl):
 def test_sampling_is_seeded_and_capped(tmp_path):
     # --seed 2: exemplars under which the base model's greedy Stage 1 keeps some rationales (2 of these 16 when
     # measured; with seed 0's exemplars it keeps none, and there would be no greedy rationale to compare with)
-    greedy, _ = run(tmp_path, "greedy.jsonl", "--seed", "2")
+    greedy, _ = run(tmp_path, "greedy.jsonl", "--seed", "2", "--dtype", "fp32")  # compared exactly below: fp32
     a, stats = run(tmp_path, "a.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
     b, _ = run(tmp_path, "b.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
     c, _ = run(tmp_path, "c.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "4", "--top_p", "0.9")
@@ -68,7 +68,7 @@ def test_sampling_is_seeded_and_capped(tmp_path):
     assert stats["correct_samples"] >= len(ids) and sum(stats["kept_per_question_histogram"].values()) == stats["questions_seen"]
     assert 0 < stats["pass_at_S"] <= 1
     # near-zero temperature: every sample is the greedy continuation, reusing one prefill per question
-    cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4", "--seed", "2")
+    cold, _ = run(tmp_path, "cold.jsonl", "--num_samples", "2", "--temperature", "1e-4", "--seed", "2", "--dtype", "fp32")
     assert rationales(cold) == rationales(greedy)
 
 
