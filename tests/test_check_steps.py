@@ -222,6 +222,6 @@ def test_evaluate_counts_right_answers_with_no_step_found():
     outs = [("9 eggs/day * $2/egg = $18/day.\nThe answer is 18.", 20),  # right, a true step
             ("She makes eighteen dollars.\nThe answer is 18.", 10),  # right, no step found
             ("9 * 2 = 20.\nThe answer is 20.", 10)]  # wrong
-    args = argparse.Namespace(model="m", iteration=0, dataset="gsm8k", split="test", k=0, num_samples=1)
+    args = argparse.Namespace(model="m", iteration=0, dataset="gsm8k", split="test", k=0, num_samples=1, protocol="star")
     result = evaluate.accuracy_report(evaluate.score(rows, outs), args, 1.0)
     assert (result["correct"], result["correct_no_step_found"], result["accuracy_faithful"]) == (2, 1, 1 / 3)
