@@ -396,7 +396,7 @@ HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
 # The one answer rule: the stated answer is the text's LAST statement in any of these forms, as lm-evaluation-harness's
 # strict-match reads (group_select -1). Strict scoring reads it (extract_stated_answer) and create_data.py keeps the
 # rationale up to its end (cut_after_answer), so a kept rationale ends with what strict reads. A completion seldom
-# holds two: generation stops after the first complete answer sentence (ANSWER_END_RE).
+# holds two: generation stops at the end of the turn or after the first complete answer sentence (ANSWER_END_RE).
 STATED_RE = re.compile("|".join(p.pattern for p in (ANSWER_RE, BOXED_RE, HASH_RE)))
 NUMBER_RE = re.compile(NUMBER)
 # An answer sentence is complete once a period + space or a line break follows the number: "18." alone may still

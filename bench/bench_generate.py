@@ -156,7 +156,7 @@ def compare_dtypes(args, train, dtypes):
             model, tok = load_model(args.model, dtype=dtype)
             rows, prefix, parts = k_shot(tok, train, k, args.n)
             out, seconds[dtype] = timed(lambda: generate(model, tok, prefix, parts, args.max_new_tokens,
-                                                         args.batch_size, dtype))
+                                                         args.batch_size, f"ours {dtype}"))
             answers[dtype] = [extract_stated_answer(cut_after_answer(text)) for text, _ in out]
             tokens = sum(n for _, n in out)
             same = sum(a == b for a, b in zip(answers[dtype], answers[dtypes[0]]))
