@@ -30,7 +30,7 @@ CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations, e.g. <<48/2
 # Flags that change no generated token and no trained weight: a rerun may change them and still resume.
 NOT_RESUME_SETTINGS = ("output", "output_dir", "overwrite", "debug", "save_results", "check_steps",
                        "max_per_question", "accumulate", "logging_steps", "save_steps", "save_minutes",
-                       "gradient_checkpointing", "report_to", "save_adapter")
+                       "gradient_checkpointing", "report_to", "save_adapter", "max_pairs_per_question")
 
 
 class StarError(Exception):

@@ -4,6 +4,8 @@ Stage 1: few-shot greedy rationales from M_{N-1}; keep those whose final answer 
 Stage 2: for the failures, show the right final answer as a hint, generate again, keep the
 rationale if it is now right and really derives the answer; it is saved WITHOUT the hint.
 (Zelikman et al. 2022, Algorithm 1, https://arxiv.org/abs/2203.14465)
+Pairs: beside the training set, star_iter{N}_pairs.jsonl pairs a kept rationale (chosen) with one of the Stage-1
+rationales that lost (rejected), for train.py --objective rpo (Pang et al. 2024, https://arxiv.org/abs/2404.19733).
 
     python create_data.py --iteration 1 --model_name smollm2-135m --dataset arithmetic --max_samples 64 --k 4
     python create_data.py --iteration 1 --model_name smollm2-135m --data_dir ../shared/gsm8k --max_samples 16 --k 4
@@ -21,6 +23,11 @@ from common import (
 )
 from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
 from steps import all_steps_true, check_steps, written_equations
+
+# Pairs per question for train.py --objective rpo: each of a question's distinct losers is paired once (with its
+# kept rationales in turn) up to this cap, so that a question the model gets wrong in many ways does not outweigh
+# the others in the DPO loss.
+MAX_PAIRS_PER_QUESTION = 4
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
@@ -44,6 +51,8 @@ parser.add_argument("--num_samples", type=int, default=1,
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.7 when S > 1)")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
 parser.add_argument("--max_per_question", type=int, default=None, help="cap on distinct right rationales kept per question")
+parser.add_argument("--max_pairs_per_question", type=int, default=MAX_PAIRS_PER_QUESTION,
+                    help="cap on (chosen, rejected) pairs per question in the pairs file (train.py --objective rpo)")
 parser.add_argument("--check_steps", default="report", choices=["off", "report", "filter"],
                     help="check each written step: report it in the records and stats, or filter: keep only "
                          "rationales with at least one step and every step true")
@@ -116,6 +125,44 @@ def add_losses(stats, stage, rows, outs, max_new_tokens, sampled=False):
             stats[f"stage{stage}_{key}"] += count
 
 
+def losing_rationales(samples, gold):
+    """(rationale, why) for the (text, tokens) samples that lost: a wrong stated answer ("wrong_answer") or none
+    ("no_stated_answer": cut off, or only a last number), each cut after its answer sentence as a kept one is."""
+    lost = []
+    for text, _ in samples:
+        rationale = cut_after_answer(text)
+        stated = extract_stated_answer(rationale)
+        if rationale.strip() and not answers_match(stated, gold):
+            lost.append((rationale, "no_stated_answer" if stated is None else "wrong_answer"))
+    return lost
+
+
+def make_pairs(records, losers, cap, iteration):
+    """Iterative RPO's preference pairs (Pang et al. 2024): for each question with a kept rationale (the training
+    set's, carried-over ones included) and a Stage-1 rationale that lost, one pair per distinct loser, at most `cap`,
+    the question's kept rationales taken in turn as the chosen. Questions in id order: a seed gives the same file."""
+    winners = {}
+    for r in records:
+        winners.setdefault(r["id"], []).append(r)
+    pairs = []
+    for qid in sorted(q for q in losers if q in winners):
+        why = {}
+        for text, reason in losers[qid]:
+            why.setdefault(text, reason)
+        for i, text in enumerate(drop_duplicates(list(why), cap)):
+            chosen = winners[qid][i % len(winners[qid])]
+            pairs.append({"id": qid, "question": chosen["question"], "answer": chosen["answer"],
+                          "chosen": chosen["rationale"], "rejected": text, "why": why[text],
+                          "chosen_stage": chosen["stage"], "iteration": iteration})
+    return pairs
+
+
+def pairs_path(output):
+    """The pairs file beside a training set: data/star_iter1_train.jsonl -> data/star_iter1_pairs.jsonl."""
+    root, ext = os.path.splitext(output)
+    return root.removesuffix("_train") + "_pairs" + (ext or ".jsonl")
+
+
 def drop_duplicates(rationales, cap=None):
     """Distinct reasoning only: the same normalized text, or the same sequence of written equations
     (RFT, Yuan et al. 2023), counts once; at most `cap` kept (ReST-EM caps at 10 per problem)."""
@@ -151,10 +198,11 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
     outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
                               "stage 1", success_rate, sampling)
     add_losses(stats, 1, rows, outs, args.max_new_tokens, S > 1)  # all batches, resumed ones too
-    kept, failed, per_question, correct_samples = [], [], [], 0
+    kept, failed, per_question, correct_samples, losers = [], [], [], 0, {}
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
         stats["tokens_generated"] += sum(n for _, n in samples)
+        losers[row["id"]] = losing_rationales(samples, row["answer"])
         right = correct_rationales(samples, row["answer"])
         correct_samples += len(right)
         distinct = drop_duplicates(right, args.max_per_question)
@@ -168,7 +216,13 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
                      pass_at_S=(len(rows) - len(failed)) / max(len(rows), 1),
                      kept_per_question_mean=sum(per_question) / max(len(rows), 1),
                      kept_per_question_histogram={str(k): per_question.count(k) for k in sorted(set(per_question))})
-    return keep_faithful(kept, args, stats, 1), failed
+    faithful = keep_faithful(kept, args, stats, 1)
+    if args.check_steps == "filter":  # a right answer on a wrong step loses too (not one with no step to read)
+        ok = {id(r) for r in faithful}
+        for r in kept:
+            if id(r) not in ok and r["steps_found"]:
+                losers[r["id"]].append((r["rationale"], "wrong_step"))
+    return faithful, failed, losers
 
 
 def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
@@ -226,7 +280,7 @@ def add_previous(records, previous, cap=None, train_ids=None):
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
     check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
-                   "top_p", "max_per_question")
+                   "top_p", "max_per_question", "max_pairs_per_question")
     if args.top_p > 1 or args.k < 0 or args.dev_samples < 0:
         raise StarError(f"--top_p must be in (0, 1], --k and --dev_samples >= 0 (got {args.top_p}, {args.k}, "
                         f"{args.dev_samples})")
@@ -267,7 +321,7 @@ def main(argv=None):
             partial = partial_path(args.output)
             settings = resume_settings(vars(args), model_weights=model_identity(args.model_name))
             finished = load_partial(partial, settings, args.overwrite)
-            kept1, failed = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
+            kept1, failed, losers = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
             kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
             records = sorted(kept1 + kept2, key=lambda r: r["id"])
             if carries_previous(args):
@@ -276,6 +330,9 @@ def main(argv=None):
                 stats.update(new_kept=len(records), carried_over=len(merged) - len(records),
                              previous_file=previous_path(args))
                 records = merged
+            pairs = make_pairs(records, losers, args.max_pairs_per_question, args.iteration)
+            stats.update(pairs=len(pairs), questions_with_pairs=len({p["id"] for p in pairs}),
+                         pairs_why={w: sum(p["why"] == w for p in pairs) for w in sorted({p["why"] for p in pairs})})
             attempted = 0 if args.no_rationalization else len(failed)
             stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
                          stage2_rate=stats.get("stage2_correct", 0) / max(attempted, 1),
@@ -288,6 +345,8 @@ def main(argv=None):
         write_json(args.output + ".stats.json", stats)
         if records:
             write_jsonl(args.output, records)
+            if not args.human_rationales:
+                write_jsonl(pairs_path(args.output), pairs)
         if not args.human_rationales:
             os.remove(partial)  # only now: until the output is written, the generations stay on disk
         if not records:
@@ -303,6 +362,8 @@ def main(argv=None):
             print("not kept for their form (stage 1, stage 2): right but no stated answer "
                   f"{stats['stage1_right_unstated']}, {stats.get('stage2_right_unstated', 0)}; cut at --max_new_tokens "
                   f"{stats['stage1_cut_at_max_new_tokens']}, {stats.get('stage2_cut_at_max_new_tokens', 0)}")
+            print(f"{stats['pairs']} (chosen, rejected) pairs on {stats['questions_with_pairs']} questions "
+                  f"{stats['pairs_why']}; wrote {pairs_path(args.output)} (train.py --objective rpo)")
 
 
 if __name__ == "__main__":

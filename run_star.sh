@@ -12,6 +12,7 @@
 #       --k 10 --max_samples 7273 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --launcher "accelerate launch --num_processes 8"
 #   bash run_star.sh --launcher "torchrun --standalone --nproc_per_node 2"     # each stage in 2 CPU processes (gloo)
+#   bash run_star.sh --objective rpo --create_args "--num_samples 4"   # Iterative RPO: DPO + NLL on right/wrong pairs
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
@@ -43,8 +44,11 @@ EXTRA_EVAL=()             # e.g. --eval_args "--num_samples 8"
 LAUNCHER=()               # --launcher "accelerate launch --num_processes 8": runs create_data.py, train.py and
                           # evaluate.py under it (each script's path and flags follow it); default: $PY alone
 DTYPE=""                  # --dtype auto|bf16|fp32 for the three scripts (default: theirs, auto)
+OBJECTIVE=sft             # --objective rpo: each iteration trains M_0 with DPO + NLL on create_data's pairs
+                          # (data/star_iter{N}_pairs.jsonl) instead of SFT on the kept rationales; the human seed and
+                          # the vanilla SFT reference stay SFT
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -71,6 +75,7 @@ while [ $# -gt 0 ]; do
     --eval_args) read -r -a EXTRA_EVAL <<< "$2" ;;
     --launcher) read -r -a LAUNCHER <<< "$2" ;;
     --dtype) DTYPE=$2 ;;
+    --objective) OBJECTIVE=$2 ;;
     *) echo "run_star.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift 2
@@ -79,6 +84,7 @@ done
 for value in "$HUMAN_SEED" "${TUNED_K:-0}"; do
   case "$value" in ''|*[!0-9]*) echo "run_star.sh: --human_seed and --tuned_k must be counts >= 0 (got '$value')" >&2; exit 2 ;; esac
 done
+case "$OBJECTIVE" in sft|rpo) ;; *) echo "run_star.sh: --objective must be sft or rpo (got '$OBJECTIVE')" >&2; exit 2 ;; esac
 if [ ${#LAUNCHER[@]} -gt 0 ] && ! command -v "${LAUNCHER[0]}" >/dev/null; then
   echo "run_star.sh: --launcher: '${LAUNCHER[0]}' is not a command on this machine" >&2; exit 2
 fi
@@ -135,7 +141,7 @@ for ((i = 1; i <= ITERATIONS; i++)); do
     --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${PRECISION[@]}" "${EXTRA_CREATE[@]}" \
     "${GENERATOR[@]}"
   stage "iteration $i: train the base model" "results/model_star_iter$i" \
-    run train.py --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" \
+    run train.py --iteration "$i" --base_model "$BASE_MODEL" --objective "$OBJECTIVE" --epochs "$EPOCHS" --lr "$LR" \
     --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"
   evaluate "iter$i" "results/model_star_iter$i" --iteration "$i"
 done

@@ -1,5 +1,5 @@
 """Summarize a STaR loop: one row per iteration (test accuracy, flexible - strict gap, faithful share, Stage-1/2
-success, training examples) from results/eval_*.json and data/*.stats.json, as a table and a plot.
+success, training examples, or pairs where the iteration trained with --objective rpo) from results/eval_*.json and data/*.stats.json, as a table and a plot.
 
     python summary.py                       # writes results/summary.md and results/summary.png
     python summary.py --results_dir results --data_dir data
@@ -46,7 +46,8 @@ def iteration_rows(results_dir="results", data_dir="data"):
                      "kept1": stats.get("stage1_kept", stats.get("stage1_correct")),
                      "kept2": stats.get("stage2_kept", stats.get("stage2_correct")),
                      "seen": stats.get("questions_seen"), "kept": stats.get("total_kept"), "minutes": seconds / 60,
-                     "seed": bool(m.group(2) and stats.get("args", {}).get("human_rationales"))})  # run_star --human_seed
+                     "seed": bool(m.group(2) and stats.get("args", {}).get("human_rationales")),  # run_star --human_seed
+                     "rpo": trained.get("objective") == "rpo", "pairs": stats.get("pairs")})
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
 
@@ -60,12 +61,13 @@ def summary_table(rows):
         change = "" if prev is None or r["label"] == "vanilla SFT" else f"{100 * (r['accuracy'] - prev):+.1f} pts"
         s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] and r["stage1"] is not None else ""
         s2 = f"{r['stage2']}/{r['seen'] - r['stage1']}" if r["seen"] and r["stage2"] is not None else ""
-        shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else ""
+        shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else " (RPO)" if r["rpo"] else ""
+        examples = f"{r['pairs']} pairs" if r["rpo"] else r["kept"] if r["kept"] is not None else ""
         faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
         dev = f"{100 * r['dev']:.1f}% (n={r['dev_n']})" if r["dev"] is not None else ""
         gap = f"{100 * (r['flexible'] - r['accuracy']):+.1f} pts" if r["flexible"] is not None else ""
         lines.append(f"| {r['label']}{shots} | {dev} | {100 * r['accuracy']:.1f}% (n={r['n']}) | {gap} | {change} | {faithful} "
-                     f"| {s1} | {s2} | {r['kept'] if r['kept'] is not None else ''} | {r['minutes']:.1f} |")
+                     f"| {s1} | {s2} | {examples} | {r['minutes']:.1f} |")
         prev = r["accuracy"] if r["label"] != "vanilla SFT" else prev
     return "\n".join(lines) + "\n"
 
@@ -78,7 +80,8 @@ def summary_plot(rows, path):
 
     star = [r for r in rows if r["label"] != "vanilla SFT"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([int(r["label"]) for r in star], [100 * r["accuracy"] for r in star], "o-", label="STaR")
+    ax1.plot([int(r["label"]) for r in star], [100 * r["accuracy"] for r in star], "o-",
+             label="STaR + RPO" if any(r["rpo"] for r in star) else "STaR")
     for r in rows:
         if r["label"] in ("0", "vanilla SFT"):
             ax1.axhline(100 * r["accuracy"], ls="--", color="gray" if r["label"] == "0" else "tab:red",

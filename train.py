@@ -17,12 +17,19 @@ On a GPU a plan larger than the free memory stops the run with one error line na
 --skip_memory_check trains anyway. `python bench/gpu_train.py --plan_only` prints the plan of
 meta-llama/Llama-3.2-3B-Instruct on the real GSM8K rows; within 24 GB it trains with LoRA and checkpointing.
 
+--objective rpo trains on create_data's pairs file instead (Iterative RPO, Pang et al. 2024,
+https://arxiv.org/abs/2404.19733): -log sigmoid(beta x [log pi(w)/ref(w) - log pi(l)/ref(l)]) + alpha x NLL(w)/|w|
+per (chosen w, rejected l) pair, both sequences packed into the micro-batch's row. ref is the model training starts
+from, M_0, as STaR restarts from M_0 (its log-probabilities computed once, before the first step); --rpo_reference
+previous takes the paper's reference instead, the model that generated the pairs (M_{N-1}).
+
 Long runs: the training state is saved every --save_minutes (30) and rerunning the same command resumes from it.
 Loss (averaged over processes), learning rate and tokens/s go to log.jsonl and to --report_to (tensorboard: under
 <output_dir's folder>/runs/, `tensorboard --logdir results/runs`).
 
     python train.py --iteration 1 --base_model smollm2-135m --epochs 3
     python train.py --iteration 1 --lora_r 16 --gradient_checkpointing --save_adapter
+    python train.py --iteration 1 --objective rpo          # DPO + NLL on data/star_iter1_pairs.jsonl
     accelerate launch --num_processes 4 train.py --iteration 1 --lora_r 16
     accelerate launch --config_file configs/accelerate_fsdp.yaml train.py --iteration 1     # FSDP2, 8 processes
 """
@@ -58,11 +65,22 @@ FULL_LR, LORA_LR = 2e-5, 2e-4
 # demo's 8-10 minute trainings) never save at all.
 SAVE_MINUTES = 30
 TRACKERS = ("tensorboard", "wandb", "none")  # --report_to: accelerate's trackers
+OBJECTIVES = ("sft", "rpo")  # --objective: STaR's fine-tuning on the kept rationales, or DPO + NLL on the pairs
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--iteration", type=int, default=1)
 parser.add_argument("--train_file", default=None, help="default data/star_iter{N}_train.jsonl")
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="M_0: hub id, local folder or smollm2-135m")
+parser.add_argument("--objective", default="sft", choices=OBJECTIVES,
+                    help="sft: the rationales of --train_file (STaR); rpo: DPO + NLL on the (chosen, rejected) pairs of "
+                         "--pairs_file (Iterative RPO)")
+parser.add_argument("--pairs_file", default=None, help="--objective rpo: default data/star_iter{N}_pairs.jsonl")
+parser.add_argument("--beta", type=float, default=0.1, help="--objective rpo: DPO's beta (the paper's 0.1)")
+parser.add_argument("--rpo_alpha", type=float, default=1.0,
+                    help="--objective rpo: weight of the chosen rationale's NLL per token (the paper's 1; 0 = plain DPO)")
+parser.add_argument("--rpo_reference", default="base", choices=("base", "previous"),
+                    help="--objective rpo: reference log-probs from M_0 (base, where training starts) or from the model "
+                         "that generated the pairs, results/model_star_iter{N-1} (previous, the paper's choice)")
 parser.add_argument("--output_dir", default=None, help="default results/model_star_iter{N}")
 parser.add_argument("--epochs", type=float, default=3)
 parser.add_argument("--steps", type=int, default=0,
@@ -115,6 +133,25 @@ def tokenize_examples(tok, records, max_length):
     return examples, too_long
 
 
+def tokenize_pairs(tok, pairs, max_length):
+    """[((chosen ids, labels), (rejected ids, labels))], each sequence as tokenize_examples makes it; a pair with
+    either sequence over max_length is dropped and reported."""
+    chosen, too_long = tokenize_examples(tok, [{**p, "rationale": p["chosen"]} for p in pairs], 10**9)
+    rejected, _ = tokenize_examples(tok, [{**p, "rationale": p["rejected"]} for p in pairs], 10**9)
+    examples = []
+    for p, c, r in zip(pairs, chosen, rejected):
+        if max(len(c[0]), len(r[0])) > max_length:
+            too_long.append(p.get("id"))
+        else:
+            examples.append((c, r))
+    return examples, too_long
+
+
+def sequences(example):
+    """The token sequences of a training example: one (ids, labels) for SFT, chosen then rejected for a pair."""
+    return list(example[:2]) if isinstance(example[0], tuple) else [example]
+
+
 def pack(batch):
     """Examples -> one row [1, T]: positions restart at 0 for each example, which makes the attention
     block-diagonal (transformers reads packed sequences from position_ids when no mask is given)."""
@@ -123,6 +160,15 @@ def pack(batch):
     pos = torch.tensor([[p for x, _ in batch for p in range(len(x))]])
     seq = torch.tensor([[i for i, (x, _) in enumerate(batch) for _ in x]])
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "example": seq}
+
+
+def pack_pairs(batch):
+    """Pairs -> one packed row of chosen_0, rejected_0, chosen_1, ... and, once computed, their reference
+    log-probs [pairs, 2] (reference_logps)."""
+    row = pack([seq for example in batch for seq in sequences(example)])
+    if len(batch[0]) == 3:
+        row["reference"] = torch.tensor([example[2] for example in batch], dtype=torch.float32)
+    return row
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kw):
@@ -151,8 +197,8 @@ def use_packed_attention(model):
     return model
 
 
-def packed_loss(model, batch):
-    """Mean over examples of each example's mean token loss (each rationale weighs the same).
+def example_nll(model, batch):
+    """(summed token NLL [examples], rationale tokens [examples]) of each example of a packed row.
 
     Logits are computed only where the next token is a rationale token (logits_to_keep), which
     skips the vocabulary projection and softmax for prompt tokens. A row's last token of one
@@ -166,8 +212,49 @@ def packed_loss(model, batch):
     seq = batch["example"][0, 1:][keep]
     n_ex = int(batch["example"].max()) + 1
     per_ex_sum = torch.zeros(n_ex, device=tok_loss.device).index_add(0, seq, tok_loss)
-    per_ex_cnt = torch.bincount(seq, minlength=n_ex).clamp(min=1)
-    return (per_ex_sum / per_ex_cnt).mean()
+    return per_ex_sum, torch.bincount(seq, minlength=n_ex).clamp(min=1)
+
+
+def packed_loss(model, batch):
+    """Mean over examples of each example's mean token loss (each rationale weighs the same)."""
+    nll, count = example_nll(model, batch)
+    return (nll / count).mean()
+
+
+def rpo_loss(model, batch, beta, alpha):
+    """Iterative RPO's loss (Pang et al. 2024, eq. 1), mean over the pairs of a packed row: DPO on the log-probability
+    ratios to the reference, -log sigmoid(beta x [(log pi(w) - ref(w)) - (log pi(l) - ref(l))]), plus alpha x the
+    chosen rationale's NLL per token. Log-probabilities are sums over rationale tokens."""
+    nll, count = example_nll(model, batch)
+    logp, ref = -nll.view(-1, 2), batch["reference"].to(nll.device)  # [pairs, (chosen, rejected)]
+    margin = (logp - ref) @ torch.tensor([beta, -beta], device=nll.device)
+    return (-torch.nn.functional.logsigmoid(margin) + alpha * nll[0::2] / count[0::2]).mean()
+
+
+def training_loss(model, batch, args):
+    """The loss --objective trains on."""
+    return rpo_loss(model, batch, args.beta, args.rpo_alpha) if args.objective == "rpo" else packed_loss(model, batch)
+
+
+def reference_logps(acc, model, examples, args):
+    """Each pair's reference log-probs [pairs, 2] (chosen, rejected), in eval mode without gradients, computed once
+    before training. The micro-batches are dealt to the processes in turn and summed across them; a process with
+    none left runs a spare one, so that every process makes the same forward calls (FSDP gathers in each)."""
+    chunks = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
+    mine = chunks[acc.process_index::acc.num_processes]
+    out = torch.zeros(len(examples), 2, device=acc.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), acc.autocast():
+        for r in tqdm(range(math.ceil(len(chunks) / acc.num_processes)), desc="reference log-probs",
+                      disable=not acc.is_main_process, dynamic_ncols=True):
+            chunk = mine[r] if r < len(mine) else chunks[0]
+            batch = {k: v.to(acc.device) for k, v in pack_pairs([examples[i] for i in chunk]).items()}
+            nll, _ = example_nll(model, batch)
+            if r < len(mine):
+                out[chunk] = -nll.view(-1, 2).float()
+    model.train(was_training)
+    return acc.reduce(out, "sum").cpu().tolist() if acc.num_processes > 1 else out.cpu().tolist()
 
 
 def weight_fingerprint(model):
@@ -510,7 +597,8 @@ def epoch_order(n, args, epoch):
 def epoch_loader(examples, args, epoch):
     """One epoch's micro-batches, each packed into one row (acc.prepare deals them to the processes)."""
     order = epoch_order(len(examples), args, epoch)
-    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size, collate_fn=pack)
+    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size,
+                                       collate_fn=pack_pairs if args.objective == "rpo" else pack)
 
 
 def longest_micro_batch(examples, args, processes):
@@ -520,7 +608,8 @@ def longest_micro_batch(examples, args, processes):
     rows are far shorter than --max_length: this, not --batch_size x --max_length, is what the memory plan counts."""
     from accelerate.data_loader import BatchSamplerShard
 
-    sizes = [(len(x), sum(t != -100 for t in y)) for x, y in examples]
+    sizes = [(sum(len(x) for x, _ in sequences(e)), sum(t != -100 for _, y in sequences(e) for t in y))
+             for e in examples]  # a pair counts both its sequences
     steps_per_epoch, total = schedule(args, len(examples), processes)
     tokens = learned = 0
     for epoch in range(math.ceil(total / steps_per_epoch)):
@@ -591,7 +680,7 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
         trained = (step - epoch * steps_per_epoch) * args.grad_accum  # micro-batches of this epoch already trained
         for batch in acc.skip_first_batches(loader, trained) if trained else loader:
             with acc.accumulate(model):
-                loss = packed_loss(model, batch)
+                loss = training_loss(model, batch, args)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, 1.0)
@@ -650,14 +739,33 @@ def check_args(args):
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise StarError(f"--report_to {args.report_to} needs the package {args.report_to} (pip install "
                         f"{args.report_to}), or pass --report_to none")
+    if args.beta <= 0 or args.rpo_alpha < 0:
+        raise StarError(f"--beta must be > 0 and --rpo_alpha >= 0 (got {args.beta}, {args.rpo_alpha})")
     args.lr = args.lr or (LORA_LR if args.lora_r else FULL_LR)
     args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
+    args.pairs_file = args.pairs_file or f"data/star_iter{args.iteration}_pairs.jsonl"
     args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
     check_output(args.output_dir, args.overwrite)
-    records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
+    if args.objective == "rpo":
+        reference_model(args)  # exists?
+        records = read_jsonl(args.pairs_file, required=("question", "chosen", "rejected"))
+    else:
+        records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
     if not records:
-        raise StarError(f"{args.train_file} holds no records: nothing to train on")
+        source = args.pairs_file if args.objective == "rpo" else args.train_file
+        raise StarError(f"{source} holds no records: nothing to train on")
     return records
+
+
+def reference_model(args):
+    """--rpo_reference previous: the model that generated iteration N's pairs, results/model_star_iter{N-1} (beside
+    --output_dir); at iteration 1 the base model, unless run_star.sh --human_seed left an iteration-0 model."""
+    previous = os.path.join(os.path.dirname(args.output_dir), f"model_star_iter{args.iteration - 1}")
+    if args.rpo_reference == "base" or (args.iteration == 1 and not os.path.isdir(previous)):
+        return args.base_model
+    if not os.path.isdir(previous):
+        raise StarError(f"--rpo_reference previous needs {previous}, which does not exist")
+    return previous
 
 
 def runs_dir(args):
@@ -718,13 +826,29 @@ def start_tracking(acc, args, fresh):
 
 def training_examples(acc, tok, records, args):
     """Tokenized examples (needs the tokenizer only: the memory plan is made from them before any weight loads)."""
-    examples, too_long = tokenize_examples(tok, records, args.max_length)
+    tokenize = tokenize_pairs if args.objective == "rpo" else tokenize_examples
+    examples, too_long = tokenize(tok, records, args.max_length)
     if too_long:
         acc.print(f"warning: {len(too_long)} examples longer than --max_length {args.max_length} tokens were "
                   f"dropped (ids {too_long[:10]}{'...' if len(too_long) > 10 else ''})")
     if not examples:
-        raise StarError(f"no example of {args.train_file} fits in --max_length {args.max_length}")
+        source = args.pairs_file if args.objective == "rpo" else args.train_file
+        raise StarError(f"no example of {source} fits in --max_length {args.max_length}")
     return examples, too_long
+
+
+def with_references(acc, model, examples, args, dtype):
+    """The pairs with their reference log-probs appended: from the model being trained, before its first step (M_0,
+    --rpo_reference base), or from the model that generated the pairs (previous), loaded for this and freed."""
+    name = reference_model(args)
+    if name == args.base_model:
+        refs = reference_logps(acc, model, examples, args)
+    else:
+        other = use_packed_attention(load_weights(name, dtype)).to(acc.device)
+        refs = reference_logps(acc, other, examples, args)
+        del other
+    acc.print(f"reference log-probs of {len(examples)} pairs from {name}")
+    return [(c, r, ref) for (c, r), ref in zip(examples, refs)]
 
 
 def make_optimizer(acc, model, args, total, device):
@@ -774,10 +898,14 @@ def main(argv=None):
         init_fingerprint = weight_fingerprint(model) if acc.is_main_process else None
         steps_per_epoch, total = schedule(args, len(examples), acc.num_processes)
         model, opt, sched = acc.prepare(model, *make_optimizer(acc, model, args, total, device))
-        acc.print(f"training {args.base_model} on {len(examples)} examples of {args.train_file}: {total} steps, "
+        source = f"pairs of {args.pairs_file} (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g})" \
+            if args.objective == "rpo" else f"examples of {args.train_file}"
+        acc.print(f"training {args.base_model} on {len(examples)} {source}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
                   f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}")
+        if args.objective == "rpo":  # with the weights training starts from: before a resume loads later ones
+            examples = with_references(acc, model, examples, args, dtype)
         step, log = load_resume_state(acc, args.output_dir + ".state", args)
         start_tracking(acc, args, fresh=step == 0)
         if torch.cuda.is_available():
@@ -790,7 +918,8 @@ def main(argv=None):
                  "memory_plan_gib": {name: round(gib, 2) for name, gib in plan.items()},
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes,
-                 "dtype": "bf16" if bf16 else "fp32", "distributed": acc.distributed_type.name}
+                 "dtype": "bf16" if bf16 else "fp32", "distributed": acc.distributed_type.name,
+                 "objective": args.objective}
         finish(acc, model, tok, args, log, stats, config)
 
 

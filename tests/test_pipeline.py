@@ -140,12 +140,14 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
 def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     """--human_seed N: M_0 trained on N human rationales is iteration 0 (scored zero-shot, as trained) and generates
     iteration 1's data (zero-shot under --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
-    training restarts from M_0. Every stage runs in 2 CPU processes under --launcher (torchrun, as a cluster would
+    training restarts from M_0, here with --objective rpo on the pairs (the seed's rationales against iteration 1's
+    wrong ones), the reference log-probs shared out between the processes. Every stage runs in 2 CPU processes under --launcher (torchrun, as a cluster would
     run `accelerate launch`), and --eval_args reaches evaluate.py; a launcher that is not a command stops the loop
     before any stage."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--human_seed", "4", "--max_samples", "8",
            "--eval_samples", "4", "--dev_eval_samples", "0", "--k", "2", "--epochs", "1", "--train_batch_size", "4",
-           "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate", "--eval_args", "--batch_size 3"]
+           "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate", "--eval_args", "--batch_size 3",
+           "--objective", "rpo"]
     env = {**os.environ, "PYTHON": sys.executable}
     bad = subprocess.run(cmd + ["--launcher", "no-such-launcher --nproc 2"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=env)
@@ -173,7 +175,13 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     assert {0, 1, 2, 3} <= {r["id"] for r in records}  # every seed question is still taught
     ts0, ts1 = (read_json(f"results/model_star_iter{i}/train_stats.json") for i in (0, 1))
     assert ts1["init_fingerprint"] == ts0["init_fingerprint"]  # both start from M_0
-    assert "| 0 (human seed) |" in open("results/summary.md").read() and os.path.getsize("results/summary.png") > 10_000
+    pairs = read_jsonl("data/star_iter1_pairs.jsonl")
+    assert stats["pairs"] == len(pairs) == ts1["examples"] >= 1 and ts1["objective"] == "rpo"
+    assert all(p["chosen"] in {r["rationale"] for r in records if r["id"] == p["id"]} for p in pairs)
+    assert ts0["objective"] == "sft"  # the seed model is fine-tuned, whatever the loop's objective
+    summary = open("results/summary.md").read()
+    assert "| 0 (human seed) |" in summary and "| 1 (RPO) |" in summary and f"| {len(pairs)} pairs |" in summary
+    assert os.path.getsize("results/summary.png") > 10_000
 
 
 def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):

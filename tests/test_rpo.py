@@ -1,0 +1,133 @@
+"""Iterative RPO (train.py --objective rpo): create_data's pairs, the loss against a direct computation, the reference
+log-probs, and a short run through train.main on a tiny random Llama."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+import create_data
+import train
+from common import StarError, load_split, load_tokenizer, solution_to_rationale
+from conftest import GSM8K_DIR
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m")
+
+
+def wrong(rationale, answer):
+    """The same human rationale with another stated answer: a realistic loser, sharing most tokens with the winner."""
+    return rationale.replace(f"The final answer is {answer}", f"The final answer is {int(answer) + 7}")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rows = load_split("gsm8k", "train", GSM8K_DIR, 6)
+    return [{"id": r["id"], "question": r["question"], "answer": r["answer"],
+             "chosen": solution_to_rationale(r["solution"]), "rejected": wrong(solution_to_rationale(r["solution"]),
+                                                                               r["answer"])} for r in rows]
+
+
+def test_stage1_pairs_right_with_each_kind_of_loser(monkeypatch, tok):
+    """Stage 1's losers are its wrong answers, its unstated ones and, under --check_steps filter, its right answers on
+    a wrong step; each distinct loser is paired once with a kept rationale, at most --max_pairs_per_question."""
+    rows = [{"id": i, "question": f"Tom has {i + 2} bags of 9 apples and 9 more. How many apples?", "answer": "18",
+             "solution": ""} for i in range(3)]
+    samples = [["9 + 9 = 18 apples.\nThe final answer is 18", "9 * 2 = 17 apples.\nThe final answer is 17",
+                "9 + 9 = 18 apples and then some more", "9 * 2 = 17 apples.\nThe final answer is 17",
+                "9 + 9 = 19 apples.\nThe final answer is 18"],           # right, wrong, unstated, duplicate, wrong step
+               ["9 * 2 = 17.\nThe final answer is 17"] * 5,                 # no winner: no pair
+               ["2 * 9 = 18.\nThe final answer is 18", "9 + 9 = 18.\nThe final answer is 18",
+                "3 + 3 = 6.\nThe final answer is 6", "4 + 4 = 8.\nThe final answer is 8", "1 + 1 = 2.\nThe final answer is 2"]]
+
+    def crafted(model, tok, prefix, parts, *args, **kwargs):
+        return [[(text, 9) for text in s] for s in samples]
+
+    monkeypatch.setattr(create_data, "generate_resumable", crafted)
+    args = argparse.Namespace(check_steps="filter", iteration=1, model_name="m", max_new_tokens=64, batch_size=4,
+                              num_samples=5, temperature=0.7, top_p=1.0, seed=0, max_per_question=None)
+    stats = {"tokens_generated": 0}
+    kept, failed, losers = create_data.stage1(None, tok, rows, [], args, "unused.partial", {}, stats)
+    assert [r["id"] for r in kept] == [0, 2, 2] and [r["id"] for r in failed] == [1]
+    assert [why for _, why in losers[0]] == ["wrong_answer", "no_stated_answer", "wrong_answer", "wrong_step"]
+    pairs = create_data.make_pairs(kept, losers, 2, 1)
+    assert [(p["id"], p["why"]) for p in pairs] == [(0, "wrong_answer"), (0, "no_stated_answer"),
+                                                    (2, "wrong_answer"), (2, "wrong_answer")]
+    assert [p["chosen"] for p in pairs[2:]] == [kept[1]["rationale"], kept[2]["rationale"]]  # winners in turn
+    assert all(p["chosen"] != p["rejected"] and p["answer"] == "18" for p in pairs)
+    assert [p["why"] for p in create_data.make_pairs(kept, losers, 9, 1)][:3] == \
+        ["wrong_answer", "no_stated_answer", "wrong_step"]  # the duplicate loser counted once
+    assert create_data.pairs_path("data/star_iter3_train.jsonl") == "data/star_iter3_pairs.jsonl"
+
+
+def direct_logp(model, tok, question, rationale):
+    """Summed log-probability of the rationale tokens after train.py's prompt: HF's own attention on one unpadded
+    sequence, no packing."""
+    x, y = train.tokenize_examples(tok, [{"question": question, "rationale": rationale}], 10**6)[0][0]
+    logits = model(input_ids=torch.tensor([x])).logits[0, :-1].float()
+    target = torch.tensor(y[1:])
+    keep = target != -100
+    logp = torch.log_softmax(logits[keep], -1).gather(1, target[keep][:, None]).sum()
+    return logp, int(keep.sum())
+
+
+def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    direct_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    packed_model = train.use_packed_attention(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    examples, too_long = train.tokenize_pairs(tok, pairs[:4], 1024)
+    assert not too_long and len(examples) == 4
+    reference = [(-150.0 + 3 * i, -160.0 - 2 * i) for i in range(4)]  # margins away from 0, so the sigmoid matters
+    batch = train.pack_pairs([(c, r, ref) for (c, r), ref in zip(examples, reference)])
+    assert batch["input_ids"].shape[1] == sum(len(x) for c, r in examples for x, _ in (c, r))  # both packed in a row
+    beta, alpha = 0.1, 1.0
+    terms = []
+    for p, (ref_w, ref_l) in zip(pairs[:4], reference):
+        logp_w, n_w = direct_logp(direct_model, tok, p["question"], p["chosen"])
+        logp_l, _ = direct_logp(direct_model, tok, p["question"], p["rejected"])
+        dpo = -torch.nn.functional.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
+        terms.append(dpo + alpha * (-logp_w) / n_w)
+    expected = torch.stack(terms).mean()
+    expected.backward()
+    loss = train.rpo_loss(packed_model, batch, beta, alpha)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for (name, a), b in zip(packed_model.named_parameters(), direct_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    # the reference pass gives each pair's own log-probs
+    acc = argparse.Namespace(process_index=0, num_processes=1, device="cpu", is_main_process=True,
+                             autocast=lambda: torch.autocast("cpu", enabled=False))
+    refs = train.reference_logps(acc, packed_model, examples, argparse.Namespace(batch_size=3))
+    with torch.no_grad():
+        first = [direct_logp(direct_model, tok, pairs[0]["question"], pairs[0][k])[0].item() for k in ("chosen", "rejected")]
+    assert refs[0] == pytest.approx(first, rel=1e-5) and len(refs) == 4
+
+
+def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llama, capsys):
+    """train.main --objective rpo: at the first step the policy is the reference, so DPO's term is log 2 exactly; the
+    loss then falls, the checkpoint loads, and the memory plan counts both sequences of each pair."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    common = ["--base_model", tiny_llama, "--pairs_file", str(path), "--objective", "rpo", "--batch_size", "2",
+              "--dtype", "fp32", "--report_to", "none", "--warmup_ratio", "0"]
+    train.main(common + ["--output_dir", str(tmp_path / "m"), "--rpo_alpha", "0", "--epochs", "4", "--lr", "3e-3",
+                "--beta", "0.5"])
+    stats = json.loads((tmp_path / "m" / "train_stats.json").read_text())
+    assert stats["objective"] == "rpo" and stats["examples"] == 6 and stats["steps"] == 12
+    assert stats["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert stats["final_loss"] < 0.8 * math.log(2)  # the margins grew: the winner gained on the loser
+    tok = load_tokenizer(tiny_llama)
+    examples, _ = train.tokenize_pairs(tok, pairs, 1024)
+    sizes = [len(c[0]) + len(r[0]) for c, r in examples]
+    args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1)
+    assert train.longest_micro_batch(examples, args, 1)[0] == sum(sizes)
+    assert "976 tokens (the longest packed micro-batch" in capsys.readouterr().out  # 2 pairs, 4 sequences
+    with pytest.raises(SystemExit) as e:  # a missing pairs file: one error line, exit 2
+        train.main(common + ["--output_dir", str(tmp_path / "n"), "--pairs_file", str(tmp_path / "none.jsonl")])
+    assert e.value.code == 2 and not (tmp_path / "n").exists()
+    with pytest.raises(StarError):
+        train.check_args(train.parser.parse_args(common + ["--output_dir", str(tmp_path / "o"), "--beta", "0"]))
