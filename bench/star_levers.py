@@ -4,11 +4,15 @@ and the test split is only reported. Writes docs/levers.md (one table) and docs/
 
     python bench/star_levers.py                       # every configuration below, then the table
     python bench/star_levers.py --only star,accumulate --table_only
+    python bench/star_levers.py --only human_seed,human_seed_rpo --runs runs/rpo --run_star_args "--eval_samples 500" \
+        --section rpo                                  # STaR against STaR + RPO, its own section of docs/levers.md
 
 A configuration that shares its first stages with `star` (the same commands, so the same files: greedy runs
 are deterministic) starts from hard links to them instead of computing them again: every configuration
 shares the base model's evaluations and the vanilla SFT reference, `accumulate` (a no-op at iteration 1)
-shares all of iteration 1, and `human_seed`'s iteration-0 model is star's vanilla SFT model.
+shares all of iteration 1, and `human_seed`'s iteration-0 model is star's vanilla SFT model; an `_rpo`
+configuration shares iteration 0 and iteration 1's data with the configuration it changes (the same generations).
+Each --section is one table of docs/levers.md, replaced when the same section is written again.
 """
 import argparse
 import glob
@@ -25,7 +29,10 @@ from summary import iteration_rows  # noqa: E402
 
 BASE = ["results/eval*_iter0.*"]  # the base model's evaluations: the same in every configuration
 SFT = ["data/sft_train.*", "results/eval*_sft.*", "results/model_sft"]  # the same where training flags are
-# name: (what it changes, run_star.sh arguments, stages shared with `star`)
+HUMAN_SEED = ["--human_seed", "96", "--max_samples", "192", "--tuned_k", "0", "--create_args",
+              "--accumulate --check_steps filter"]
+FIRST = ["data/star_iter0_*", "results/model_star_iter0", "results/eval*_iter0.*", "data/star_iter1_*"]
+# name: (what it changes, run_star.sh arguments, stages shared with `star` or, as (config, stages), with another)
 CONFIGS = {
     "star": ("the paper's STaR: greedy, Stage 2, 3 epochs on M_0's kept rationales", [], []),
     "accumulate": ("+ the previous iteration's kept rationales (duplicates removed)", ["--create_args", "--accumulate"],
@@ -38,11 +45,15 @@ CONFIGS = {
     "human_seed": ("a warm start: M_0 trained on 96 human rationales generates iteration 1; fine-tuned generators "
                    "prompted zero-shot; 192 train questions per iteration; only all-steps-true rationales kept, "
                    "carried over with the seed",
-                   ["--human_seed", "96", "--max_samples", "192", "--tuned_k", "0", "--create_args",
-                    "--accumulate --check_steps filter"],
+                   HUMAN_SEED,
                    [("data/sft_train.jsonl", "data/star_iter0_train.jsonl"),
                     ("data/sft_train.jsonl.stats.json", "data/star_iter0_train.jsonl.stats.json"),
                     ("results/model_sft", "results/model_star_iter0")]),
+    "human_seed_rpo": ("human_seed, each iteration training M_0 with DPO + NLL (Iterative RPO) on the pairs of a kept "
+                       "rationale against a Stage-1 rationale that lost, instead of SFT on the kept ones; the same "
+                       "generations per iteration", HUMAN_SEED + ["--objective", "rpo"], ("human_seed", FIRST)),
+    "star_rpo": ("star, each iteration trained with DPO + NLL (Iterative RPO) on its pairs", ["--objective", "rpo"],
+                 BASE + ["data/star_iter1_*"]),
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +61,8 @@ parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated c
 parser.add_argument("--runs", default="runs/levers", help="one folder per configuration")
 parser.add_argument("--table_only", action="store_true", help="write the table from the runs already there")
 parser.add_argument("--run_star_args", default="--sft", help="arguments every configuration passes to run_star.sh")
+parser.add_argument("--section", default="levers",
+                    help="the section of docs/levers.md (and docs/levers_<section>.png) this command writes")
 
 
 def link_shared(src, dst, patterns):
@@ -71,8 +84,10 @@ def link_shared(src, dst, patterns):
 def run_config(name, args):
     folder = os.path.join(args.runs, name)
     os.makedirs(folder, exist_ok=True)
-    if name != "star":
-        link_shared(os.path.join(args.runs, "star"), folder, CONFIGS[name][2])
+    shared = CONFIGS[name][2]
+    source, shared = shared if isinstance(shared, tuple) and isinstance(shared[1], list) else ("star", shared)
+    if name != source:
+        link_shared(os.path.join(args.runs, source), folder, shared)
     cmd = ["bash", os.path.join(ROOT, "run_star.sh"), *args.run_star_args.split(), *CONFIGS[name][1]]
     print(f"== {name}: (cd {folder} && {' '.join(cmd)})", flush=True)
     t0 = time.time()
@@ -145,12 +160,28 @@ def main(argv=None):
     table, curves = levers_table(names, args, iterations)
     configs = "\n".join(f"- `{n}`: {CONFIGS[n][0]} (`bash run_star.sh {args.run_star_args} {shlex.join(CONFIGS[n][1])}`)"
                         for n in names)
-    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-    with open(os.path.join(ROOT, "docs", "levers.md"), "w") as f:
-        f.write(f"# STaR levers on the embedded model\n\nWritten by `python bench/star_levers.py`. Configurations:\n\n"
-                f"{configs}\n\n{table}\n![dev and test accuracy by iteration](levers.png)\n")
-    levers_plot(curves, os.path.join(ROOT, "docs", "levers.png"))
-    print(table + f"wrote docs/levers.md and docs/levers.png ({(time.time() - t0) / 60:.1f} min)")
+    plot = "levers.png" if args.section == "levers" else f"levers_{args.section}.png"
+    command = shlex.join(["python", "bench/star_levers.py", *(argv if argv is not None else sys.argv[1:])])
+    write_section(os.path.join(ROOT, "docs", "levers.md"), args.section,
+                  f"Written by `{command}`. Configurations:\n\n{configs}\n\n{table}\n"
+                  f"![dev and test accuracy by iteration]({plot})\n")
+    levers_plot(curves, os.path.join(ROOT, "docs", plot))
+    print(table + f"wrote section {args.section} of docs/levers.md and docs/{plot} ({(time.time() - t0) / 60:.1f} min)")
+
+
+def write_section(path, name, text):
+    """Put `text` into docs/levers.md between its section's markers, replacing the section's old text; a new section
+    goes at the end. The other sections stay as their own commands wrote them."""
+    begin, end = f"<!-- section {name} -->\n", f"<!-- end section {name} -->\n"
+    doc = open(path).read() if os.path.exists(path) else "# STaR levers on the embedded model\n"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        doc = head + begin + text + end + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + begin + text + end
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(doc)
 
 
 if __name__ == "__main__":
