@@ -1,5 +1,6 @@
 """Summarize a STaR loop: one row per iteration (test accuracy, flexible - strict gap, faithful share, Stage-1/2
-success, training examples, or pairs where the iteration trained with --objective rpo) from results/eval_*.json and data/*.stats.json, as a table and a plot.
+success, training examples, or pairs where the iteration trained with --objective rpo) from results/eval_*.json and
+data/*.stats.json, as a table and a plot.
 
     python summary.py                       # writes results/summary.md and results/summary.png
     python summary.py --results_dir results --data_dir data

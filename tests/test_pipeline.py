@@ -141,9 +141,9 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     """--human_seed N: M_0 trained on N human rationales is iteration 0 (scored zero-shot, as trained) and generates
     iteration 1's data (zero-shot under --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
     training restarts from M_0, here with --objective rpo on the pairs (the seed's rationales against iteration 1's
-    wrong ones), the reference log-probs shared out between the processes. Every stage runs in 2 CPU processes under --launcher (torchrun, as a cluster would
-    run `accelerate launch`), and --eval_args reaches evaluate.py; a launcher that is not a command stops the loop
-    before any stage."""
+    wrong ones), the reference log-probs shared out between the processes. Every stage runs in 2 CPU processes under
+    --launcher (torchrun, as a cluster would run `accelerate launch`), and --eval_args reaches evaluate.py; a launcher
+    that is not a command stops the loop before any stage."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--human_seed", "4", "--max_samples", "8",
            "--eval_samples", "4", "--dev_eval_samples", "0", "--k", "2", "--epochs", "1", "--train_batch_size", "4",
            "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate", "--eval_args", "--batch_size 3",
