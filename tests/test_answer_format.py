@@ -192,7 +192,7 @@ def test_yield_losses_are_counted_per_stage(monkeypatch):
     args = argparse.Namespace(check_steps="off", iteration=1, model_name="m", max_new_tokens=40, batch_size=8,
                               engine="ours", num_samples=1, temperature=None, top_p=1.0, seed=0, max_per_question=None)
     stats = {"tokens_generated": 0}
-    kept1, failed = create_data.stage1(None, tok, rows, [], args, "unused.partial", {}, stats)
+    kept1, failed, _ = create_data.stage1(None, tok, rows, [], args, "unused.partial", {}, stats)
     kept2 = create_data.stage2(None, tok, failed, [], args, "unused.partial", {}, stats)
     assert [r["id"] for r in kept1] == [0] and [r["id"] for r in kept2] == [2] and len(failed) == 4
     assert {k: v for k, v in stats.items() if "unstated" in k or "cut_at" in k} == {
