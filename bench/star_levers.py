@@ -101,11 +101,16 @@ def pct(x):
     return "" if x is None else f"{100 * x:.1f}%"
 
 
+def examples(row):
+    """What an iteration trained on: its kept examples, or its pairs under --objective rpo."""
+    return f"{row['pairs']} pairs" if row["rpo"] else "" if row["kept"] is None else row["kept"]
+
+
 def levers_table(names, args, iterations):
     """One row per (configuration, iteration); the dev-chosen row of each configuration in bold (none without
     dev scores); a configuration that stopped early says after which iteration."""
     lines = ["| configuration | iteration | dev accuracy | test accuracy | correct, all steps true (test) "
-             "| kept examples | minutes |", "|---|---|---|---|---|---|---|"]
+             "| kept examples (or pairs) | minutes |", "|---|---|---|---|---|---|---|"]
     curves = {}
     for name in names:
         folder = os.path.join(args.runs, name)
@@ -119,7 +124,7 @@ def levers_table(names, args, iterations):
         for r in star if linked else rows:  # an SFT row linked from star's is shown once, under star
             mark = "**" if r is best else ""
             lines.append(f"| {name} | {mark}{r['label']}{mark} | {pct(r['dev'])} | {pct(r['accuracy'])} (n={r['n']}) | "
-                         f"{pct(r['faithful'])} | {'' if r['kept'] is None else r['kept']} | {r['minutes']:.1f} |")
+                         f"{pct(r['faithful'])} | {examples(r)} | {r['minutes']:.1f} |")
         if len(star) < iterations + 1:
             done = f"stopped after iteration {len(star) - 1}" if star else "did not run"
             lines.append(f"| {name} | {done} | | | | | see {folder}/run.log |")
