@@ -114,9 +114,9 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     common = ["--base_model", tiny_llama, "--pairs_file", str(path), "--objective", "rpo", "--batch_size", "2",
               "--dtype", "fp32", "--report_to", "none", "--warmup_ratio", "0"]
-    train.main(common + ["--output_dir", str(tmp_path / "m"), "--rpo_alpha", "0", "--epochs", "4", "--lr", "3e-3",
-                "--beta", "0.5"])
-    stats = json.loads((tmp_path / "m" / "train_stats.json").read_text())
+    train.main(common + ["--output_dir", str(tmp_path / "model_star_iter1"), "--rpo_alpha", "0", "--epochs", "4",
+                "--lr", "3e-3", "--beta", "0.5"])
+    stats = json.loads((tmp_path / "model_star_iter1" / "train_stats.json").read_text())
     assert stats["objective"] == "rpo" and stats["examples"] == 6 and stats["steps"] == 12
     assert stats["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert stats["final_loss"] < 0.8 * math.log(2)  # the margins grew: the winner gained on the loser
@@ -126,6 +126,12 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1)
     assert train.longest_micro_batch(examples, args, 1)[0] == sum(sizes)
     assert "976 tokens (the longest packed micro-batch" in capsys.readouterr().out  # 2 pairs, 4 sequences
+    # --rpo_reference previous: the model that generated iteration 2's pairs (M_1) is the reference, not M_0
+    train.main(common + ["--output_dir", str(tmp_path / "model_star_iter2"), "--rpo_alpha", "0", "--epochs", "1",
+                         "--iteration", "2", "--rpo_reference", "previous"])
+    assert f"reference log-probs of 6 pairs from {tmp_path / 'model_star_iter1'}" in capsys.readouterr().out
+    first = json.loads((tmp_path / "model_star_iter2" / "train_stats.json").read_text())["first_loss"]
+    assert first > math.log(2) + 0.05  # M_0 prefers the loser less than M_1 does: a positive DPO loss above log 2
     with pytest.raises(SystemExit) as e:  # a missing pairs file: one error line, exit 2
         train.main(common + ["--output_dir", str(tmp_path / "n"), "--pairs_file", str(tmp_path / "none.jsonl")])
     assert e.value.code == 2 and not (tmp_path / "n").exists()
