@@ -747,14 +747,17 @@ def check_args(args):
     args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
     check_output(args.output_dir, args.overwrite)
     if args.objective == "rpo":
-        reference_model(args)  # exists?
-        records = read_jsonl(args.pairs_file, required=("question", "chosen", "rejected"))
-    else:
-        records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
+        reference_model(args)  # a missing --rpo_reference previous model stops the run here, before anything loads
+    fields = ("question", "chosen", "rejected") if args.objective == "rpo" else ("question", "rationale", "answer")
+    records = read_jsonl(training_file(args), required=fields)
     if not records:
-        source = args.pairs_file if args.objective == "rpo" else args.train_file
-        raise StarError(f"{source} holds no records: nothing to train on")
+        raise StarError(f"{training_file(args)} holds no records: nothing to train on")
     return records
+
+
+def training_file(args):
+    """What --objective trains on: --pairs_file (rpo) or --train_file (sft)."""
+    return args.pairs_file if args.objective == "rpo" else args.train_file
 
 
 def reference_model(args):
@@ -832,8 +835,7 @@ def training_examples(acc, tok, records, args):
         acc.print(f"warning: {len(too_long)} examples longer than --max_length {args.max_length} tokens were "
                   f"dropped (ids {too_long[:10]}{'...' if len(too_long) > 10 else ''})")
     if not examples:
-        source = args.pairs_file if args.objective == "rpo" else args.train_file
-        raise StarError(f"no example of {source} fits in --max_length {args.max_length}")
+        raise StarError(f"no example of {training_file(args)} fits in --max_length {args.max_length}")
     return examples, too_long
 
 
@@ -898,9 +900,9 @@ def main(argv=None):
         init_fingerprint = weight_fingerprint(model) if acc.is_main_process else None
         steps_per_epoch, total = schedule(args, len(examples), acc.num_processes)
         model, opt, sched = acc.prepare(model, *make_optimizer(acc, model, args, total, device))
-        source = f"pairs of {args.pairs_file} (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g})" \
-            if args.objective == "rpo" else f"examples of {args.train_file}"
-        acc.print(f"training {args.base_model} on {len(examples)} {source}: {total} steps, "
+        what = f"pairs (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g})" if args.objective == "rpo" \
+            else "examples"
+        acc.print(f"training {args.base_model} on {len(examples)} {what} of {training_file(args)}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
                   f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}")
