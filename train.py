@@ -17,11 +17,14 @@ On a GPU a plan larger than the free memory stops the run with one error line na
 --skip_memory_check trains anyway. `python bench/gpu_train.py --plan_only` prints the plan of
 meta-llama/Llama-3.2-3B-Instruct on the real GSM8K rows; within 24 GB it trains with LoRA and checkpointing.
 
---objective rpo trains on create_data's pairs file instead (Iterative RPO, Pang et al. 2024,
+--objective rpo adds create_data's pairs file (Iterative RPO, Pang et al. 2024,
 https://arxiv.org/abs/2404.19733): -log sigmoid(beta x [log pi(w)/ref(w) - log pi(l)/ref(l)]) + alpha x NLL(w)/|w|
-per (chosen w, rejected l) pair, both sequences packed into the micro-batch's row. ref is the model training starts
-from, M_0, as STaR restarts from M_0 (its log-probabilities computed once, before the first step); --rpo_reference
-previous takes the paper's reference instead, the model that generated the pairs (M_{N-1}).
+per (chosen w, rejected l) pair, both sequences packed into the micro-batch's row. A kept rationale of --train_file
+that is no pair's winner (no loser was generated for it) keeps its alpha x NLL(w)/|w| term, so STaR's training set
+is all learned and the pairs add DPO's term; --pairs_only trains on the pairs alone, as the paper (which samples
+until every question has a pair). ref is the model training starts from, M_0, as STaR restarts from M_0 (its
+log-probabilities computed once, before the first step); --rpo_reference previous takes the paper's reference
+instead, the model that generated the pairs (M_{N-1}).
 
 Long runs: the training state is saved every --save_minutes (30) and rerunning the same command resumes from it.
 Loss (averaged over processes), learning rate and tokens/s go to log.jsonl and to --report_to (tensorboard: under
@@ -73,11 +76,14 @@ parser.add_argument("--train_file", default=None, help="default data/star_iter{N
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="M_0: hub id, local folder or smollm2-135m")
 parser.add_argument("--objective", default="sft", choices=OBJECTIVES,
                     help="sft: the rationales of --train_file (STaR); rpo: DPO + NLL on the (chosen, rejected) pairs of "
-                         "--pairs_file (Iterative RPO)")
+                         "--pairs_file (Iterative RPO), NLL alone on --train_file's other rationales")
 parser.add_argument("--pairs_file", default=None, help="--objective rpo: default data/star_iter{N}_pairs.jsonl")
 parser.add_argument("--beta", type=float, default=0.1, help="--objective rpo: DPO's beta (the paper's 0.1)")
 parser.add_argument("--rpo_alpha", type=float, default=1.0,
                     help="--objective rpo: weight of the chosen rationale's NLL per token (the paper's 1; 0 = plain DPO)")
+parser.add_argument("--pairs_only", action="store_true",
+                    help="--objective rpo: train on the pairs alone (the paper's set), not also on the kept rationales "
+                         "of --train_file that have no loser")
 parser.add_argument("--rpo_reference", default="base", choices=("base", "previous"),
                     help="--objective rpo: reference log-probs from M_0 (base, where training starts) or from the model "
                          "that generated the pairs, results/model_star_iter{N-1} (previous, the paper's choice)")
@@ -133,23 +139,24 @@ def tokenize_examples(tok, records, max_length):
     return examples, too_long
 
 
-def tokenize_pairs(tok, pairs, max_length):
-    """[((chosen ids, labels), (rejected ids, labels))], each sequence as tokenize_examples makes it; a pair with
-    either sequence over max_length is dropped and reported."""
-    chosen, too_long = tokenize_examples(tok, [{**p, "rationale": p["chosen"]} for p in pairs], 10**9)
-    rejected, _ = tokenize_examples(tok, [{**p, "rationale": p["rejected"]} for p in pairs], 10**9)
-    examples = []
-    for p, c, r in zip(pairs, chosen, rejected):
-        if max(len(c[0]), len(r[0])) > max_length:
-            too_long.append(p.get("id"))
+def tokenize_pairs(tok, records, max_length):
+    """[(chosen (ids, labels), rejected (ids, labels) or None, None)]: a pair, or a kept rationale with no loser (its
+    NLL term alone), each sequence as tokenize_examples makes it; the last slot takes the pair's reference log-probs
+    (with_references). A record with a sequence over max_length is dropped and reported."""
+    examples, too_long = [], []
+    for r in records:
+        texts = [r["chosen"], r["rejected"]] if "rejected" in r else [r["rationale"]]
+        seqs, _ = tokenize_examples(tok, [{**r, "rationale": t} for t in texts], 10**9)
+        if max(len(x) for x, _ in seqs) > max_length:
+            too_long.append(r.get("id"))
         else:
-            examples.append((c, r))
+            examples.append((seqs[0], seqs[1] if len(seqs) > 1 else None, None))
     return examples, too_long
 
 
 def sequences(example):
     """The token sequences of a training example: one (ids, labels) for SFT, chosen then rejected for a pair."""
-    return list(example[:2]) if isinstance(example[0], tuple) else [example]
+    return [s for s in example[:2] if s is not None] if isinstance(example[0], tuple) else [example]
 
 
 def pack(batch):
@@ -163,11 +170,19 @@ def pack(batch):
 
 
 def pack_pairs(batch):
-    """Pairs -> one packed row of chosen_0, rejected_0, chosen_1, ... and, once computed, their reference
-    log-probs [pairs, 2] (reference_logps)."""
+    """--objective rpo's examples -> one packed row of chosen_0, rejected_0, chosen_1, ..., with the index in the row of
+    each example's chosen sequence [examples] and of each pair's rejected one [pairs], which examples are pairs
+    [pairs] and, once computed, the pairs' reference log-probs [pairs, 2] (reference_logps)."""
+    chosen, rejected, paired = [], [], []
+    for j, (c, r, _) in enumerate(batch):
+        chosen.append(len(chosen) + len(rejected))
+        if r is not None:
+            rejected.append(chosen[-1] + 1)
+            paired.append(j)
     row = pack([seq for example in batch for seq in sequences(example)])
-    if len(batch[0]) == 3:
-        row["reference"] = torch.tensor([example[2] for example in batch], dtype=torch.float32)
+    row.update(chosen=torch.tensor(chosen), rejected=torch.tensor(rejected), paired=torch.tensor(paired, dtype=torch.long))
+    if paired and batch[paired[0]][2] is not None:
+        row["reference"] = torch.tensor([batch[j][2] for j in paired], dtype=torch.float32)
     return row
 
 
@@ -222,13 +237,18 @@ def packed_loss(model, batch):
 
 
 def rpo_loss(model, batch, beta, alpha):
-    """Iterative RPO's loss (Pang et al. 2024, eq. 1), mean over the pairs of a packed row: DPO on the log-probability
-    ratios to the reference, -log sigmoid(beta x [(log pi(w) - ref(w)) - (log pi(l) - ref(l))]), plus alpha x the
-    chosen rationale's NLL per token. Log-probabilities are sums over rationale tokens."""
+    """Iterative RPO's loss (Pang et al. 2024, eq. 1), mean over the examples of a packed row: alpha x the chosen
+    rationale's NLL per token, plus for a pair DPO on the log-probability ratios to the reference,
+    -log sigmoid(beta x [(log pi(w) - ref(w)) - (log pi(l) - ref(l))]). Log-probabilities are sums over rationale
+    tokens; a kept rationale with no loser has the NLL term alone, as in STaR."""
     nll, count = example_nll(model, batch)
-    logp, ref = -nll.view(-1, 2), batch["reference"].to(nll.device)  # [pairs, (chosen, rejected)]
-    margin = (logp - ref) @ torch.tensor([beta, -beta], device=nll.device)
-    return (-torch.nn.functional.logsigmoid(margin) + alpha * nll[0::2] / count[0::2]).mean()
+    w, l, paired = batch["chosen"], batch["rejected"], batch["paired"]
+    loss = alpha * nll[w] / count[w]  # [examples]
+    if len(paired):
+        logp = -torch.stack([nll[w[paired]], nll[l]], 1)  # [pairs, (chosen, rejected)]
+        margin = (logp - batch["reference"].to(nll.device)) @ torch.tensor([beta, -beta], device=nll.device)
+        loss = loss.index_add(0, paired, -torch.nn.functional.logsigmoid(margin))
+    return loss.mean()
 
 
 def training_loss(model, batch, args):
@@ -746,18 +766,32 @@ def check_args(args):
     args.pairs_file = args.pairs_file or f"data/star_iter{args.iteration}_pairs.jsonl"
     args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
     check_output(args.output_dir, args.overwrite)
-    if args.objective == "rpo":
+    if args.objective == "sft":
+        records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
+    else:
         reference_model(args)  # a missing --rpo_reference previous model stops the run here, before anything loads
-    fields = ("question", "chosen", "rejected") if args.objective == "rpo" else ("question", "rationale", "answer")
-    records = read_jsonl(training_file(args), required=fields)
+        records = read_jsonl(args.pairs_file, required=("question", "chosen", "rejected")) + unpaired_rationales(args)
     if not records:
         raise StarError(f"{training_file(args)} holds no records: nothing to train on")
     return records
 
 
+def unpaired_rationales(args):
+    """--objective rpo: the kept rationales of --train_file that are no pair's winner (create_data pairs a loser only
+    where one was generated), trained on by their NLL term alone, as STaR would; none with --pairs_only or
+    --rpo_alpha 0 (the paper's set: the pairs alone)."""
+    if args.pairs_only or not args.rpo_alpha:
+        return []
+    winners = {(p.get("id"), p["chosen"]) for p in read_jsonl(args.pairs_file)}
+    return [r for r in read_jsonl(args.train_file, required=("question", "rationale"))
+            if (r.get("id"), r["rationale"]) not in winners]
+
+
 def training_file(args):
-    """What --objective trains on: --pairs_file (rpo) or --train_file (sft)."""
-    return args.pairs_file if args.objective == "rpo" else args.train_file
+    """What --objective trains on: --train_file (sft), or --pairs_file (rpo) and, unless --pairs_only, --train_file."""
+    if args.objective == "sft":
+        return args.train_file
+    return args.pairs_file if args.pairs_only or not args.rpo_alpha else f"{args.pairs_file} + {args.train_file}"
 
 
 def reference_model(args):
@@ -842,15 +876,18 @@ def training_examples(acc, tok, records, args):
 def with_references(acc, model, examples, args, dtype):
     """The pairs with their reference log-probs appended: from the model being trained, before its first step (M_0,
     --rpo_reference base), or from the model that generated the pairs (previous), loaded for this and freed."""
-    name = reference_model(args)
+    name, pairs = reference_model(args), [e for e in examples if e[1] is not None]
+    if not pairs:
+        return examples
     if name == args.base_model:
-        refs = reference_logps(acc, model, examples, args)
+        refs = reference_logps(acc, model, pairs, args)
     else:
         other = use_packed_attention(load_weights(name, dtype)).to(acc.device)
-        refs = reference_logps(acc, other, examples, args)
+        refs = reference_logps(acc, other, pairs, args)
         del other
-    acc.print(f"reference log-probs of {len(examples)} pairs from {name}")
-    return [(c, r, ref) for (c, r), ref in zip(examples, refs)]
+    acc.print(f"reference log-probs of {len(pairs)} pairs from {name}")
+    refs = iter(refs)
+    return [(c, r, next(refs) if r is not None else None) for c, r, _ in examples]
 
 
 def make_optimizer(acc, model, args, total, device):
@@ -900,9 +937,11 @@ def main(argv=None):
         init_fingerprint = weight_fingerprint(model) if acc.is_main_process else None
         steps_per_epoch, total = schedule(args, len(examples), acc.num_processes)
         model, opt, sched = acc.prepare(model, *make_optimizer(acc, model, args, total, device))
-        what = f"pairs (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g})" if args.objective == "rpo" \
-            else "examples"
-        acc.print(f"training {args.base_model} on {len(examples)} {what} of {training_file(args)}: {total} steps, "
+        pairs = sum(1 for e in examples if args.objective == "rpo" and e[1] is not None)
+        what = f"{pairs} pairs (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g}) and " \
+               f"{len(examples) - pairs} rationales with no loser (NLL)" if args.objective == "rpo" \
+            else f"{len(examples)} examples"
+        acc.print(f"training {args.base_model} on {what} of {training_file(args)}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
                   f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}")
@@ -921,7 +960,7 @@ def main(argv=None):
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes,
                  "dtype": "bf16" if bf16 else "fp32", "distributed": acc.distributed_type.name,
-                 "objective": args.objective}
+                 "objective": args.objective, "pairs": pairs if args.objective == "rpo" else None}
         finish(acc, model, tok, args, log, stats, config)
 
 

@@ -79,18 +79,22 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
 
     direct_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     packed_model = train.use_packed_attention(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
-    examples, too_long = train.tokenize_pairs(tok, pairs[:4], 1024)
-    assert not too_long and len(examples) == 4
-    reference = [(-150.0 + 3 * i, -160.0 - 2 * i) for i in range(4)]  # margins away from 0, so the sigmoid matters
-    batch = train.pack_pairs([(c, r, ref) for (c, r), ref in zip(examples, reference)])
-    assert batch["input_ids"].shape[1] == sum(len(x) for c, r in examples for x, _ in (c, r))  # both packed in a row
+    # pairs, and between them a kept rationale with no loser (its NLL term alone)
+    records = pairs[:2] + [{"question": pairs[4]["question"], "rationale": pairs[4]["chosen"]}] + pairs[2:4]
+    examples, too_long = train.tokenize_pairs(tok, records, 1024)
+    assert not too_long and len(examples) == 5 and examples[2][1] is None
+    reference = [(-150.0 + 3 * i, -160.0 - 2 * i) for i in range(5)]  # margins away from 0, so the sigmoid matters
+    batch = train.pack_pairs([(c, r, ref if r else None) for (c, r, _), ref in zip(examples, reference)])
+    assert batch["input_ids"].shape[1] == sum(len(x) for e in examples for x, _ in train.sequences(e))  # one row
+    assert batch["chosen"].tolist() == [0, 2, 4, 5, 7] and batch["rejected"].tolist() == [1, 3, 6, 8]
     beta, alpha = 0.1, 1.0
     terms = []
-    for p, (ref_w, ref_l) in zip(pairs[:4], reference):
-        logp_w, n_w = direct_logp(direct_model, tok, p["question"], p["chosen"])
-        logp_l, _ = direct_logp(direct_model, tok, p["question"], p["rejected"])
-        dpo = -torch.nn.functional.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
-        terms.append(dpo + alpha * (-logp_w) / n_w)
+    for p, (ref_w, ref_l) in zip(records, reference):
+        logp_w, n_w = direct_logp(direct_model, tok, p["question"], p.get("chosen", p.get("rationale")))
+        terms.append(alpha * (-logp_w) / n_w)
+        if "rejected" in p:
+            logp_l, _ = direct_logp(direct_model, tok, p["question"], p["rejected"])
+            terms[-1] = terms[-1] - torch.nn.functional.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
     expected = torch.stack(terms).mean()
     expected.backward()
     loss = train.rpo_loss(packed_model, batch, beta, alpha)
@@ -101,6 +105,7 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
     # the reference pass gives each pair's own log-probs
     acc = argparse.Namespace(process_index=0, num_processes=1, device="cpu", is_main_process=True,
                              autocast=lambda: torch.autocast("cpu", enabled=False))
+    examples = [e for e in examples if e[1] is not None]
     refs = train.reference_logps(acc, packed_model, examples, argparse.Namespace(batch_size=3))
     with torch.no_grad():
         first = [direct_logp(direct_model, tok, pairs[0]["question"], pairs[0][k])[0].item() for k in ("chosen", "rejected")]
@@ -122,7 +127,7 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     assert stats["final_loss"] < 0.8 * math.log(2)  # the margins grew: the winner gained on the loser
     tok = load_tokenizer(tiny_llama)
     examples, _ = train.tokenize_pairs(tok, pairs, 1024)
-    sizes = [len(c[0]) + len(r[0]) for c, r in examples]
+    sizes = [len(c[0]) + len(r[0]) for c, r, _ in examples]
     args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1)
     assert train.longest_micro_batch(examples, args, 1)[0] == sum(sizes)
     assert "976 tokens (the longest packed micro-batch" in capsys.readouterr().out  # 2 pairs, 4 sequences
@@ -132,6 +137,15 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     assert f"reference log-probs of 6 pairs from {tmp_path / 'model_star_iter1'}" in capsys.readouterr().out
     first = json.loads((tmp_path / "model_star_iter2" / "train_stats.json").read_text())["first_loss"]
     assert first > math.log(2) + 0.05  # M_0 prefers the loser less than M_1 does: a positive DPO loss above log 2
+    # by default the training set's rationales that won no pair are learned too, by their NLL term alone
+    train_file = tmp_path / "train.jsonl"
+    rows = [{"id": p["id"], "question": p["question"], "rationale": p["chosen"], "answer": p["answer"]} for p in pairs]
+    rows += [{**rows[0], "id": "extra"}, {**rows[1], "rationale": rows[1]["rationale"] + " "}]  # no pair's winner
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.main(common + ["--output_dir", str(tmp_path / "mixed"), "--train_file", str(train_file), "--epochs", "1"])
+    assert "on 6 pairs (DPO + NLL, beta 0.1, alpha 1) and 2 rationales with no loser (NLL)" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "mixed" / "train_stats.json").read_text())
+    assert (stats["examples"], stats["pairs"]) == (8, 6)
     with pytest.raises(SystemExit) as e:  # a missing pairs file: one error line, exit 2
         train.main(common + ["--output_dir", str(tmp_path / "n"), "--pairs_file", str(tmp_path / "none.jsonl")])
     assert e.value.code == 2 and not (tmp_path / "n").exists()
