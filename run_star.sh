@@ -44,8 +44,8 @@ EXTRA_EVAL=()             # e.g. --eval_args "--num_samples 8"
 LAUNCHER=()               # --launcher "accelerate launch --num_processes 8": runs create_data.py, train.py and
                           # evaluate.py under it (each script's path and flags follow it); default: $PY alone
 DTYPE=""                  # --dtype auto|bf16|fp32 for the three scripts (default: theirs, auto)
-OBJECTIVE=sft             # --objective rpo: each iteration trains M_0 with DPO + NLL on create_data's pairs
-                          # (data/star_iter{N}_pairs.jsonl) instead of SFT on the kept rationales; the human seed and
+OBJECTIVE=sft             # --objective rpo: each iteration trains M_0 on the kept rationales with DPO's term added
+                          # for those paired with a loser (data/star_iter{N}_pairs.jsonl); the human seed and
                           # the vanilla SFT reference stay SFT
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }

@@ -1,6 +1,6 @@
 """Summarize a STaR loop: one row per iteration (test accuracy, flexible - strict gap, faithful share, Stage-1/2
-success, training examples, or pairs where the iteration trained with --objective rpo) from results/eval_*.json and
-data/*.stats.json, as a table and a plot.
+success, training examples, and how many as pairs where the iteration trained with --objective rpo) from
+results/eval_*.json and data/*.stats.json, as a table and a plot.
 
     python summary.py                       # writes results/summary.md and results/summary.png
     python summary.py --results_dir results --data_dir data
@@ -48,9 +48,16 @@ def iteration_rows(results_dir="results", data_dir="data"):
                      "kept2": stats.get("stage2_kept", stats.get("stage2_correct")),
                      "seen": stats.get("questions_seen"), "kept": stats.get("total_kept"), "minutes": seconds / 60,
                      "seed": bool(m.group(2) and stats.get("args", {}).get("human_rationales")),  # run_star --human_seed
-                     "rpo": trained.get("objective") == "rpo", "pairs": stats.get("pairs")})
+                     "rpo": trained.get("objective") == "rpo", "pairs": trained.get("pairs", stats.get("pairs")),
+                     "trained": trained.get("examples")})
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
+
+
+def rpo_examples(row):
+    """What an --objective rpo iteration trained on: '143 (37 pairs)', or '37 pairs' alone (--pairs_only)."""
+    unpaired = (row["trained"] or 0) - (row["pairs"] or 0)
+    return f"{row['trained']} ({row['pairs']} pairs)" if unpaired > 0 else f"{row['pairs']} pairs"
 
 
 def summary_table(rows):
@@ -63,7 +70,7 @@ def summary_table(rows):
         s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] and r["stage1"] is not None else ""
         s2 = f"{r['stage2']}/{r['seen'] - r['stage1']}" if r["seen"] and r["stage2"] is not None else ""
         shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else " (RPO)" if r["rpo"] else ""
-        examples = f"{r['pairs']} pairs" if r["rpo"] else r["kept"] if r["kept"] is not None else ""
+        examples = rpo_examples(r) if r["rpo"] else r["kept"] if r["kept"] is not None else ""
         faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
         dev = f"{100 * r['dev']:.1f}% (n={r['dev_n']})" if r["dev"] is not None else ""
         gap = f"{100 * (r['flexible'] - r['accuracy']):+.1f} pts" if r["flexible"] is not None else ""

@@ -25,7 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from summary import iteration_rows  # noqa: E402
+from summary import iteration_rows, rpo_examples  # noqa: E402
 
 BASE = ["results/eval*_iter0.*"]  # the base model's evaluations: the same in every configuration
 SFT = ["data/sft_train.*", "results/eval*_sft.*", "results/model_sft"]  # the same where training flags are
@@ -49,10 +49,11 @@ CONFIGS = {
                    [("data/sft_train.jsonl", "data/star_iter0_train.jsonl"),
                     ("data/sft_train.jsonl.stats.json", "data/star_iter0_train.jsonl.stats.json"),
                     ("results/model_sft", "results/model_star_iter0")]),
-    "human_seed_rpo": ("human_seed, each iteration training M_0 with DPO + NLL (Iterative RPO) on the pairs of a kept "
-                       "rationale against a Stage-1 rationale that lost, instead of SFT on the kept ones; the same "
-                       "generations per iteration", HUMAN_SEED + ["--objective", "rpo"], ("human_seed", FIRST)),
-    "star_rpo": ("star, each iteration trained with DPO + NLL (Iterative RPO) on its pairs", ["--objective", "rpo"],
+    "human_seed_rpo": ("human_seed, each iteration training M_0 with DPO + NLL (Iterative RPO): a kept rationale "
+                       "paired with a Stage-1 rationale that lost gets DPO's term beside its NLL, the other kept "
+                       "ones their NLL alone (SFT); the same generations per iteration", HUMAN_SEED + ["--objective", "rpo"], ("human_seed", FIRST)),
+    "star_rpo": ("star, each iteration trained with DPO + NLL (Iterative RPO) on its pairs and NLL on its other "
+                 "kept rationales", ["--objective", "rpo"],
                  BASE + ["data/star_iter1_*"]),
 }
 
@@ -102,8 +103,8 @@ def pct(x):
 
 
 def examples(row):
-    """What an iteration trained on: its kept examples, or its pairs under --objective rpo."""
-    return f"{row['pairs']} pairs" if row["rpo"] else "" if row["kept"] is None else row["kept"]
+    """What an iteration trained on: its kept examples, and how many of them as pairs under --objective rpo."""
+    return rpo_examples(row) if row["rpo"] else "" if row["kept"] is None else row["kept"]
 
 
 def levers_table(names, args, iterations):

@@ -176,11 +176,15 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     ts0, ts1 = (read_json(f"results/model_star_iter{i}/train_stats.json") for i in (0, 1))
     assert ts1["init_fingerprint"] == ts0["init_fingerprint"]  # both start from M_0
     pairs = read_jsonl("data/star_iter1_pairs.jsonl")
-    assert stats["pairs"] == len(pairs) == ts1["examples"] >= 1 and ts1["objective"] == "rpo"
+    assert stats["pairs"] == len(pairs) == ts1["pairs"] >= 1 and ts1["objective"] == "rpo"
     assert all(p["chosen"] in {r["rationale"] for r in records if r["id"] == p["id"]} for p in pairs)
+    winners = {(p["id"], p["chosen"]) for p in pairs}  # the other kept rationales are learned by their NLL alone
+    unpaired = [r for r in records if (r["id"], r["rationale"]) not in winners]
+    assert ts1["examples"] == len(pairs) + len(unpaired)
     assert ts0["objective"] == "sft"  # the seed model is fine-tuned, whatever the loop's objective
     summary = open("results/summary.md").read()
-    assert "| 0 (human seed) |" in summary and "| 1 (RPO) |" in summary and f"| {len(pairs)} pairs |" in summary
+    trained = f"{ts1['examples']} ({len(pairs)} pairs)" if unpaired else f"{len(pairs)} pairs"
+    assert "| 0 (human seed) |" in summary and "| 1 (RPO) |" in summary and f"| {trained} |" in summary
     assert os.path.getsize("results/summary.png") > 10_000
 
 
