@@ -6,6 +6,8 @@ and the test split is only reported. Writes docs/levers.md (one table) and docs/
     python bench/star_levers.py --only star,accumulate --table_only
     python bench/star_levers.py --only human_seed,human_seed_rpo --runs runs/rpo --run_star_args "--eval_samples 500" \
         --section rpo                                  # STaR against STaR + RPO, its own section of docs/levers.md
+    python bench/star_levers.py --only human_seed_rpo_beta --runs runs/rpo \
+        --run_star_args "--eval_samples 500 --iterations 1"  # one iteration of a variant
 
 A configuration that shares its first stages with `star` (the same commands, so the same files: greedy runs
 are deterministic) starts from hard links to them instead of computing them again: every configuration
@@ -51,7 +53,14 @@ CONFIGS = {
                     ("results/model_sft", "results/model_star_iter0")]),
     "human_seed_rpo": ("human_seed, each iteration training M_0 with DPO + NLL (Iterative RPO): a kept rationale "
                        "paired with a Stage-1 rationale that lost gets DPO's term beside its NLL, the other kept "
-                       "ones their NLL alone (SFT); the same generations per iteration", HUMAN_SEED + ["--objective", "rpo"], ("human_seed", FIRST)),
+                       "ones their NLL alone (SFT); the same generations per iteration",
+                       HUMAN_SEED + ["--objective", "rpo"], ("human_seed", FIRST)),
+    "human_seed_rpo_pairs_only": ("human_seed_rpo on the pairs alone (train.py --pairs_only, the paper's set): "
+                                  "the kept rationales with no loser are not trained on",
+                                  HUMAN_SEED + ["--objective", "rpo", "--train_args", "--pairs_only"],
+                                  ("human_seed", FIRST)),
+    "human_seed_rpo_beta": ("human_seed_rpo with DPO's beta 0.01 instead of 0.1: a tenth of its gradient",
+                            HUMAN_SEED + ["--objective", "rpo", "--train_args", "--beta 0.01"], ("human_seed", FIRST)),
     "star_rpo": ("star, each iteration trained with DPO + NLL (Iterative RPO) on its pairs and NLL on its other "
                  "kept rationales", ["--objective", "rpo"],
                  BASE + ["data/star_iter1_*"]),
