@@ -120,7 +120,7 @@ def levers_table(names, args, iterations):
     """One row per (configuration, iteration); the dev-chosen row of each configuration in bold (none without
     dev scores); a configuration that stopped early says after which iteration."""
     lines = ["| configuration | iteration | dev accuracy | test accuracy | correct, all steps true (test) "
-             "| kept examples (or pairs) | minutes |", "|---|---|---|---|---|---|---|"]
+             "| training examples (of them pairs) | minutes |", "|---|---|---|---|---|---|---|"]
     curves = {}
     for name in names:
         folder = os.path.join(args.runs, name)
