@@ -180,7 +180,8 @@ def pack_pairs(batch):
             rejected.append(chosen[-1] + 1)
             paired.append(j)
     row = pack([seq for example in batch for seq in sequences(example)])
-    row.update(chosen=torch.tensor(chosen), rejected=torch.tensor(rejected), paired=torch.tensor(paired, dtype=torch.long))
+    row.update(chosen=torch.tensor(chosen), rejected=torch.tensor(rejected),
+               paired=torch.tensor(paired, dtype=torch.long))
     if paired and batch[paired[0]][2] is not None:
         row["reference"] = torch.tensor([batch[j][2] for j in paired], dtype=torch.float32)
     return row
@@ -770,19 +771,20 @@ def check_args(args):
         records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
     else:
         reference_model(args)  # a missing --rpo_reference previous model stops the run here, before anything loads
-        records = read_jsonl(args.pairs_file, required=("question", "chosen", "rejected")) + unpaired_rationales(args)
+        pairs = read_jsonl(args.pairs_file, required=("question", "chosen", "rejected"))
+        records = pairs + unpaired_rationales(args, pairs)
     if not records:
         raise StarError(f"{training_file(args)} holds no records: nothing to train on")
     return records
 
 
-def unpaired_rationales(args):
+def unpaired_rationales(args, pairs):
     """--objective rpo: the kept rationales of --train_file that are no pair's winner (create_data pairs a loser only
     where one was generated), trained on by their NLL term alone, as STaR would; none with --pairs_only or
     --rpo_alpha 0 (the paper's set: the pairs alone)."""
     if args.pairs_only or not args.rpo_alpha:
         return []
-    winners = {(p.get("id"), p["chosen"]) for p in read_jsonl(args.pairs_file)}
+    winners = {(p.get("id"), p["chosen"]) for p in pairs}
     return [r for r in read_jsonl(args.train_file, required=("question", "rationale"))
             if (r.get("id"), r["rationale"]) not in winners]
 
