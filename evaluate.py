@@ -22,11 +22,12 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from common import (
-    DEFAULT_BASE_MODEL, DEV_SAMPLES, DTYPES, StarError, answers_match, build_prompts, check_output, check_positive, cli_errors,
-    dist_state, extract_last_number, extract_stated_answer, is_chat, load_partial, load_split, load_tokenizer,
-    model_identity, normalize_number, partial_path, pick_exemplars, resume_settings, run_info, write_json, write_jsonl,
+    StarError, answers_match, build_prompts, check_output, cli_errors, extract_last_number,
+    extract_stated_answer, is_chat, load_split, normalize_number, pick_exemplars, run_info, write_json, write_jsonl,
 )
-from engines import ENGINES, MAX_NEW_TOKENS, Sampling, engine_name, generate_resumable, load_generator
+from engines import Sampling, truncate_at_stop
+from generation import add_generation_args, check_generation_args, close_job, generate_part, open_job
+from models import dist_state, load_tokenizer
 from steps import all_steps_true, check_steps
 
 PROTOCOLS = ("star", "lm_eval_llama")  # --protocol: our prompts and answer rule, or lm-eval's gsm8k_cot_llama task
@@ -38,36 +39,17 @@ parser.add_argument("--iteration", type=int, default=None,
                     help="N: evaluate results/model_star_iter{N} (0 = the base model); default 1, or read from --model")
 parser.add_argument("--model", default=None, help="default results/model_star_iter{N} (--base_model for N=0); "
                     "with --model and no --iteration, outputs are named after the model")
-parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL)
+add_generation_args(parser, k=0, batch_size=64)
 parser.add_argument("--split", default="test",
                     help="test (report), dev (choose: the train file's last --dev_samples questions), train")
-parser.add_argument("--dev_samples", type=int, default=DEV_SAMPLES,
-                    help="size of the dev slice; must match create_data.py's (exemplars never come from it)")
-parser.add_argument("--batch_size", type=int, default=64)
-parser.add_argument("--max_samples", type=int, default=None, help="first N questions (default: all)")
 parser.add_argument("--save_results", action="store_true", help="also write per-example details (JSONL)")
-parser.add_argument("--k", type=int, default=0, help="few-shot exemplars from the train split (0: zero-shot)")
-parser.add_argument("--dataset", default="gsm8k", help="gsm8k | arithmetic")
-parser.add_argument("--data_dir", default=None, help="folder with train.jsonl/test.jsonl (else $GSM8K_DIR, else the hub)")
-parser.add_argument("--seed", type=int, default=0, help="picks the exemplars when --k > 0")
-parser.add_argument("--max_new_tokens", type=int, default=None,
-                    help="default: 320 gsm8k, 192 arithmetic; with --protocol lm_eval_llama the task's max_gen_toks")
 parser.add_argument("--num_samples", type=int, default=1,
                     help="k > 1: also draw k sampled answers per question and report maj@k and pass@k")
-parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --num_samples")
-parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass for --num_samples")
 parser.add_argument("--output", default=None, help="default results/eval_iter{N}.json")
-parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                    help="weights: auto = bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX, else fp32")
-parser.add_argument("--engine", default="auto", choices=ENGINES,
-                    help="decoding: ours (shared-prefix loop, any HF causal LM), vllm (vLLM's engine, where installed), "
-                         "auto = vllm where installed and worth its start, else ours (README \"Speed\")")
 parser.add_argument("--protocol", default="star", choices=PROTOCOLS,
                     help="star: our prompts (--k exemplars) and answer rule; lm_eval_llama: lm-evaluation-harness's "
                          f"{LM_EVAL_TASK} task (its 8 exemplars as chat turns, Meta's instruction, its stop sequences, "
                          "max new tokens, strict-match and flexible-extract), comparable with the Llama model cards")
-parser.add_argument("--overwrite", action="store_true")
-parser.add_argument("--debug", action="store_true")
 
 
 # ============================================================================= the lm-evaluation-harness protocol
@@ -131,13 +113,6 @@ def lm_eval_protocol(task):
                           list(metric.get("regexes_to_ignore") or []), bool(metric.get("ignore_case")), info)
 
 
-def cut_at(text, stops):
-    """The text before its first stop sequence, as lm-eval cuts a generation."""
-    for stop in stops:
-        text = text.split(stop)[0]
-    return text
-
-
 def lm_eval_extract(text, regex, group_select):
     """lm-eval's regex filter then take_first: the selected match (its first non-empty group), stripped; None for
     no match (lm-eval's "[invalid]")."""
@@ -191,11 +166,9 @@ def score(rows, outs, protocol=None):
 
 def check_args(args):
     """Refuse out-of-range flags and fill the defaults that depend on other flags."""
-    check_positive(vars(args), "num_samples", "temperature", "top_p", "max_samples", "batch_size", "max_new_tokens")
-    if args.k < 0 or (args.iteration or 0) < 0 or args.dev_samples < 0:
-        raise StarError("--k, --iteration and --dev_samples must be >= 0")
-    if args.top_p > 1:
-        raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
+    check_generation_args(args, fill_max_new_tokens=args.protocol == "star")  # lm_eval_llama: the task's, once read
+    if (args.iteration or 0) < 0:
+        raise StarError(f"--iteration must be >= 0, got {args.iteration}")
     if args.protocol != "star" and (args.dataset != "gsm8k" or args.k or args.num_samples > 1):
         raise StarError(f"--protocol {args.protocol} is GSM8K with the task's own exemplars, greedy: it takes no "
                         f"--dataset {args.dataset}, --k {args.k} or --num_samples {args.num_samples}")
@@ -210,8 +183,6 @@ def check_args(args):
     label = label if args.protocol == "star" else f"{args.protocol}_{label}"  # results/eval_lm_eval_llama_iter0.json
     label = label if args.split == "test" else f"{args.split}_{label}"  # results/eval_dev_iter2.json
     args.output = args.output or f"results/eval_{label}.json"
-    if args.protocol == "star":  # lm_eval_llama: the task's max_gen_toks, set once the task is read
-        args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
     check_output(args.output, args.overwrite)
     if args.save_results:
         check_output(details_path(args.output), args.overwrite)
@@ -274,43 +245,43 @@ def main(argv=None):
             exemplars, args.max_new_tokens = protocol.exemplars, args.max_new_tokens or protocol.max_new_tokens
             if not is_chat(load_tokenizer(args.model)):  # before the weights load
                 raise StarError(f"--protocol {args.protocol} asks in chat turns: {args.model} has no chat template")
-        model, tok = load_generator(args.model, args.engine, len(rows) * args.num_samples, args.batch_size * args.num_samples,
-                                    args.seed, args.dtype)
-        prefix, parts = build_prompts(tok, [r["question"] for r in rows], exemplars,
+        job = open_job(args, args.model, len(rows))
+        prefix, parts = build_prompts(job.tok, [r["question"] for r in rows], exemplars,
                                       **({"instruction": protocol.instruction} if protocol else {}))
-        partial = partial_path(args.output)
-        settings = resume_settings(vars(args), model_weights=model_identity(args.model))
-        finished = load_partial(partial, settings, args.overwrite)
-        outs = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial, finished, 0,
-                                  f"evaluating {args.split}")
+        outs = generate_part(job, "greedy", prefix, parts, f"evaluating {args.split}")
         if protocol:  # the task's stop sequences (our generation also stops at "Question:" and after an answer sentence)
-            outs = [(cut_at(text, protocol.until), n) for text, n in outs]
+            outs = [(truncate_at_stop(text, protocol.until), n) for text, n in outs]
         details = score(rows, outs, protocol)
         if args.num_samples > 1:
             sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
-            samples = generate_resumable(model, tok, prefix, parts, args.max_new_tokens, args.batch_size, partial,
-                                         finished, 1, f"sampling {args.num_samples} per question", sampling=sampling)
+            samples = generate_part(job, "sampled", prefix, parts, f"sampling {args.num_samples} per question",
+                                    sampling=sampling)
             score_samples(details, samples)
-        result, n = accuracy_report(details, args, time.time() - t0, protocol), len(details)
-        result["engine"] = engine_name(model)
+        result = accuracy_report(details, args, time.time() - t0, protocol)
+        result["engine"] = job.engine
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
         if args.save_results:
             write_jsonl(details_path(args.output), details)
             result["details"] = details_path(args.output)
         write_json(args.output, result)
-        os.remove(partial)
-        for d in details[:2]:
-            print(f"--- example (gold {d['gold']}, extracted {d['extracted']}, correct {d['correct']})\n{d['completion']}")
-        also = f" and {details_path(args.output)}" if args.save_results else ""
-        k = args.num_samples
-        voted = (f", maj@{k} {result[f'accuracy_maj_at_{k}']:.4f}, pass@{k} {result[f'accuracy_pass_at_{k}']:.4f}"
-                 if k > 1 else "")
-        print(f"accuracy {result['accuracy']:.4f} strict, {result['accuracy_flexible']:.4f} flexible, "
-              f"{result['accuracy_faithful']:.4f} correct with all steps true{voted} "
-              f"(n={n}, {result['correct']} correct, {result['correct_no_step_found']} of them with no step found); "
-              f"wrote {args.output}{also}")
-        warn_unstated(result)
+        close_job(job)
+        report(details, result, args)
+
+
+def report(details, result, args):
+    """Two example answers, the accuracy line (what was written where), and the strict/flexible gap warning."""
+    for d in details[:2]:
+        print(f"--- example (gold {d['gold']}, extracted {d['extracted']}, correct {d['correct']})\n{d['completion']}")
+    also = f" and {details_path(args.output)}" if args.save_results else ""
+    k = args.num_samples
+    voted = (f", maj@{k} {result[f'accuracy_maj_at_{k}']:.4f}, pass@{k} {result[f'accuracy_pass_at_{k}']:.4f}"
+             if k > 1 else "")
+    print(f"accuracy {result['accuracy']:.4f} strict, {result['accuracy_flexible']:.4f} flexible, "
+          f"{result['accuracy_faithful']:.4f} correct with all steps true{voted} "
+          f"(n={result['n']}, {result['correct']} correct, {result['correct_no_step_found']} of them with no step "
+          f"found); wrote {args.output}{also}")
+    warn_unstated(result)
 
 
 def warn_unstated(result):

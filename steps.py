@@ -11,15 +11,8 @@ model's degenerate output (a 1,000-term sum, deep brackets, a 5,000-digit number
 import re
 from fractions import Fraction
 
-from common import ARITH_COLUMNS
+from common import ARITH_COLUMNS, NUMBER
 
-# A number: currency, a mixed number (1 1/2, 2 and 1/3), a fraction written a/b (one operand, so `25 / 1/3`
-# divides by a third), thousands with commas or spaces (1,200.50 / 3 000), decimals; then an optional %.
-# ASCII digits only: other scripts' digits are not arithmetic we check.
-NUMBER = (r"(?:(?:[$€£¢]|\\\$)\s?)?(?:[0-9]+ (?:and )?[0-9]{1,2}/[0-9]+(?![0-9/])"
-          r"|[0-9]+/[0-9]+(?![0-9%]|/[0-9]|\.[0-9]|\s%)"
-          r"|[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?(?![0-9])|[0-9]{1,3}(?: [0-9]{3})+(?![-0-9]|\.[0-9])"
-          r"|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:\s?\\?%)?")
 # One token at a time, each alternative anchored on its first character, so the scan is linear. Currency
 # signs, braces and LaTeX spacing are skipped; `\frac{1}{3}` is a number; `**` is bold unless between numbers.
 TOKEN_RE = re.compile(

@@ -7,16 +7,16 @@
     free memory: ~30 s of allocation per call on a CPU);
 (c) vLLM as a user calls it: one `LLM.generate` over all the prompts, `max_num_seqs` = the batch size, prefix
     caching on, `stop=["Question:"]` and the stop ids (the engine started once, its start reported apart);
-(d) ours: engines.generate with the ours engine (the prefix's KV stored once, shared-prefix attention, per-row
+(d) hf: engines.generate with the hf engine (the prefix's KV stored once, shared-prefix attention, per-row
     stop at the answer sentence, finished rows dropped, length-sorted batches);
-(e) ours:vllm: engines.generate with the vllm engine (the same scheduler and stop rule around vLLM).
+(e) hf:vllm: engines.generate with the vllm engine (the same scheduler and stop rule around vLLM).
 All greedy, the same max_new_tokens, vLLM's prefix cache emptied before each of its runs; the Hugging Face runs
 come first, before vLLM's engine starts (its idle worker polls and would take CPU from them). For each K it prints
-seconds, new tokens, tokens/s and whether the final answers agree with ours; then vLLM's start, the number of
+seconds, new tokens, tokens/s and whether the final answers agree with hf's; then vLLM's start, the number of
 questions after which that start is paid back (what --engine auto follows on CPU), and, as its last three lines,
-the ratios of seconds (theirs / ours) at each K, for both of our engines.
+the ratios of seconds (theirs / hf) at each K, for both of our engines.
 
---dtypes runs ours alone in each precision on the same prompts: seconds, tokens/s, final answers equal to the
+--dtypes runs hf alone in each precision on the same prompts: seconds, tokens/s, final answers equal to the
 first precision's, and right final answers (the questions are train questions: their gold answers are known).
 
     python bench/bench_generate.py                                 # 16 GSM8K train questions, K = 4 and 10
@@ -32,10 +32,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (  # noqa: E402
-    DTYPES, answers_match, build_prompts, cut_after_answer, extract_stated_answer, load_model, load_split, pick_exemplars,
+from common import answers_match, build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
+from models import DTYPES, load_model
+from engines import (  # noqa: E402
+    cut_at_stop, generate, load_vllm, stop_strings, stop_token_ids, truncate_at_stop, vllm_installed,
 )
-from engines import cut_at_stop, generate, load_vllm, stop_strings, stop_token_ids, truncate_at_stop, vllm_installed  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
@@ -45,7 +46,7 @@ parser.add_argument("--ks", default="4,10", help="few-shot exemplars, one run ea
 parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--max_new_tokens", type=int, default=160)
 parser.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's weights (auto: as the scripts load it)")
-parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16: ours alone in each precision, answers compared")
+parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16: hf alone in each precision, answers compared")
 
 
 @torch.no_grad()
@@ -126,26 +127,26 @@ def run_k(model, llm, tok, train, k, args, names):
     ids = [tok(p, add_special_tokens=False).input_ids for p in parts]
     new = args.max_new_tokens
 
-    def ours(m):
-        out = generate(m, tok, prefix, parts, new, args.batch_size, "ours")
+    def star_generate(m):
+        out = generate(m, tok, prefix, parts, new, args.batch_size, "hf")
         return [t for t, _ in out], sum(n for _, n in out)
     calls = {"generate": lambda: timed(lambda: with_generate(model, tok, prefix_ids, ids, new, args.batch_size)),
              "generate_batch": lambda: timed(lambda: with_generate_batch(model, tok, prefix_ids, ids, new)),
-             "ours": lambda: timed(lambda: ours(model)),
+             "hf": lambda: timed(lambda: star_generate(model)),
              "vllm": lambda: timed(lambda: with_vllm(llm, tok, prefix_ids, ids, new), llm),
-             "ours:vllm": lambda: timed(lambda: ours(llm), llm)}
+             "hf:vllm": lambda: timed(lambda: star_generate(llm), llm)}
     return {name: calls[name]() for name in names}, len(rows), len(prefix_ids)
 
 
 def report(k, runs, n, prefix_tokens, model, args):
-    """One line per run at one K: seconds, new tokens, tokens/s, final answers equal to ours'."""
+    """One line per run at one K: seconds, new tokens, tokens/s, final answers equal to hf'."""
     print(f"K={k}: {n} questions, prefix {prefix_tokens} tokens, batch {args.batch_size}, max_new_tokens "
           f"{args.max_new_tokens}, {model.device}, {model.dtype}, {torch.get_num_threads()} threads", flush=True)
     answers = {name: [extract_stated_answer(cut_after_answer(t)) for t in texts] for name, ((texts, _), _) in runs.items()}
     for name, ((_, tokens), s) in runs.items():
-        same = sum(a == b for a, b in zip(answers[name], answers["ours"]))
+        same = sum(a == b for a, b in zip(answers[name], answers["hf"]))
         print(f"  {name:14s} {s:7.1f} s  {tokens:6d} new tokens  {tokens / s:7.1f} tok/s  "
-              f"final answers equal to ours: {same}/{n}", flush=True)
+              f"final answers equal to hf: {same}/{n}", flush=True)
 
 
 def compare_dtypes(args, train, dtypes):
@@ -156,7 +157,7 @@ def compare_dtypes(args, train, dtypes):
             model, tok = load_model(args.model, dtype=dtype)
             rows, prefix, parts = k_shot(tok, train, k, args.n)
             out, seconds[dtype] = timed(lambda: generate(model, tok, prefix, parts, args.max_new_tokens,
-                                                         args.batch_size, f"ours {dtype}"))
+                                                         args.batch_size, f"hf {dtype}"))
             answers[dtype] = [extract_stated_answer(cut_after_answer(text)) for text, _ in out]
             tokens = sum(n for _, n in out)
             same = sum(a == b for a, b in zip(answers[dtype], answers[dtypes[0]]))
@@ -176,29 +177,29 @@ def main(argv=None):
     model, tok = load_model(args.model, dtype=args.dtype)
     ks = list(map(int, args.ks.split(",")))
     # Hugging Face runs first, with no vLLM engine alive: its idle worker process polls and takes a share of the CPU.
-    runs = {k: run_k(model, None, tok, train, k, args, ("generate", "generate_batch", "ours")) for k in ks}
+    runs = {k: run_k(model, None, tok, train, k, args, ("generate", "generate_batch", "hf")) for k in ks}
     start = None
     if vllm_installed():
         t0 = time.time()
         llm = load_vllm(args.model, args.batch_size, dtype=args.dtype)
         start = time.time() - t0
         for k in ks:
-            runs[k][0].update(run_k(model, llm, tok, train, k, args, ("vllm", "ours:vllm"))[0])
+            runs[k][0].update(run_k(model, llm, tok, train, k, args, ("vllm", "hf:vllm"))[0])
     for k in ks:
         report(k, *runs[k], model, args)
     if start is not None:
         print(f"vllm engine start: {start:.1f} s (once per run of a script; not in the seconds above)")
-        for k in ks:  # rows after which vLLM's start is paid back: start / (ours' seconds per row - vLLM's)
+        for k in ks:  # rows after which vLLM's start is paid back: start / (hf's seconds per row - vLLM's)
             t, n = {name: s for name, (_, s) in runs[k][0].items()}, runs[k][1]
-            gain = (t["ours"] - t["ours:vllm"]) / n
+            gain = (t["hf"] - t["hf:vllm"]) / n
             print(f"break-even at K={k}: vLLM's start is paid back after "
                   + (f"{start / gain:.0f} questions" if gain > 0 else "no number of questions"))
     times = {k: {name: s for name, (_, s) in runs[k][0].items()} for k in ks}
-    ours = [name for name in ("ours", "ours:vllm") if name in times[ks[0]]]
-    for theirs in ("generate", "generate_batch", "vllm"):  # seconds of theirs / seconds of ours
+    mine = [name for name in ("hf", "hf:vllm") if name in times[ks[0]]]
+    for theirs in ("generate", "generate_batch", "vllm"):  # seconds of theirs / seconds of hf
         if theirs in times[ks[0]]:
             print(f"ratio vs {theirs}: " + "; ".join(
-                ", ".join(f"{o} {t[theirs] / t[o]:.2f}x" for o in ours) + f" (K={k})" for k, t in times.items()))
+                ", ".join(f"{o} {t[theirs] / t[o]:.2f}x" for o in mine) + f" (K={k})" for k, t in times.items()))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""train.py's glibc setting on CPU, side by side: its mmap threshold of 128 KiB (release_freed_memory, which keeps the
+"""train.py's glibc setting on CPU, side by side: its mmap threshold of 128 KiB (memory.lower_mmap_threshold, which keeps the
 host's peak near the memory plan) against glibc's default, on the same rows for the same steps. Prints wall time,
 user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
 
@@ -27,7 +27,7 @@ def run_variant(args):
     import train
 
     if args.variant == "glibc_default":
-        train.release_freed_memory = lambda: None
+        train.lower_mmap_threshold = lambda: None
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),
                 "--lr", "1e-4", "--batch_size", str(args.batch_size), "--report_to", "none", "--overwrite",

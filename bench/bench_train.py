@@ -29,8 +29,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import load_split, load_tokenizer, resolve_model, solution_to_rationale  # noqa: E402
-from train import pack, packed_loss, tokenize_examples, use_packed_attention  # noqa: E402
+from common import load_split, solution_to_rationale  # noqa: E402
+from models import load_tokenizer, resolve_model  # noqa: E402
+from attention import use_packed_attention  # noqa: E402
+from objectives import pack, packed_loss, tokenize_examples  # noqa: E402
 
 # precision -> (weights' dtype, autocast dtype or None)
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),

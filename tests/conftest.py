@@ -17,7 +17,7 @@ def tiny_llama(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from common import load_tokenizer
+    from models import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tok = load_tokenizer("smollm2-135m")

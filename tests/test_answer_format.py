@@ -14,15 +14,17 @@ import types
 
 import pytest
 
+import objectives
 import common
 import create_data
 import evaluate
+import generation
 import summary
-import train
 from common import (
     ANSWER_SENTENCE, INSTRUCTION, answers_match, build_prompt, cut_after_answer, extract_last_number,
-    extract_stated_answer, load_split, load_tokenizer, solution_to_rationale,
+    extract_stated_answer, load_split, solution_to_rationale,
 )
+from models import load_tokenizer
 from conftest import GSM8K_DIR
 from real_shape import INSTALL_HINT, LLAMA32_3B_CONFIG, llama32_tokenizer_dir, write_llama32_instruct_tokenizer
 
@@ -120,15 +122,14 @@ def test_every_prompt_the_scripts_build_carries_the_instruction(llama_tok, tmp_p
     folder, tok = llama_tok
     asked = {}
 
-    def answer(model, tok, prefix, parts, *args, **kwargs):  # generation's stand-in: records the prompts (by desc)
-        asked[args[5]] = [prefix + p for p in parts]
+    def answer(model, tok, prefix, parts, max_new_tokens, batch_size, desc, *args, **kwargs):  # engines.generate's
+        asked[desc] = [prefix + p for p in parts]  # stand-in: records the prompts (by desc)
         hints = [re.search(r"\(Hint: the answer is (.+?)\.\)", p) for p in parts]  # Stage 2 answers right
         said = [h[1] if h else "18" for h in hints]
         return [(f"9 * 2 = 18.\n{n} = {n}.\nThe final answer is {n}", 12) for n in said]
 
-    for module in (create_data, evaluate):
-        monkeypatch.setattr(module, "load_generator", lambda name, *a, **k: (None, tok))
-        monkeypatch.setattr(module, "generate_resumable", answer)
+    monkeypatch.setattr(generation, "load_generator", lambda name, *a, **k: (None, tok))
+    monkeypatch.setattr(generation, "generate", answer)
     create_data.main(["--model_name", folder, "--data_dir", GSM8K_DIR, "--max_samples", "3", "--k", "2",
                       "--output", str(tmp_path / "d.jsonl")])
     for k in (0, 2):
@@ -147,7 +148,7 @@ def test_every_prompt_the_scripts_build_carries_the_instruction(llama_tok, tmp_p
         assert len(answers) == 2 and all(re.search(r"\nThe final answer is [\d.,-]+$", a) for a in answers)
     # train.py: the prompt it learns after is evaluate.py's zero-shot prompt
     records = [{"question": r["question"], "rationale": solution_to_rationale(r["solution"])} for r in rows]
-    examples, _ = train.tokenize_examples(tok, records, 1024)
+    examples, _ = objectives.tokenize_examples(tok, records, 1024)
     for (ids, labels), r in zip(examples, rows):
         prompt = tok.decode(ids[: next(i for i, x in enumerate(labels) if x != -100)])  # up to the first learned token
         assert user_turns(prompt) == [r["question"]]
@@ -167,38 +168,40 @@ def test_base_models_keep_the_plain_form():
 
 
 # ----------------------------------------------------------------------------- the losses counted
-def test_yield_losses_are_counted_per_stage(monkeypatch):
+def test_unkept_forms_are_counted_per_stage(monkeypatch):
     """Right answers with no stated answer, and rationales cut at --max_new_tokens, per stage, in the stats and on
     the progress bar; none of them is kept."""
     tok = load_tokenizer("smollm2-135m")
     rows = [{"id": i, "question": f"Tom has {i} bags of 9 apples and 9 more. How many apples?", "answer": "18",
              "solution": ""} for i in range(5)]
-    outputs = {1: [("9 * 2 = 18.\nThe final answer is 18", 9),         # kept
+    outputs = {"stage1": [("9 * 2 = 18.\nThe final answer is 18", 9),         # kept
                    ("9 * 2 = 18.\nSo Tom has 18 apples.", 11),          # right, unstated
                    ("9 * 2 = 18 apples, and 3 more", 40),               # cut (its last number is not the answer)
                    ("9 * 2 = 18", 40),                                  # cut and right unstated
                    ("9 * 2 = 17.\nThe final answer is 17", 9)],         # wrong
-               2: [("Tom has 9 + 9 = 18 apples.", 8),                   # right, unstated
+               "stage2": [("Tom has 9 + 9 = 18 apples.", 8),                   # right, unstated
                    ("9 + 9 = 18.\nThe final answer is 18", 9),          # kept
                    ("9 + 9 = 18, and 2 more", 40),                      # cut
                    ("9 + 9 = 17.\nThe final answer is 17", 9)]}         # wrong
     bars = {}
 
-    def crafted(model, tok, prefix, parts, max_new_tokens, batch_size, partial, finished, stage, desc, on_batch, *a, **k):
-        bars[stage] = on_batch(list(range(len(parts))), outputs[stage])
-        return outputs[stage]
+    def crafted(job, part, prefix, parts, desc, on_batch, *a, **k):
+        bars[part] = on_batch(list(range(len(parts))), outputs[part])
+        return outputs[part]
 
-    monkeypatch.setattr(create_data, "generate_resumable", crafted)
+    monkeypatch.setattr(create_data, "generate_part", crafted)
     args = argparse.Namespace(check_steps="off", iteration=1, model_name="m", max_new_tokens=40, batch_size=8,
-                              engine="ours", num_samples=1, temperature=None, top_p=1.0, seed=0, max_per_question=None)
+                              engine="hf", num_samples=1, temperature=0.7, top_p=1.0, seed=0, max_per_question=None)
     stats = {"tokens_generated": 0}
-    kept1, failed, _ = create_data.stage1(None, tok, rows, [], args, "unused.partial", {}, stats)
-    kept2 = create_data.stage2(None, tok, failed, [], args, "unused.partial", {}, stats)
+    job = generation.Job(None, tok, "unused.partial", {}, 40, 8)
+    kept1, failed, _ = create_data.stage1(job, rows, [], args, stats)
+    kept2 = create_data.stage2(job, failed, [], args, stats)
     assert [r["id"] for r in kept1] == [0] and [r["id"] for r in kept2] == [2] and len(failed) == 4
     assert {k: v for k, v in stats.items() if "unstated" in k or "cut_at" in k} == {
         "stage1_right_unstated": 2, "stage1_cut_at_max_new_tokens": 2,
         "stage2_right_unstated": 1, "stage2_cut_at_max_new_tokens": 1}
-    assert bars == {1: {"stage1_correct": "20.0%", "right_unstated": 2, "cut": 2}, 2: {"right_unstated": 1, "cut": 1}}
+    assert bars == {"stage1": {"stage1_correct": "20.0%", "right_unstated": 2, "cut": 2},
+                    "stage2": {"right_unstated": 1, "cut": 1}}
 
 
 def test_flexible_strict_gap_warning_and_summary_column(tmp_path, capsys):
@@ -288,8 +291,8 @@ def test_evaluate_with_the_lm_eval_protocol(llama_tok, tmp_path, monkeypatch, ca
         seen.update(max_new_tokens=max_new_tokens, prompts=[prefix + p for p in parts])
         return [(c, 30) for c in completions]
 
-    monkeypatch.setattr(evaluate, "load_generator", lambda name, *a, **k: (None, tok))
-    monkeypatch.setattr(evaluate, "generate_resumable", answer)
+    monkeypatch.setattr(generation, "load_generator", lambda name, *a, **k: (None, tok))
+    monkeypatch.setattr(generation, "generate", answer)
     out = tmp_path / "e.json"
     evaluate.main(["--model", folder, "--protocol", "lm_eval_llama", "--data_dir", GSM8K_DIR, "--max_samples", "2",
                    "--output", str(out), "--save_results"])

@@ -2,9 +2,10 @@
 import pytest
 
 from common import (
-    answers_match, arithmetic_example, build_completion, build_prompt, cut_after_answer, extract_last_number, extract_stated_answer,
-    load_split, load_tokenizer, make_arithmetic, pick_exemplars, rationalization_problem, solution_to_rationale,
+    answers_match, arithmetic_example, build_completion, build_prompt, cut_after_answer, extract_last_number,
+    extract_stated_answer, load_split, make_arithmetic, pick_exemplars, rationalization_problem, solution_to_rationale,
 )
+from models import load_tokenizer
 from conftest import GSM8K_DIR
 from steps import check_steps
 

@@ -1,5 +1,5 @@
-"""Several processes on CPU (torchrun, gloo): the same outputs as one process; DDP training finishes; FSDP training
-launched with the shipped configs/accelerate_fsdp.yaml equals one process."""
+"""Several processes on CPU (torchrun, gloo): the same outputs as one process, for generation, DDP training and FSDP
+training launched with the shipped configs/accelerate_fsdp.yaml."""
 import json
 import os
 import subprocess
@@ -41,23 +41,40 @@ def test_create_data_two_processes_equal_one(tmp_path):
         {k: two[k] for k in ("questions_seen", "stage1_correct", "stage2_correct", "tokens_generated")}
 
 
-def test_ddp_training_two_processes(tmp_path):
-    data = tmp_path / "t.jsonl"
-    rows = [{"question": f"What is {i} + 2?", "rationale": f"Ones: {i} + 2 = {i + 2}, write {i + 2}, carry 0.\n"
-             f"The answer is {i + 2}.", "answer": str(i + 2)} for i in range(4)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = launch("train.py", ["--train_file", str(data), "--output_dir", "m", "--base_model", "smollm2-135m",
-                            "--batch_size", "1", "--epochs", "1"], 2, tmp_path)
-    assert "x 2 processes" in r.stdout
-    stats = json.loads((tmp_path / "m" / "train_stats.json").read_text())
-    assert stats["processes"] == 2 and stats["steps"] == 2  # 4 examples / (1 per device x 2 processes)
-    launch("evaluate.py", ["--model", "m", "--output", "e.json", *ARITH[:4]], 1, tmp_path)
-    assert json.loads((tmp_path / "e.json").read_text())["n"] == 8
-
-
 def write_records(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
+
+
+def logged_losses(folder):
+    return [json.loads(x)["loss"] for x in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def largest_difference(folder_a, folder_b):
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(f) / "model.safetensors")) for f in (folder_a, folder_b))
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_ddp_training_two_processes_equals_one(tmp_path, tiny_llama, gsm8k_records):
+    """torchrun with 2 processes (DDP on gloo, 2 examples each per step) against one process taking 4 per step, on the
+    same 16 GSM8K examples in fp32: the same batches, so the logged losses (averaged over the processes) agree within
+    1e-3 at every step and the saved weights within 1e-4 (training moves them by ~2.5e-3)."""
+    data = write_records(tmp_path / "t.jsonl", gsm8k_records)
+    flags = ["--train_file", data, "--base_model", tiny_llama, "--epochs", "1", "--lr", "1e-3", "--dtype", "fp32"]
+    launch("train.py", flags + ["--output_dir", "one", "--batch_size", "4"], 1, tmp_path)
+    r = launch("train.py", flags + ["--output_dir", "ddp", "--batch_size", "2"], 2, tmp_path)
+    assert "x 2 processes" in r.stdout
+    stats = json.loads((tmp_path / "ddp" / "train_stats.json").read_text())
+    assert (stats["distributed"], stats["processes"], stats["steps"]) == ("MULTI_CPU", 2, 4)
+    one, ddp = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "ddp")
+    print(f"\nlosses: one process {one}, DDP x 2 {ddp}")
+    assert len(ddp) == 4 and ddp == pytest.approx(one, abs=1e-3)
+    differ, moved = largest_difference(tmp_path / "one", tmp_path / "ddp"), largest_difference(tmp_path / "one", tiny_llama)
+    print(f"weights: one process against DDP x 2 {differ:.1e}, moved by training {moved:.1e}")
+    assert differ < 1e-4 and moved > 1e-3
 
 
 def test_fsdp_with_the_shipped_config_equals_one_process(tmp_path, tiny_llama, gsm8k_records):
@@ -78,8 +95,7 @@ def test_fsdp_with_the_shipped_config_equals_one_process(tmp_path, tiny_llama, g
     assert "memory gathered" in r.stdout and "x 2 processes" in r.stdout  # the plan per FSDP process
     stats = json.loads((tmp_path / "fsdp" / "train_stats.json").read_text())
     assert (stats["distributed"], stats["processes"], stats["steps"]) == ("FSDP", 2, 4)
-    log = {name: [json.loads(x)["loss"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-           for name in ("one", "fsdp")}
+    log = {name: logged_losses(tmp_path / name) for name in ("one", "fsdp")}
     print(f"\nlosses: one process {log['one']}, FSDP x 2 {log['fsdp']}")
     assert len(log["fsdp"]) == 4 and log["fsdp"] == pytest.approx(log["one"], abs=1e-3)
     from safetensors.torch import load_file

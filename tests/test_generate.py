@@ -5,9 +5,11 @@ import re
 import pytest
 import torch
 
+import attention
 import common
 import engines
-from common import build_prompts, load_model, load_split, pick_exemplars
+from common import build_prompts, load_split, pick_exemplars
+from models import load_model
 from engines import generate, stop_token_ids
 from conftest import GSM8K_DIR
 
@@ -151,7 +153,7 @@ def test_other_families_equal_reference(setup, family, monkeypatch):
     (Gemma 2: sliding window, soft-capping) decodes without the shared prefix."""
     _, tok, prefix, parts = setup
     model = tiny_model(family, len(tok))
-    assert engines.shares_prefix(model) == (family != "gemma2")
+    assert attention.shares_prefix(model) == (family != "gemma2")
     if family == "gemma2":  # the control: forced through the shared prefix, its windowed, capped attention is lost
         monkeypatch.setattr(engines, "shares_prefix", lambda model: True)
         with pytest.raises(AssertionError):

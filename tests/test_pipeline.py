@@ -8,8 +8,10 @@ import sys
 import pytest
 
 import create_data
+import generation
 import train
-from common import answers_match, extract_stated_answer, load_model, load_split, load_tokenizer, read_jsonl
+from common import answers_match, extract_stated_answer, load_split, read_jsonl, solution_to_rationale
+from models import load_model, load_tokenizer
 from conftest import GSM8K_DIR, ROOT
 
 
@@ -29,18 +31,42 @@ def check_records(path, iteration, model):
     return records
 
 
-def test_create_data_gsm8k(tmp_path):
+def test_create_data_gsm8k_keeps_right_rationales_without_the_hint(tmp_path, monkeypatch):
+    """create_data.py on GSM8K with the real prompts, files and checks, the generations crafted (the embedded model
+    gets about 1% of GSM8K right, too few to test the bookkeeping; test_two_star_iterations_with_run_star runs its
+    real generations): Stage 1 answers the even ids with their human rationale and the odd ones wrongly; Stage 2,
+    asked with the hint, answers them rightly. Every question is then kept, each at the stage it was right in,
+    the hint never saved, one (right, wrong) pair per odd question."""
+    rows = {r["question"]: r for r in load_split("gsm8k", "train", GSM8K_DIR, 8)}
+    asked = {"stage1": [], "stage2": []}
+
+    def crafted(model, tok, prefix, parts, *args, **kwargs):
+        stage = "stage2" if "(Hint: the answer is" in parts[0] else "stage1"
+        asked[stage].extend(parts)
+        out = []
+        for part in parts:
+            row = next(r for q, r in rows.items() if q in part)
+            right = stage == "stage2" or row["id"] % 2 == 0
+            text = solution_to_rationale(row["solution"]) if right else "2 + 2 = 4.\nThe final answer is 4."
+            out.append((text, 30))
+        return out
+
+    monkeypatch.setattr(generation, "generate", crafted)
     out = str(tmp_path / "g.jsonl")
-    try:
-        create_data.main(["--model_name", "smollm2-135m", "--data_dir", GSM8K_DIR, "--max_samples", "6", "--k", "2",
-                          "--max_new_tokens", "120", "--output", out])
-    except SystemExit as e:  # nothing kept (the model is weak at GSM8K): stats only, and exit 2
-        assert e.code == 2 and not os.path.exists(out)
+    create_data.main(["--model_name", "smollm2-135m", "--data_dir", GSM8K_DIR, "--max_samples", "8", "--k", "2",
+                      "--output", out])
     stats = read_json(out + ".stats.json")
-    assert stats["questions_seen"] == 6 and stats["tokens_generated"] > 0
-    assert stats["total_kept"] == stats["stage1_correct"] + stats["stage2_correct"]
-    if stats["total_kept"]:
-        check_records(out, 1, "smollm2-135m")
+    seen = [r for r in rows.values() if r["id"] not in stats["exemplar_ids"]]
+    odd = [r["id"] for r in seen if r["id"] % 2]
+    assert stats["questions_seen"] == len(seen) == len(asked["stage1"]) >= 6 and len(asked["stage2"]) == len(odd)
+    records = check_records(out, 1, "smollm2-135m")
+    assert sorted((r["id"], r["stage"]) for r in records) == sorted((r["id"], 1 + r["id"] % 2) for r in seen)
+    assert all(r["rationale"] == solution_to_rationale(rows[r["question"]]["solution"]) for r in records)
+    assert stats["stage1_correct"] == len(seen) - len(odd) and stats["stage2_correct"] == len(odd)
+    assert stats["tokens_generated"] == 30 * (len(seen) + len(odd))
+    pairs = read_jsonl(str(tmp_path / "g_pairs.jsonl"))
+    assert sorted(p["id"] for p in pairs) == odd and all("The final answer is 4." in p["rejected"] for p in pairs)
+    assert not os.path.exists(out + ".partial")
 
 
 def test_human_rationales_for_the_sft_baseline(tmp_path):
@@ -202,14 +228,14 @@ def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
                "2 * 9 = 18.\nThe answer is 18."]                            # kept
     asked = []
 
-    def crafted(model, tok, prefix, parts, *args, **kwargs):
+    def crafted(job, part, prefix, parts, *args, **kwargs):
         asked.extend(prefix + p for p in parts)
         return [(text, 7) for text in outputs]
 
-    monkeypatch.setattr(create_data, "generate_resumable", crafted)
+    monkeypatch.setattr(create_data, "generate_part", crafted)
     args = argparse.Namespace(check_steps="report", iteration=1, model_name="m", max_new_tokens=64, batch_size=4)
     stats = {"tokens_generated": 0}
-    kept = create_data.stage2(None, tok, rows, train_rows[:2], args, "unused.partial", {}, stats)
+    kept = create_data.stage2(generation.Job(None, tok, "unused.partial", {}, 64, 4), rows, train_rows[:2], args, stats)
     assert stats["stage2_rejected"] == {"no_reasoning": 1, "mentions_hint": 1, "answer_not_derived": 1}
     assert stats["stage2_correct"] == 2 and stats["tokens_generated"] == 42
     assert [r["rationale"] for r in kept] == ["9 + 9 = 18 apples.\nThe answer is 18.", "2 * 9 = 18.\nThe answer is 18."]

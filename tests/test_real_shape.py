@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+import models
+import objectives
 import common
 import engines
 import create_data
@@ -42,7 +44,7 @@ def llama32_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(llama32_dir):
-    return common.load_tokenizer(llama32_dir)
+    return models.load_tokenizer(llama32_dir)
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +138,7 @@ def test_training_completion_ends_in_eot(tok, records):
     stops on), not <|end_of_text|>; its prompt is evaluate.py's zero-shot prompt."""
     for r in records:
         assert common.build_completion(tok, r["rationale"]) == r["rationale"] + "<|eot_id|>"
-    examples, too_long = train.tokenize_examples(tok, records, 1024)
+    examples, too_long = objectives.tokenize_examples(tok, records, 1024)
     assert not too_long and len(examples) == len(records)
     for (ids, labels), r in zip(examples, records):
         asked = ids_of(tok, "".join(common.build_prompt(tok, r["question"])))
@@ -163,7 +165,7 @@ def plain_generate(model, tok, prompts, max_new_tokens):
 def fp32_model(llama32_dir):
     """fp32 from the bf16 folder (2.4 GiB; the CPU default where the CPU has no bf16 hardware); class scope frees it
     before training."""
-    model, _ = common.load_model(llama32_dir, device="cpu", dtype="fp32")
+    model, _ = models.load_model(llama32_dir, device="cpu", dtype="fp32")
     yield model
     del model
 
@@ -226,7 +228,7 @@ def force_next_token(model, token):
 
 @pytest.fixture(scope="class")
 def bf16_model(llama32_dir):
-    model, _ = common.load_model(llama32_dir, device="cpu", dtype=torch.bfloat16)
+    model, _ = models.load_model(llama32_dir, device="cpu", dtype=torch.bfloat16)
     yield model
     del model
 
@@ -300,7 +302,7 @@ def test_evaluate_runs(llama32_dir, tmp_path):
     assert result["n"] == 2 and result["k"] == 1 and result["model"] == llama32_dir and 0 <= result["accuracy"] <= 1
     details = common.read_jsonl(str(tmp_path / "eval.jsonl"))
     assert len(details) == 2 and all(0 <= d["tokens"] <= 8 for d in details)
-    assert not os.path.exists(common.partial_path(str(out)))
+    assert not os.path.exists(str(out) + ".partial")
 
 
 def test_create_data_runs(llama32_dir, tmp_path):
@@ -314,7 +316,7 @@ def test_create_data_runs(llama32_dir, tmp_path):
     assert stats["questions_seen"] + stats["exemplars_skipped"] == 2 and stats["tokens_generated"] > 0
     assert stats["stage2_attempted"] == stats["questions_seen"] - stats["stage1_correct"]
     assert stats["total_kept"] == stats["stage1_kept"] + stats["stage2_kept"]
-    assert stats["args"]["model_name"] == llama32_dir and not os.path.exists(common.partial_path(out))
+    assert stats["args"]["model_name"] == llama32_dir and not os.path.exists(out + ".partial")
 
 
 # ----------------------------------------------------------------------------- training (last: the most memory)
@@ -334,7 +336,7 @@ def test_one_training_step(trained, llama32_dir, tok, records):
     assert stats["steps"] == 1 and stats["examples"] == 2 and not stats["dropped_too_long"]
     assert math.isfinite(stats["first_loss"]) and stats["first_loss"] > 5  # random weights: ~ln(128256) = 11.8
     # the next STaR stage prompts the trained model exactly as it prompted the base model
-    trained_tok = common.load_tokenizer(trained)
+    trained_tok = models.load_tokenizer(trained)
     assert len(trained_tok) == len(tok) and trained_tok.eos_token_id == EOT_ID
     for r in records:
         assert common.build_prompt(trained_tok, r["question"]) == common.build_prompt(tok, r["question"])

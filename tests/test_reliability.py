@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+import generation
+import models
 import common
 import create_data
 import evaluate
@@ -293,18 +295,18 @@ def test_resume_refuses_a_partial_from_other_weights(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(os.urandom(3 * 2**20))
-    before = common.model_identity(str(folder))
+    before = models.model_identity(str(folder))
     shutil.copytree(folder, tmp_path / "copy")
-    assert common.model_identity(str(tmp_path / "copy")) == before  # a copy holds the same weights
+    assert models.model_identity(str(tmp_path / "copy")) == before  # a copy holds the same weights
     weights = bytearray((folder / "model.safetensors").read_bytes())
     weights[-10] ^= 1  # retrained: other weights under the same name
     (folder / "model.safetensors").write_bytes(bytes(weights))
-    after = common.model_identity(str(folder))
+    after = models.model_identity(str(folder))
     assert after != before
     partial = str(tmp_path / "o.jsonl.partial")
-    assert common.load_partial(partial, {"k": 4, "model_weights": before}, False) == {}
+    assert generation.load_partial(partial, {"k": 4, "model_weights": before}, False) == {}
     with pytest.raises(common.StarError, match=r"other settings \(model_weights\)"):
-        common.load_partial(partial, {"k": 4, "model_weights": after}, False)
+        generation.load_partial(partial, {"k": 4, "model_weights": after}, False)
 
 
 def test_failed_output_write_keeps_the_generations(tmp_path, monkeypatch):

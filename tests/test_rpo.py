@@ -7,9 +7,13 @@ import math
 import pytest
 import torch
 
+import attention
+import objectives
 import create_data
+import generation
 import train
-from common import StarError, load_split, load_tokenizer, solution_to_rationale
+from common import StarError, load_split, solution_to_rationale
+from models import load_tokenizer
 from conftest import GSM8K_DIR
 
 
@@ -43,14 +47,15 @@ def test_stage1_pairs_right_with_each_kind_of_loser(monkeypatch, tok):
                ["2 * 9 = 18.\nThe final answer is 18", "9 + 9 = 18.\nThe final answer is 18",
                 "3 + 3 = 6.\nThe final answer is 6", "4 + 4 = 8.\nThe final answer is 8", "1 + 1 = 2.\nThe final answer is 2"]]
 
-    def crafted(model, tok, prefix, parts, *args, **kwargs):
+    def crafted(job, part, prefix, parts, *args, **kwargs):
         return [[(text, 9) for text in s] for s in samples]
 
-    monkeypatch.setattr(create_data, "generate_resumable", crafted)
+    monkeypatch.setattr(create_data, "generate_part", crafted)
     args = argparse.Namespace(check_steps="filter", iteration=1, model_name="m", max_new_tokens=64, batch_size=4,
                               num_samples=5, temperature=0.7, top_p=1.0, seed=0, max_per_question=None)
     stats = {"tokens_generated": 0}
-    kept, failed, losers = create_data.stage1(None, tok, rows, [], args, "unused.partial", {}, stats)
+    kept, failed, losers = create_data.stage1(generation.Job(None, tok, "unused.partial", {}, 64, 4), rows, [], args,
+                                              stats)
     assert [r["id"] for r in kept] == [0, 2, 2] and [r["id"] for r in failed] == [1]
     assert [why for _, why in losers[0]] == ["wrong_answer", "no_stated_answer", "wrong_answer", "wrong_step"]
     pairs = create_data.make_pairs(kept, losers, 2, 1)
@@ -66,7 +71,7 @@ def test_stage1_pairs_right_with_each_kind_of_loser(monkeypatch, tok):
 def direct_logp(model, tok, question, rationale):
     """Summed log-probability of the rationale tokens after train.py's prompt: HF's own attention on one unpadded
     sequence, no packing."""
-    x, y = train.tokenize_examples(tok, [{"question": question, "rationale": rationale}], 10**6)[0][0]
+    x, y = objectives.tokenize_examples(tok, [{"question": question, "rationale": rationale}], 10**6)[0][0]
     logits = model(input_ids=torch.tensor([x])).logits[0, :-1].float()
     target = torch.tensor(y[1:])
     keep = target != -100
@@ -78,14 +83,15 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
     from transformers import AutoModelForCausalLM
 
     direct_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    packed_model = train.use_packed_attention(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    packed_model = attention.use_packed_attention(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
     # pairs, and between them a kept rationale with no loser (its NLL term alone)
     records = pairs[:2] + [{"question": pairs[4]["question"], "rationale": pairs[4]["chosen"]}] + pairs[2:4]
-    examples, too_long = train.tokenize_pairs(tok, records, 1024)
-    assert not too_long and len(examples) == 5 and examples[2][1] is None
+    examples, too_long = objectives.tokenize_pairs(tok, records, 1024)
+    assert not too_long and len(examples) == 5 and examples[2].rejected is None
     reference = [(-150.0 + 3 * i, -160.0 - 2 * i) for i in range(5)]  # margins away from 0, so the sigmoid matters
-    batch = train.pack_pairs([(c, r, ref if r else None) for (c, r, _), ref in zip(examples, reference)])
-    assert batch["input_ids"].shape[1] == sum(len(x) for e in examples for x, _ in train.sequences(e))  # one row
+    batch = objectives.pack_examples([objectives.Example(e.chosen, e.rejected, ref if e.rejected else None)
+                                      for e, ref in zip(examples, reference)])
+    assert batch["input_ids"].shape[1] == sum(len(x) for e in examples for x, _ in e.sequences)  # one row
     assert batch["chosen"].tolist() == [0, 2, 4, 5, 7] and batch["rejected"].tolist() == [1, 3, 6, 8]
     beta, alpha = 0.1, 1.0
     terms = []
@@ -97,7 +103,7 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
             terms[-1] = terms[-1] - torch.nn.functional.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
     expected = torch.stack(terms).mean()
     expected.backward()
-    loss = train.rpo_loss(packed_model, batch, beta, alpha)
+    loss = objectives.rpo_loss(packed_model, batch, beta, alpha)
     loss.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     for (name, a), b in zip(packed_model.named_parameters(), direct_model.parameters()):
@@ -105,8 +111,8 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
     # the reference pass gives each pair's own log-probs
     acc = argparse.Namespace(process_index=0, num_processes=1, device="cpu", is_main_process=True,
                              autocast=lambda: torch.autocast("cpu", enabled=False))
-    examples = [e for e in examples if e[1] is not None]
-    refs = train.reference_logps(acc, packed_model, examples, argparse.Namespace(batch_size=3))
+    examples = [e for e in examples if e.rejected is not None]
+    refs = objectives.reference_logps(acc, packed_model, examples, argparse.Namespace(batch_size=3))
     with torch.no_grad():
         first = [direct_logp(direct_model, tok, pairs[0]["question"], pairs[0][k])[0].item() for k in ("chosen", "rejected")]
     assert refs[0] == pytest.approx(first, rel=1e-5) and len(refs) == 4
@@ -126,8 +132,8 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     assert stats["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert stats["final_loss"] < 0.8 * math.log(2)  # the margins grew: the winner gained on the loser
     tok = load_tokenizer(tiny_llama)
-    examples, _ = train.tokenize_pairs(tok, pairs, 1024)
-    sizes = [len(c[0]) + len(r[0]) for c, r, _ in examples]
+    examples, _ = objectives.tokenize_pairs(tok, pairs, 1024)
+    sizes = [len(e.chosen[0]) + len(e.rejected[0]) for e in examples]
     args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1)
     assert train.longest_micro_batch(examples, args, 1)[0] == sum(sizes)
     assert "976 tokens (the longest packed micro-batch" in capsys.readouterr().out  # 2 pairs, 4 sequences

@@ -1,15 +1,17 @@
 """train.py pieces on the embedded model: loss mask, packing equivalence, prompt agreement, LoRA, adapters, tracking."""
 import json
+import os
 
 import pytest
 import torch
 
+import attention
+import objectives
 import engines
 import evaluate
 import train
-from common import (
-    StarError, build_prompt, load_model, load_split, load_tokenizer, model_identity, resolve_model, solution_to_rationale,
-)
+from common import StarError, build_prompt, load_split, solution_to_rationale
+from models import load_model, load_tokenizer, model_identity, resolve_model
 from conftest import GSM8K_DIR
 
 
@@ -26,28 +28,28 @@ def records():
 
 
 def test_loss_mask_covers_rationale_only(tok, records):
-    examples, too_long = train.tokenize_examples(tok, records, 1024)
+    examples, too_long = objectives.tokenize_examples(tok, records, 1024)
     assert not too_long and len(examples) == 5
     for (ids, labels), r in zip(examples, records):
         prompt = tok("".join(build_prompt(tok, r["question"])), add_special_tokens=False).input_ids
         assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
         assert labels[len(prompt):] == ids[len(prompt):]  # every rationale token (and end of turn) is learned
         assert ids[-1] == tok.eos_token_id
-    batch = train.pack(examples)
+    batch = objectives.pack(examples)
     assert batch["input_ids"].shape == (1, sum(len(x) for x, _ in examples))  # no padding at all
     assert (batch["labels"] != -100).sum() == sum(sum(t != -100 for t in y) for _, y in examples)
 
 
 def test_too_long_examples_are_reported_not_cut(tok, records):
-    examples, too_long = train.tokenize_examples(tok, records, 120)
-    lengths = [len(x) for x, _ in train.tokenize_examples(tok, records, 10**6)[0]]
+    examples, too_long = objectives.tokenize_examples(tok, records, 120)
+    lengths = [len(x) for x, _ in objectives.tokenize_examples(tok, records, 10**6)[0]]
     assert too_long == [r["id"] for r, n in zip(records, lengths) if n > 120] and too_long
     assert all(len(x) <= 120 for x, _ in examples)
 
 
 def test_prompt_is_the_one_evaluate_asks(tok, records):
     """train.py's prompt tokens = evaluate.py's zero-shot prompt tokens (prefix + question part)."""
-    examples, _ = train.tokenize_examples(tok, records, 1024)
+    examples, _ = objectives.tokenize_examples(tok, records, 1024)
     for (ids, labels), r in zip(examples, records):
         prefix, part = build_prompt(tok, r["question"], [])  # what evaluate.py builds with --k 0
         asked = tok(prefix + part, add_special_tokens=False).input_ids
@@ -58,18 +60,18 @@ def test_packed_loss_equals_mean_of_single_losses(tok, records):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
-    examples, _ = train.tokenize_examples(tok, records[:4], 1024)
+    examples, _ = objectives.tokenize_examples(tok, records[:4], 1024)
     with torch.no_grad():
         # independent reference: HF's own attention and loss on each example alone, no packing involved
         single = [model(input_ids=torch.tensor([x]), labels=torch.tensor([y])).loss.item() for x, y in examples]
-        train.use_packed_attention(model)  # what train.py trains with
-        packed = train.packed_loss(model, train.pack(examples)).item()
+        attention.use_packed_attention(model)  # what train.py trains with
+        packed = objectives.packed_loss(model, objectives.pack(examples)).item()
     assert packed == pytest.approx(sum(single) / len(single), rel=1e-4)
     # and packing really isolates examples: without per-example positions the loss changes
-    batch = train.pack(examples)
+    batch = objectives.pack(examples)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     with torch.no_grad():
-        assert abs(train.packed_loss(model, batch).item() - packed) > 1e-3
+        assert abs(objectives.packed_loss(model, batch).item() - packed) > 1e-3
 
 
 def test_packed_loss_gradients_equal_single_example_gradients(tok, records):
@@ -77,21 +79,30 @@ def test_packed_loss_gradients_equal_single_example_gradients(tok, records):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
-    examples, _ = train.tokenize_examples(tok, records[:3], 1024)
+    examples, _ = objectives.tokenize_examples(tok, records[:3], 1024)
     (sum(model(input_ids=torch.tensor([x]), labels=torch.tensor([y])).loss for x, y in examples) / 3).backward()
     reference = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    train.use_packed_attention(model)
-    train.packed_loss(model, train.pack(examples)).backward()
+    attention.use_packed_attention(model)
+    objectives.packed_loss(model, objectives.pack(examples)).backward()
     for name, p in model.named_parameters():
         assert (p.grad - reference[name]).norm() <= 1e-3 * reference[name].norm() + 1e-7, name
     # and the check can fail: without per-example positions the gradients differ
     model.zero_grad(set_to_none=True)
-    batch = train.pack(examples)
+    batch = objectives.pack(examples)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
-    train.packed_loss(model, batch).backward()
+    objectives.packed_loss(model, batch).backward()
     grad = model.model.layers[0].self_attn.q_proj.weight.grad
     assert (grad - reference["model.layers.0.self_attn.q_proj.weight"]).norm() > 1e-2 * grad.norm()
+
+
+def changed_weights(base_dir, out_dir):
+    """{tensor name: largest absolute change} between two checkpoint folders' model.safetensors, in fp32."""
+    from safetensors.torch import load_file
+
+    base, out = (load_file(os.path.join(str(d), "model.safetensors")) for d in (base_dir, out_dir))
+    assert base.keys() == out.keys()
+    return {k: (out[k].float() - base[k].float()).abs().max().item() for k in base}
 
 
 def test_lora_trains_saves_and_loads_without_flags(tmp_path, records):
@@ -103,9 +114,31 @@ def test_lora_trains_saves_and_loads_without_flags(tmp_path, records):
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # merged, plain checkpoint
     stats = json.loads((out / "train_stats.json").read_text())
     assert stats["steps"] == 2 and stats["tokens_per_s"] > 0
+    changed = changed_weights(resolve_model("smollm2-135m"), out)  # the merge moved the adapted matrices, only them
+    targets = tuple(train.parser.get_default("lora_target_modules").split(","))
+    adapted = [k for k in changed if k.rsplit(".", 2)[-2] in targets]
+    assert len(adapted) == 30 * len(targets) and all(changed[k] > 0 for k in adapted)  # 7 matrices x 30 layers
+    assert all(changed[k] == 0 for k in changed if k not in adapted)
     evaluate.main(["--model", str(out), "--dataset", "arithmetic", "--max_samples", "2", "--max_new_tokens", "16",
                    "--output", str(tmp_path / "e.json")])
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
+
+
+def test_grad_accum_2_equals_the_doubled_batch(tmp_path, tiny_llama, gsm8k_records):
+    """--batch_size 2 --grad_accum 2 takes the same examples per optimizer step as --batch_size 4 (the epoch's order
+    does not depend on the batch size) and averages the same per-example losses: in fp32 the logged losses agree
+    within 1e-5 and the saved weights within 1e-5, while training moves them by far more."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records))
+    flags = ["--train_file", str(path), "--base_model", tiny_llama, "--epochs", "1", "--lr", "1e-3", "--dtype", "fp32"]
+    train.main(flags + ["--output_dir", str(tmp_path / "b4"), "--batch_size", "4"])
+    train.main(flags + ["--output_dir", str(tmp_path / "b2a2"), "--batch_size", "2", "--grad_accum", "2"])
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("b4", "b2a2")}
+    assert [r["step"] for r in logs["b2a2"]] == [r["step"] for r in logs["b4"]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logs["b2a2"]] == pytest.approx([r["loss"] for r in logs["b4"]], abs=1e-5)
+    assert max(changed_weights(tmp_path / "b4", tmp_path / "b2a2").values()) < 1e-5
+    assert max(changed_weights(tiny_llama, tmp_path / "b4").values()) > 1e-3
 
 
 def test_steps_grow_by_iteration(tmp_path, records):
@@ -124,7 +157,7 @@ def test_steps_grow_by_iteration(tmp_path, records):
 
 
 def test_save_adapter_loads_as_the_merged_model(tmp_path, tiny_llama, gsm8k_records):
-    """--save_adapter writes the LoRA adapter alone (naming its base); common.load_model turns the folder into the
+    """--save_adapter writes the LoRA adapter alone (naming its base); models.load_model turns the folder into the
     same weights as the merged checkpoint of the same run, and evaluate.py takes it with no extra flag. Without --lr,
     LoRA trains at LORA_LR (10x full fine-tuning's). --report_to tensorboard (the default) logs the loss of log.jsonl."""
     path = tmp_path / "t.jsonl"
@@ -142,14 +175,15 @@ def test_save_adapter_loads_as_the_merged_model(tmp_path, tiny_llama, gsm8k_reco
     assert type(loaded) is type(merged)  # a plain model, adapter merged
     a, b = merged.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert max(changed_weights(tiny_llama, tmp_path / "merged").values()) > 1e-4  # and the merge was no no-op
     identity = model_identity(str(adapter))
     assert identity[0] == ["base", model_identity(tiny_llama)] and identity[1][0] == "adapter_model.safetensors"
     evaluate.main(["--model", str(adapter), "--dataset", "arithmetic", "--max_samples", "2", "--max_new_tokens", "8",
                    "--output", str(tmp_path / "e.json")])
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
-    # the engine: auto runs an adapter folder on ours at any size; --engine vllm is one clear error
-    assert engines.pick_engine("auto", str(adapter), 10_000) == "ours"
-    with pytest.raises(StarError, match="is a LoRA adapter folder; use --engine ours"):
+    # the engine: auto runs an adapter folder on hf at any size; --engine vllm is one clear error
+    assert engines.pick_engine("auto", str(adapter), 10_000) == "hf"
+    with pytest.raises(StarError, match="is a LoRA adapter folder; use --engine hf"):
         engines.pick_engine("vllm", str(adapter), 10_000)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 
+import common
 import engines
 import evaluate
-from common import build_prompts, cut_after_answer, extract_stated_answer, load_model, load_split, pick_exemplars
+from common import build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
+from models import load_model
 from conftest import GSM8K_DIR, ROOT
 from engines import Sampling, generate, pick_engine, row_finished, stop_strings, stop_token_ids
 
@@ -64,12 +66,12 @@ def test_seeded_sampling_is_reproducible(engines_and_prompts):
 def test_auto_and_errors(tmp_path, monkeypatch, capsys):
     """auto: vLLM on CPU from VLLM_MIN_ROWS_CPU rows on, ours below or for an architecture vLLM lacks; --engine vllm
     there (or without vLLM) is one error before any model loads."""
-    assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU - 1) == "ours"
+    assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU - 1) == "hf"
     assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU) == "vllm"
     folder = tmp_path / "unknown_arch"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NoSuchForCausalLM"]}))
-    assert pick_engine("auto", str(folder), 10_000) == "ours"
+    assert pick_engine("auto", str(folder), 10_000) == "hf"
     with pytest.raises(SystemExit) as e:  # through the CLI: one error line, exit 2, before any generation
         evaluate.main(["--model", str(folder), "--dataset", "arithmetic", "--max_samples", "2", "--engine", "vllm",
                        "--output", str(tmp_path / "e.json")])
@@ -77,8 +79,8 @@ def test_auto_and_errors(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and err[-1].startswith("error: --engine vllm: vLLM has no implementation of")
     assert "NoSuchForCausalLM" in err[-1] and not (tmp_path / "e.json").exists()
     monkeypatch.setattr(engines, "vllm_installed", lambda: False)
-    assert pick_engine("auto", "smollm2-135m", 10_000) == "ours"
-    with pytest.raises(engines.StarError, match="vLLM is not installed"):
+    assert pick_engine("auto", "smollm2-135m", 10_000) == "hf"
+    with pytest.raises(common.StarError, match="vLLM is not installed"):
         pick_engine("vllm", "smollm2-135m", 1)
 
 

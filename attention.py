@@ -1,0 +1,111 @@
+"""Attention kernels registered with transformers' AttentionInterface: the shared-prefix attention that generation
+decodes with (engines.py) and the packed attention that training runs (train.py).
+
+    prefix_attention   each row of a batch attends to one shared few-shot prefix (stored once) and to its own tokens,
+                       merged exactly by log-sum-exp (cascade / Hydragen attention, Juravsky et al. 2024)
+    packed_attention   causal attention within each example of a packed row (positions restart at 0 per example)
+
+A model whose attention is not a plain softmax over every position (sliding windows, soft-capped scores, sinks) is
+not computed by either: shares_prefix tells the generation side.
+"""
+import torch
+
+PREFIX_ATTENTION = "star_prefix"  # the registered names
+PACKED_ATTENTION = "star_packed"
+
+
+# ============================================================================= shared-prefix attention (generation)
+def attend(q, k, v, scale, mask=None):
+    """fp32 softmax attention returning (out, lse); a query that sees no key gets out 0 and lse -inf."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - lse.clamp(min=torch.finfo(s.dtype).min)) @ v.float(), lse
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, **kw):
+    """Each row attends to the shared prefix (stored once: [1, kv_heads, P, dim], no mask) and to its own
+    cached tokens (causal + padding mask), merged exactly by log-sum-exp (Hydragen, Juravsky et al. 2024).
+
+    query [B, heads, T, dim] in, [B, T, heads, dim] out. The query heads of one kv head are adjacent
+    (repeat_kv order), so all B rows' queries of a kv head form one matmul against the prefix: the
+    prefix is never copied per row.
+    """
+    B, H, T, D = query.shape
+    kvh, L = key.shape[1], key.shape[2]
+    g, scale = H // kvh, scaling if scaling is not None else D ** -0.5
+    q = query.reshape(B, kvh, g * T, D)  # [B, kv head, (group, t), dim]
+    mask = attention_mask if attention_mask is not None else torch.ones(T, L, dtype=torch.bool,
+                                                                        device=q.device).tril(L - T)[None, None]
+    out, lse = attend(q, key, value, scale, mask.expand(B, 1, T, L).repeat(1, 1, g, 1))
+    if prefix_kv is not None:
+        pk, pv = prefix_kv[module.layer_idx]
+        qp = q.transpose(0, 1).reshape(kvh, B * g * T, D)  # every row's queries of a kv head together
+        chunk = max(1, 2**26 // pk.shape[2])  # at most 2^26 scores (256 MiB in fp32) at once: a big batch's prefill
+        parts = [attend(qp[:, i:i + chunk], pk[0], pv[0], scale) for i in range(0, qp.shape[1], chunk)]
+        out_p, lse_p = (torch.cat(t, 1) for t in zip(*parts))
+        out_p, lse_p = (t.view(kvh, B, g * T, -1).transpose(0, 1) for t in (out_p, lse_p))
+        m = torch.maximum(lse, lse_p)  # finite: the prefix is never masked
+        wa, wb = torch.exp(lse_p - m), torch.exp(lse - m)
+        out = (wa * out_p + wb * out) / (wa + wb)
+    return out.reshape(B, H, T, D).transpose(1, 2).to(query.dtype), None
+
+
+def prefix_mask(**kwargs):
+    """transformers' sdpa mask, always materialized (never None): [B, 1, T, row cache length] bool."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+
+
+def shares_prefix(model):
+    """Whether prefix_attention computes this model's attention: plain softmax over every cached position.
+    Sliding windows (Mistral, Gemma 2/3...), soft-capped scores (Gemma 2) and attention sinks (gpt-oss) are
+    not that: those models decode whole prompts with their own attention (the prefix computed per row)."""
+    config = model.config.get_text_config()
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return not (windowed or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+                or getattr(config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()))
+
+
+def use_prefix_attention(model):
+    """Switch the model to prefix_attention; returns the implementation to restore afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX_ATTENTION, prefix_mask)
+    old = model.config._attn_implementation
+    model.set_attn_implementation(PREFIX_ATTENTION)
+    return old
+
+
+
+
+# ============================================================================= packed attention (training)
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kw):
+    """Causal attention within each example of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
+
+    Positions restart at 0 where an example starts. Attending per example costs the sum of the
+    squared example lengths, not the square of the row length, and builds no [T, T] mask.
+    """
+    starts = (position_ids[0] == 0).nonzero().squeeze(1).tolist() + [query.shape[2]]
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each kv head serves `groups` heads
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                            is_causal=True, scale=scaling, dropout_p=dropout)
+           for a, b in zip(starts, starts[1:])]
+    return torch.cat(out, 2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model):
+    """Register packed_attention with transformers and switch the model to it (no mask is built)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, lambda *args, **kwargs: None)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return model
+

@@ -1,0 +1,248 @@
+"""The memory plan: train.py's peak memory per process, term by term, from the base model's config and the longest
+packed micro-batch the run will build, printed before any weight is loaded; on a GPU a plan larger than the free
+memory stops the run with one line naming a configuration that fits.
+
+    estimate_memory      the terms of one process: weights, their bf16 copies, gradients, AdamW states, activations
+                         (what autograd keeps per decoder layer), logits/loss, and on CPU the runtime
+    process_plan         the same split as a distributed launch splits it (FSDP shards, DDP's gradient buckets)
+    plan_memory          print it, and check it against the GPU's free memory
+"""
+import argparse
+import ctypes
+
+import torch
+
+from common import StarError
+from models import from_pretrained
+
+# Peak training memory from the config and the run's own rows, printed before the weights are loaded. Units are bytes
+# unless a name says GiB. What lives where: full fine-tuning keeps fp32 master weights (under bf16 autocast each
+# matmul also makes a bf16 copy of its weight); LoRA under bf16 keeps the frozen base in bf16 and the adapters in
+# fp32 (peft's default); in fp32 everything is fp32. Gradients and AdamW states exist for trainable weights only.
+GIB = 2**30
+ADAMW_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each, per trainable parameter (torch.optim.AdamW)
+# Per learned position x vocabulary entry: the fp32 log-probabilities cross_entropy saves (4 B), and at the start of
+# backward their fp32 gradient and the logits' gradient (4 + 4 B); the bf16 logits of a GPU forward (2 B) are gone
+# by then. Only rationale positions get logits (packed_loss: logits_to_keep).
+LOGIT_BYTES = 12
+# On CPU, train.py's peak RSS before it loads any weight (Python, torch, transformers, accelerate, the tokenizer),
+# measured (docs/training.md): a line of the plan there. On a GPU the CUDA context is already outside
+# torch.cuda.mem_get_info's free memory when the plan is checked.
+CPU_RUNTIME_GIB = 0.45
+
+
+def model_shape(config):
+    """The sizes the memory plan needs, from a decoder config (Llama names; GPT-2's are aliased by transformers)."""
+    c = config.get_text_config()
+    h, heads = c.hidden_size, c.num_attention_heads
+    return {"hidden": h, "intermediate": getattr(c, "intermediate_size", None) or 4 * h, "layers": c.num_hidden_layers,
+            "heads": heads, "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(c, "head_dim", None) or h // heads, "vocab": c.vocab_size}
+
+
+def count_parameters(config, target_modules=()):
+    """(parameters, LoRA parameters per unit of rank): exact, from the model built on the meta device (no memory,
+    no weights read, ~1 s for 3B). A LoRA pair on a Linear in -> out adds r x (in + out) parameters."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(target_modules))
+    return sum(p.numel() for p in model.parameters()), per_rank  # parameters() counts tied weights once
+
+
+def layer_activation_bytes(shape, args, bf16, cpu=False):
+    """Bytes one decoder layer keeps for backward, per token. The count of what autograd saves in a Llama layer, as
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4.1) counted it
+    for GPT, checked tensor by tensor with torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py).
+    bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way. cpu: LoRA's
+    dropout keeps a 4 B noise tensor there, a 1 B mask on a GPU."""
+    h, i, a = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"]  # a: attention width
+    c = 2 if bf16 else 4
+    attention = 4 * a * c + 4 * shape["heads"]  # SDPA: q, k, v (k, v repeated to every head), output; fp32 logsumexp
+    mlp = 3 * i * c  # SiLU's input (gate), its output and up: what act(gate) * up needs
+    if not args.lora_r:
+        norms = 2 * (8 * h + 4)  # each RMSNorm: its fp32 input, x * rsqrt(mean x^2) (for the weight's gradient), rsqrt
+        # inputs of the matmuls, for the weight gradients: the normed input (autocast casts it once per projection:
+        # q, k, v, gate, up), attention output (o_proj), act(gate) * up (down_proj)
+        return norms + (5 if bf16 else 2) * h * c + a * c + i * c + attention + mlp
+    widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": a, "gate_proj": h, "up_proj": h, "down_proj": i}
+    # frozen projections save nothing; each adapter saves its dropout mask (GPU: 1 B bool; CPU: a 4 B noise tensor,
+    # measured the same under bf16 autocast) and lora_A's input (bf16 under autocast, else the fp32 dropped input),
+    # and lora_A's output (r wide)
+    mask = 4 if cpu or not bf16 else 1
+    per_input = (2 if bf16 else 4) + (mask if args.lora_dropout else 0)
+    targets = inputs = args.lora_target_modules.split(",")
+    if not bf16 and not args.lora_dropout:  # lora_A saves its very input: one tensor for q, k, v, one for gate, up
+        inputs = {{"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(t, t) for t in targets}
+    adapters = sum(per_input * widths.get(t, h) for t in inputs) + len(targets) * args.lora_r * c  # + lora_A outputs
+    return 2 * (4 * h + 4) + adapters + attention + mlp  # norms: fp32 input and rsqrt (frozen norm weights)
+
+
+def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None, bf16=None):
+    """Peak training memory per process in GiB, term by term, and their sum ("total": an upper bound, the terms need
+    not peak together). device: "cuda" or "cpu" (where the runtime is a line); bf16: bf16 autocast (default: on
+    "cuda"), else fp32 throughout. tokens: tokens of the longest packed micro-batch (longest_micro_batch), by default
+    --batch_size x --max_length (an upper bound: a row holds at most that many); learned: the most rationale tokens
+    of a micro-batch (the logits' positions), by default all of them."""
+    shape, lora = model_shape(config), args.lora_r > 0
+    bf16 = device == "cuda" if bf16 is None else bf16
+    tokens = tokens or args.batch_size * args.max_length
+    trainable = args.lora_r * lora_per_rank if lora else n_params
+    # LoRA: frozen base in bf16 under bf16 (else fp32) and fp32 adapters; full fine-tuning: fp32 master weights
+    weights = ((2 if bf16 else 4) * n_params + 4 * trainable) if lora else 4 * n_params
+    copies = 2 * n_params if bf16 and not lora else 0  # autocast's bf16 casts of the matmul weights, kept for backward
+    layer = layer_activation_bytes(shape, args, bf16, cpu=device == "cpu")
+    if args.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
+        per_token = shape["layers"] * shape["hidden"] * (2 if bf16 and lora else 4) + layer
+    else:
+        per_token = shape["layers"] * layer
+    per_token += 8 * shape["hidden"] + 4 + shape["hidden"] * (2 if bf16 else 4)  # final norm, lm_head input
+    terms = {"weights": weights, "weight copies": copies, "gradients": 4 * trainable,
+             "optimizer states": ADAMW_BYTES * trainable, "activations": tokens * per_token,
+             "logits/loss": (learned or tokens) * shape["vocab"] * LOGIT_BYTES}
+    plan = {name: value / GIB for name, value in terms.items() if value or name != "weight copies"}
+    if device == "cpu":
+        plan["runtime"] = CPU_RUNTIME_GIB
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def fsdp_gathered_bytes(config, n_params, bf16):
+    """Bytes of the full (unsharded) units FSDP2 holds at once, in the compute dtype (bf16 under mixed precision): the
+    embedding unit, which accelerate keeps gathered from forward to backward (with lm_head when it is untied), two
+    decoder layers (the one computing and the one prefetched) and one layer's gradients before their reduce-scatter."""
+    shape = model_shape(config)
+    embedding = shape["vocab"] * shape["hidden"] * (1 if config.get_text_config().tie_word_embeddings else 2)
+    layer = (n_params - embedding - shape["hidden"]) / shape["layers"]  # minus the final norm
+    return (embedding + 3 * layer) * (2 if bf16 else 4)
+
+
+def per_process(plan, strategy, processes, gathered=0):
+    """The plan of one process of a distributed run: FSDP (full shard) splits weights, their bf16 copies, gradients
+    and optimizer states over the processes and adds the units it gathers (`gathered` bytes, fsdp_gathered_bytes);
+    DDP keeps a second copy of the gradients in its all-reduce buckets (gradient_as_bucket_view=False, accelerate's
+    default)."""
+    plan = dict(plan)
+    if strategy == "FSDP":
+        for name in ("weights", "weight copies", "gradients", "optimizer states"):
+            if name in plan:
+                plan[name] /= processes
+        plan = {**{k: v for k, v in plan.items() if k != "total"}, "gathered": gathered / GIB}
+    elif strategy in ("MULTI_GPU", "MULTI_CPU"):
+        plan["gradients"] *= 2
+    plan["total"] = sum(v for k, v in plan.items() if k != "total")
+    return plan
+
+
+def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, learned=None, bf16=None):
+    """One short explanation per line of the plan: what is counted, in which dtype (estimate_memory's arguments)."""
+    bf16 = device == "cuda" if bf16 is None else bf16
+    trainable = args.lora_r * lora_per_rank if args.lora_r else n_params
+    weights = f"fp32 master weights, {n_params / 1e9:.3g}B"
+    if args.lora_r:
+        weights = (f"{'bf16' if bf16 else 'fp32'} frozen base, {n_params / 1e9:.3g}B + fp32 LoRA r={args.lora_r}, "
+                   f"{trainable / 1e6:.3g}M")
+    rows = (f"{tokens} tokens (the longest packed micro-batch of {args.batch_size} examples)" if tokens else
+            f"{args.batch_size} x {args.max_length} tokens")
+    learned = learned or tokens or args.batch_size * args.max_length
+    return {"weights": weights, "weight copies": "bf16 casts autocast makes for the matmuls, kept for backward",
+            "gradients": f"fp32, {trainable / 1e6:.4g}M trainable",
+            "optimizer states": "AdamW exp_avg + exp_avg_sq, fp32",
+            "activations": f"{rows}, {'bf16 autocast' if bf16 else 'fp32'}"
+                           + (", gradient checkpointing" if args.gradient_checkpointing else ""),
+            "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
+            "runtime": "Python, torch, transformers, tokenizer (measured)",
+            "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
+            "total": "upper bound: the terms need not peak together"}
+
+
+def print_memory_plan(plan, notes, print_=print):
+    """One fixed-format line per term: `memory <term> <GiB> GiB  <what>`."""
+    for name, gib in plan.items():
+        print_(f"memory {name:17s} {gib:8.2f} GiB  {notes.get(name, '')}")
+
+
+def smaller_configurations(args, lora=True):
+    """(flags, args) to try when a run does not fit, in the order they are suggested: gradient checkpointing, LoRA
+    r=16 (not under FSDP, which train.py refuses it with: lora=False), both, then halving --batch_size with
+    --grad_accum doubled (the same effective batch)."""
+    steps = [{"gradient_checkpointing": True}] if not args.gradient_checkpointing else []
+    if not args.lora_r and lora:
+        steps += [{"lora_r": 16}, {"lora_r": 16, "gradient_checkpointing": True}]
+    last = steps[-1] if steps else {}
+    batch = args.batch_size // 2
+    while batch >= 1:
+        steps.append({**last, "batch_size": batch, "grad_accum": args.grad_accum * args.batch_size // batch})
+        batch //= 2
+    out = []
+    for step in steps:
+        step = {k: v for k, v in step.items() if getattr(args, k) != v}
+        flags = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in step.items())
+        out.append((flags, argparse.Namespace(**{**vars(args), **step})))
+    return out
+
+
+def check_gpu_memory(plan, estimate, args, free_gib, lora=True):
+    """Raise StarError, before any weight is loaded, when the plan's total exceeds the free GPU memory, naming the
+    first smaller configuration that fits (lora=False: none with LoRA). estimate(args) -> plan of another
+    configuration."""
+    if plan["total"] <= free_gib:
+        return
+    head = f"training needs about {plan['total']:.1f} GiB (memory plan above) but the GPU has {free_gib:.1f} GiB free"
+    for flags, other in smaller_configurations(args, lora):
+        total = estimate(other)["total"]
+        if total <= free_gib:
+            raise StarError(f"{head}: add {flags} (about {total:.1f} GiB), or pass --skip_memory_check to try anyway")
+    raise StarError(f"{head}, and neither LoRA nor gradient checkpointing nor --batch_size 1 fits: use a smaller "
+                    "--max_length, a GPU with more memory, or FSDP over several (or pass --skip_memory_check)")
+
+
+def process_plan(config, counts, args, device, bf16, strategy="NO", processes=1, longest=None):
+    """One process's plan for these flags: estimate_memory at the longest packed micro-batch longest(args) builds (by
+    default the bound --batch_size x --max_length), split as `strategy` (accelerate's name) splits it over `processes`.
+    counts: count_parameters(config, the LoRA targets)."""
+    n_params, per_rank = counts
+    tokens, learned = longest(args) if longest else (None, None)
+    gathered = fsdp_gathered_bytes(config, n_params, bf16) if strategy == "FSDP" else 0
+    plan = estimate_memory(config, n_params, args, device, per_rank, tokens, learned, bf16)
+    return per_process(plan, strategy, processes, gathered)
+
+
+def plan_memory(acc, args, bf16, longest=None):
+    """Load the base model's config (no weights), print the memory plan and, on a GPU, stop when it does not fit.
+    longest(args) -> (tokens, learned tokens) of the longest packed micro-batch a run with those flags builds
+    (longest_micro_batch). Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype;
+    train_stats.json keeps the plan beside the measured peak."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig, args.base_model)
+    counts = count_parameters(config, args.lora_target_modules.split(","))
+    device, strategy = "cuda" if torch.cuda.is_available() else "cpu", acc.distributed_type.name
+
+    def estimate(a):
+        return process_plan(config, counts, a, device, bf16, strategy, acc.num_processes, longest)
+
+    plan, (n_params, per_rank) = estimate(args), counts
+    rows = longest(args) if longest else (None, None)
+    notes = memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"], *rows, bf16=bf16)
+    print_memory_plan(plan, notes, acc.print)
+    if torch.cuda.is_available() and not args.skip_memory_check:
+        free = torch.cuda.mem_get_info(acc.device)[0] / GIB
+        print_memory_plan({"GPU free": free}, {"GPU free": "torch.cuda.mem_get_info (--skip_memory_check: no check)"},
+                          acc.print)
+        check_gpu_memory(plan, estimate, args, free, lora=strategy != "FSDP")
+    return config, plan
+
+
+def lower_mmap_threshold():
+    """On CPU under glibc, have malloc hand every freed block of 128 KiB or more back to the system at once, so that the
+    host's peak RSS follows the plan. By default glibc raises its mmap threshold after the first large free and then
+    serves activations from a heap it seldom shrinks: the peak rises well above the plan. It costs time in page faults
+    (bench/bench_malloc.py; docs/training.md, "Memory on CPU")."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, musl): their allocators are left as they are
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also stops glibc's dynamic raising of it

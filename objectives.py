@@ -1,0 +1,181 @@
+"""Training objectives: what train.py turns records into and what it minimizes.
+
+    tokenize_examples / tokenize_pairs   records -> token sequences (ids, labels: -100 on the prompt)
+    Example, pack_examples               a training example, and a micro-batch of them packed into one row
+    packed_loss                          STaR's SFT loss: the mean over examples of each one's mean token NLL
+    rpo_loss, reference_logps            Iterative RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733): DPO on
+                                         (chosen, rejected) pairs + the chosen rationale's NLL, and the reference
+                                         model's log-probs of every pair, computed once before training
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import StarError, build_completion, build_prompt, read_jsonl
+
+OBJECTIVES = ("sft", "rpo")  # --objective: STaR's fine-tuning on the kept rationales, or DPO + NLL on the pairs
+
+
+@dataclass
+class Example:
+    """One training example: a rationale as (token ids, labels), and for a pair of --objective rpo the rejected one
+    and, once computed, the reference model's log-probs of both (with_references)."""
+    chosen: tuple               # (ids, labels)
+    rejected: tuple = None      # (ids, labels), a pair only
+    reference: tuple = None     # (log ref(chosen), log ref(rejected)), a pair only
+
+    @property
+    def sequences(self):
+        """Its token sequences in row order: the chosen one, then the rejected one of a pair."""
+        return [self.chosen] + ([self.rejected] if self.rejected is not None else [])
+
+
+# ============================================================================= records -> token sequences
+def tokenize_examples(tok, records, max_length):
+    """([(input_ids, labels)], ids of the records over max_length): labels are -100 on the prompt, so only rationale
+    tokens are learned; a record longer than max_length is dropped and reported, never cut."""
+    examples, too_long = [], []
+    for r in records:
+        prompt = "".join(build_prompt(tok, r["question"]))
+        p = tok(prompt, add_special_tokens=False).input_ids
+        c = tok(build_completion(tok, r["rationale"]), add_special_tokens=False).input_ids
+        if len(p) + len(c) > max_length:
+            too_long.append(r.get("id"))
+            continue
+        examples.append((p + c, [-100] * len(p) + c))
+    return examples, too_long
+
+
+def tokenize_pairs(tok, records, max_length):
+    """([Example], ids dropped): a pair record (chosen, rejected), or a kept rationale with no loser (its NLL term
+    alone), each sequence as tokenize_examples makes it. A record with a sequence over max_length is dropped."""
+    examples, too_long = [], []
+    for r in records:
+        texts = [r["chosen"], r["rejected"]] if "rejected" in r else [r["rationale"]]
+        seqs, _ = tokenize_examples(tok, [{**r, "rationale": t} for t in texts], 10**9)
+        if max(len(x) for x, _ in seqs) > max_length:
+            too_long.append(r.get("id"))
+        else:
+            examples.append(Example(*seqs))
+    return examples, too_long
+
+
+def unpaired_rationales(args, pairs):
+    """--objective rpo: the kept rationales of --train_file that are no pair's winner (create_data pairs a loser only
+    where one was generated), trained on by their NLL term alone, as STaR would; none with --pairs_only or
+    --rpo_alpha 0 (the paper's set: the pairs alone)."""
+    if args.pairs_only or not args.rpo_alpha:
+        return []
+    winners = {(p.get("id"), p["chosen"]) for p in pairs}
+    return [r for r in read_jsonl(args.train_file, required=("question", "rationale"))
+            if (r.get("id"), r["rationale"]) not in winners]
+
+
+# ============================================================================= packing
+def pack(sequences):
+    """(ids, labels) sequences -> one row [1, T]: positions restart at 0 for each sequence, which makes the attention
+    block-diagonal (attention.packed_attention reads the sequences' bounds from position_ids), and `example` [1, T]
+    says which sequence each token belongs to."""
+    ids = torch.tensor([[t for x, _ in sequences for t in x]])
+    labels = torch.tensor([[t for _, y in sequences for t in y]])
+    pos = torch.tensor([[p for x, _ in sequences for p in range(len(x))]])
+    seq = torch.tensor([[i for i, (x, _) in enumerate(sequences) for _ in x]])
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "example": seq}
+
+
+def pack_examples(batch):
+    """A micro-batch of Examples -> one packed row of chosen_0 (rejected_0), chosen_1, ..., with the index in the row
+    of each example's chosen sequence [examples] and of each pair's rejected one [pairs], which examples are pairs
+    [pairs] and, once computed, the pairs' reference log-probs [pairs, 2]. SFT's examples are single sequences."""
+    chosen, rejected, paired = [], [], []
+    for j, e in enumerate(batch):
+        chosen.append(len(chosen) + len(rejected))
+        if e.rejected is not None:
+            rejected.append(chosen[-1] + 1)
+            paired.append(j)
+    row = pack([seq for e in batch for seq in e.sequences])
+    row.update(chosen=torch.tensor(chosen), rejected=torch.tensor(rejected),
+               paired=torch.tensor(paired, dtype=torch.long))
+    if paired and batch[paired[0]].reference is not None:
+        row["reference"] = torch.tensor([batch[j].reference for j in paired], dtype=torch.float32)
+    return row
+
+
+# ============================================================================= losses
+def example_nll(model, batch):
+    """(summed token NLL [examples], rationale tokens [examples]) of each example of a packed row.
+
+    Logits are computed only where the next token is a rationale token (logits_to_keep), which
+    skips the vocabulary projection and softmax for prompt tokens. A row's last token of one
+    example would predict the next example's first token, but that is a prompt token (-100).
+    """
+    labels = batch["labels"][0, 1:]
+    keep = (labels != -100).nonzero().squeeze(1)  # positions t whose token t+1 is learned
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                logits_to_keep=keep)
+    tok_loss = torch.nn.functional.cross_entropy(out.logits[0].float(), labels[keep], reduction="none")
+    seq = batch["example"][0, 1:][keep]
+    n_ex = int(batch["example"].max()) + 1
+    per_ex_sum = torch.zeros(n_ex, device=tok_loss.device).index_add(0, seq, tok_loss)
+    return per_ex_sum, torch.bincount(seq, minlength=n_ex).clamp(min=1)
+
+
+def packed_loss(model, batch):
+    """Mean over examples of each example's mean token loss (each rationale weighs the same)."""
+    nll, count = example_nll(model, batch)
+    return (nll / count).mean()
+
+
+def rpo_loss(model, batch, beta, alpha):
+    """Iterative RPO's loss (Pang et al. 2024, eq. 1), mean over the examples of a packed row: alpha x the chosen
+    rationale's NLL per token, plus for a pair DPO on the log-probability ratios to the reference,
+    -log sigmoid(beta x [(log pi(w) - ref(w)) - (log pi(l) - ref(l))]). Log-probabilities are sums over rationale
+    tokens; a kept rationale with no loser has the NLL term alone, as in STaR."""
+    nll, count = example_nll(model, batch)
+    w, l, paired = batch["chosen"], batch["rejected"], batch["paired"]
+    loss = alpha * nll[w] / count[w]  # [examples]
+    if len(paired):
+        logp = -torch.stack([nll[w[paired]], nll[l]], 1)  # [pairs, (chosen, rejected)]
+        margin = (logp - batch["reference"].to(nll.device)) @ torch.tensor([beta, -beta], device=nll.device)
+        loss = loss.index_add(0, paired, -torch.nn.functional.logsigmoid(margin))
+    return loss.mean()
+
+
+def training_loss(model, batch, args):
+    """The loss --objective trains on."""
+    return rpo_loss(model, batch, args.beta, args.rpo_alpha) if args.objective == "rpo" else packed_loss(model, batch)
+
+
+def reference_logps(acc, model, examples, args):
+    """Each pair's reference log-probs [pairs, 2] (chosen, rejected), in eval mode without gradients, computed once
+    before training. The micro-batches are dealt to the processes in turn and summed across them; a process with
+    none left runs a spare one, so that every process makes the same forward calls (FSDP gathers in each)."""
+    chunks = [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]
+    mine = chunks[acc.process_index::acc.num_processes]
+    out = torch.zeros(len(examples), 2, device=acc.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), acc.autocast():
+        for r in tqdm(range(math.ceil(len(chunks) / acc.num_processes)), desc="reference log-probs",
+                      disable=not acc.is_main_process, dynamic_ncols=True):
+            chunk = mine[r] if r < len(mine) else chunks[0]
+            batch = {k: v.to(acc.device) for k, v in pack_examples([examples[i] for i in chunk]).items()}
+            nll, _ = example_nll(model, batch)
+            if r < len(mine):
+                out[chunk] = -nll.view(-1, 2).float()
+    model.train(was_training)
+    return acc.reduce(out, "sum").cpu().tolist() if acc.num_processes > 1 else out.cpu().tolist()
+
+
+def reference_model(args):
+    """--rpo_reference previous: the model that generated iteration N's pairs, results/model_star_iter{N-1} (beside
+    --output_dir); at iteration 1 the base model, unless run_star.sh --human_seed left an iteration-0 model."""
+    previous = os.path.join(os.path.dirname(args.output_dir), f"model_star_iter{args.iteration - 1}")
+    if args.rpo_reference == "base" or (args.iteration == 1 and not os.path.isdir(previous)):
+        return args.base_model
+    if not os.path.isdir(previous):
+        raise StarError(f"--rpo_reference previous needs {previous}, which does not exist")
+    return previous
