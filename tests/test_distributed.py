@@ -22,8 +22,8 @@ def launch(script, args, processes, tmp_path):
     return r
 
 
-def test_evaluate_two_processes_equal_one(tmp_path):
-    base = ["--iteration", "0", "--base_model", "smollm2-135m", "--save_results", *ARITH]
+def test_evaluate_two_processes_equal_one(tmp_path, tiny_llama):
+    base = ["--iteration", "0", "--base_model", tiny_llama, "--save_results", *ARITH]
     launch("evaluate.py", base + ["--output", "one.json"], 1, tmp_path)
     launch("evaluate.py", base + ["--output", "two.json"], 2, tmp_path)
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()

@@ -119,8 +119,8 @@ def test_accumulate_adds_the_previous_set_once(tmp_path, capsys):
 def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate on test and
     dev; the vanilla SFT reference; a summary."""
-    cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "8",
-           "--dev_eval_samples", "4", "--sft", "--k", "4", "--epochs", "3", "--train_batch_size", "4", "--lr", "1e-4",
+    cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "4",
+           "--dev_eval_samples", "2", "--sft", "--k", "4", "--epochs", "2", "--train_batch_size", "4", "--lr", "1e-4",
            "--max_new_tokens", "120"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500,
                          env={**os.environ, "PYTHON": sys.executable})
@@ -144,11 +144,11 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
         label = f"iter{i}" if i < 3 else "sft"
         ev, details = read_json(f"results/eval_{label}.json"), read_jsonl(f"results/eval_{label}.jsonl")
         dev, dev_details = read_json(f"results/eval_dev_{label}.json"), read_jsonl(f"results/eval_dev_{label}.jsonl")
-        assert ev["n"] == len(details) == 8 and ev["correct"] == sum(d["correct"] for d in details)
-        assert ev["accuracy"] == pytest.approx(ev["correct"] / 8)
-        assert dev["split"] == "dev" and len(dev_details) == 4
-        assert [d["id"] for d in dev_details] == [1800, 1801, 1802, 1803]  # the train file's last 200 questions
-        assert f"| {100 * dev['accuracy']:.1f}% (n=4) | {100 * ev['accuracy']:.1f}% (n=8) |" in line  # the files' numbers
+        assert ev["n"] == len(details) == 4 and ev["correct"] == sum(d["correct"] for d in details)
+        assert ev["accuracy"] == pytest.approx(ev["correct"] / 4)
+        assert dev["split"] == "dev" and len(dev_details) == 2
+        assert [d["id"] for d in dev_details] == [1800, 1801]  # the train file's last 200 questions
+        assert f"| {100 * dev['accuracy']:.1f}% (n=2) | {100 * ev['accuracy']:.1f}% (n=4) |" in line  # the files' numbers
         data = f"data/star_iter{i}_train.jsonl" if i < 3 else "data/sft_train.jsonl"
         if i:
             stats = read_json(f"{data}.stats.json")
