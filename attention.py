@@ -81,8 +81,6 @@ def use_prefix_attention(model):
     return old
 
 
-
-
 # ============================================================================= packed attention (training)
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kw):
     """Causal attention within each example of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).

@@ -247,13 +247,12 @@ def pick_exemplars(train_rows, k, seed):
     return [train_rows[i] for i in sorted(rng.sample(range(len(train_rows)), k))]
 
 
-
 # ============================================================================= prompts
 # One question/answer pair per turn (chat models) or per paragraph (base models).
 # Every chat user turn (exemplars, Stage 2's hinted question, the zero-shot prompt train.py trains on and
 # evaluate.py asks) carries Meta's GSM8K answer-format instruction, worded as lm-evaluation-harness's
-# gsm8k_cot_llama task words it. Without it Llama-3.2-3B-Instruct ends "So, Ali now has $71.", and the stated-answer
-# rule reads about 20% of its right answers (strict 13.5% where 68.7% are right); with it, all of them (README).
+# gsm8k_cot_llama task words it. Without it Llama-3.2-3B-Instruct ends "So, Ali now has $71." and the stated-answer
+# rule misses most of its right answers (the measurement: docs/results.md, "The answer-format instruction").
 INSTRUCTION = ("Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
                "Your response should end with \"The final answer is [answer]\" where [answer] is the response to the problem.")
 QUESTION_TEMPLATE = "Question: {question}"  # base models (no chat template): plain "Question: ...\nAnswer: ..."

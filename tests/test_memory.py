@@ -142,7 +142,8 @@ def test_longest_micro_batch_is_the_largest_the_loaders_build(processes):
 def test_3b_plan_on_gsm8k_rows_stays_under_80_and_24_gb():
     """The plan of a STaR run on GSM8K is made from its rows (the longest GSM8K example is 493 tokens with the Llama 3.2
     tokenizer, not --max_length 1024): the plan of the default full fine-tuning of the 3B model comes to under 80 GB,
-    LoRA with checkpointing under 24 GB (a plan, checked on a GPU only by bench/gpu_train.py). These are the README's lines (python bench/gpu_train.py --plan_only)."""
+    LoRA with checkpointing under 24 GB (a plan, checked on a GPU only by bench/gpu_train.py). These are the lines of
+    docs/training.md, "Memory" (python bench/gpu_train.py --plan_only)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_train
     import shapes
