@@ -3,12 +3,15 @@ decodes with (engines.py) and the packed attention that training runs (train.py)
 
     prefix_attention   each row of a batch attends to one shared few-shot prefix (stored once) and to its own tokens,
                        merged exactly by log-sum-exp (cascade / Hydragen attention, Juravsky et al. 2024)
-    packed_attention   causal attention within each example of a packed row (positions restart at 0 per example)
+    packed_attention   causal attention within each sequence of a packed row (bounds from objectives.pack)
 
 A model whose attention is not a plain softmax over every position (sliding windows, soft-capped scores, sinks) is
-not computed by either: shares_prefix tells the generation side.
+computed by neither: shares_prefix tells; generation then decodes with the model's own attention, and training
+refuses it with one line rather than train it with the wrong attention.
 """
 import torch
+
+from common import StarError
 
 PREFIX_ATTENTION = "star_prefix"  # the registered names
 PACKED_ATTENTION = "star_packed"
@@ -82,23 +85,28 @@ def use_prefix_attention(model):
 
 
 # ============================================================================= packed attention (training)
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kw):
-    """Causal attention within each example of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_bounds=None, **kw):
+    """Causal attention within each sequence of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
 
-    Positions restart at 0 where an example starts. Attending per example costs the sum of the
-    squared example lengths, not the square of the row length, and builds no [T, T] mask.
-    """
-    starts = (position_ids[0] == 0).nonzero().squeeze(1).tolist() + [query.shape[2]]
-    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each kv head serves `groups` heads
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    packed_bounds: where each sequence starts and the row ends, a tuple of ints the packer computed on the host
+    (objectives.pack), so no layer waits on the device to learn them. Attending per sequence costs the sum of the
+    squared lengths, not the square of the row's, and builds no [T, T] mask; the kv heads are shared by their query
+    heads inside SDPA (enable_gqa), not repeated to every head."""
+    if packed_bounds is None:
+        raise ValueError("packed attention needs the packed row's bounds: call the model as objectives.example_nll does")
+    gqa = query.shape[1] != key.shape[1]
     out = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                                            is_causal=True, scale=scaling, dropout_p=dropout)
-           for a, b in zip(starts, starts[1:])]
+                                                            is_causal=True, scale=scaling, dropout_p=dropout,
+                                                            enable_gqa=gqa)
+           for a, b in zip(packed_bounds, packed_bounds[1:])]
     return torch.cat(out, 2).transpose(1, 2).contiguous(), None
 
 
 def use_packed_attention(model):
     """Register packed_attention with transformers and switch the model to it (no mask is built)."""
+    if not shares_prefix(model):
+        raise StarError(f"{model.config.model_type}: its attention has sliding windows, soft-capped scores or sinks, "
+                        "which train.py's packed attention does not compute; train a model with plain attention")
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 

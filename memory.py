@@ -59,8 +59,9 @@ def layer_activation_bytes(shape, args, bf16, cpu=False):
     bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way. cpu: LoRA's
     dropout keeps a 4 B noise tensor there, a 1 B mask on a GPU."""
     h, i, a = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"]  # a: attention width
+    kv = shape["kv_heads"] * shape["head_dim"]  # k and v: grouped-query attention shares them between heads
     c = 2 if bf16 else 4
-    attention = 4 * a * c + 4 * shape["heads"]  # SDPA: q, k, v (k, v repeated to every head), output; fp32 logsumexp
+    attention = (2 * a + 2 * kv) * c + 4 * shape["heads"]  # SDPA (enable_gqa): q, k, v, output; fp32 logsumexp
     mlp = 3 * i * c  # SiLU's input (gate), its output and up: what act(gate) * up needs
     if not args.lora_r:
         norms = 2 * (8 * h + 4)  # each RMSNorm: its fp32 input, x * rsqrt(mean x^2) (for the weight's gradient), rsqrt

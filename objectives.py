@@ -7,6 +7,7 @@
                                          (chosen, rejected) pairs + the chosen rationale's NLL, and the reference
                                          model's log-probs of every pair, computed once before training
 """
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -76,14 +77,20 @@ def unpaired_rationales(args, pairs):
 
 # ============================================================================= packing
 def pack(sequences):
-    """(ids, labels) sequences -> one row [1, T]: positions restart at 0 for each sequence, which makes the attention
-    block-diagonal (attention.packed_attention reads the sequences' bounds from position_ids), and `example` [1, T]
-    says which sequence each token belongs to."""
+    """(ids, labels) sequences -> one row [1, T] and what the loss and the attention need of it, computed here on the
+    host once per micro-batch so that nothing inside the model waits on the device: positions restarting at 0 for
+    each sequence [1, T]; `bounds`, a tuple of where each sequence starts and the row's end (attention.packed_attention
+    attends within them: block-diagonal, no [T, T] mask); `learned` [L], the positions t whose token t+1 is learned;
+    `example` [L], which sequence each of them belongs to; `sequences`, their number."""
     ids = torch.tensor([[t for x, _ in sequences for t in x]])
     labels = torch.tensor([[t for _, y in sequences for t in y]])
     pos = torch.tensor([[p for x, _ in sequences for p in range(len(x))]])
-    seq = torch.tensor([[i for i, (x, _) in enumerate(sequences) for _ in x]])
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "example": seq}
+    owner = [i for i, (x, _) in enumerate(sequences) for _ in x]
+    learned = [t for t, y in enumerate(labels[0, 1:].tolist()) if y != -100]
+    bounds = tuple(itertools.accumulate((len(x) for x, _ in sequences), initial=0))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "bounds": bounds,
+            "learned": torch.tensor(learned, dtype=torch.long),
+            "example": torch.tensor([owner[t + 1] for t in learned], dtype=torch.long), "sequences": len(sequences)}
 
 
 def pack_examples(batch):
@@ -106,21 +113,18 @@ def pack_examples(batch):
 
 # ============================================================================= losses
 def example_nll(model, batch):
-    """(summed token NLL [examples], rationale tokens [examples]) of each example of a packed row.
+    """(summed token NLL [sequences], learned tokens [sequences]) of each sequence of a packed row.
 
-    Logits are computed only where the next token is a rationale token (logits_to_keep), which
-    skips the vocabulary projection and softmax for prompt tokens. A row's last token of one
-    example would predict the next example's first token, but that is a prompt token (-100).
-    """
-    labels = batch["labels"][0, 1:]
-    keep = (labels != -100).nonzero().squeeze(1)  # positions t whose token t+1 is learned
+    Logits are computed only where the next token is learned (logits_to_keep): the vocabulary projection and softmax
+    are skipped for prompt tokens. A sequence's last token would predict the next one's first token, but that is a
+    prompt token (-100), never learned."""
+    keep = batch["learned"]
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                logits_to_keep=keep)
-    tok_loss = torch.nn.functional.cross_entropy(out.logits[0].float(), labels[keep], reduction="none")
-    seq = batch["example"][0, 1:][keep]
-    n_ex = int(batch["example"].max()) + 1
-    per_ex_sum = torch.zeros(n_ex, device=tok_loss.device).index_add(0, seq, tok_loss)
-    return per_ex_sum, torch.bincount(seq, minlength=n_ex).clamp(min=1)
+                logits_to_keep=keep, packed_bounds=batch["bounds"])
+    tok_loss = torch.nn.functional.cross_entropy(out.logits[0].float(), batch["labels"][0, 1:][keep], reduction="none")
+    n = batch["sequences"]
+    per_seq = torch.zeros(n, device=tok_loss.device).index_add(0, batch["example"], tok_loss)
+    return per_seq, torch.bincount(batch["example"], minlength=n).clamp(min=1)
 
 
 def packed_loss(model, batch):

@@ -67,9 +67,9 @@ def test_packed_loss_equals_mean_of_single_losses(tok, records):
         attention.use_packed_attention(model)  # what train.py trains with
         packed = objectives.packed_loss(model, objectives.pack(examples)).item()
     assert packed == pytest.approx(sum(single) / len(single), rel=1e-4)
-    # and packing really isolates examples: without per-example positions the loss changes
+    # and packing really isolates examples: attending across the whole row changes the loss
     batch = objectives.pack(examples)
-    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+    batch["bounds"] = (0, batch["input_ids"].shape[1])
     with torch.no_grad():
         assert abs(objectives.packed_loss(model, batch).item() - packed) > 1e-3
 
@@ -87,10 +87,10 @@ def test_packed_loss_gradients_equal_single_example_gradients(tok, records):
     objectives.packed_loss(model, objectives.pack(examples)).backward()
     for name, p in model.named_parameters():
         assert (p.grad - reference[name]).norm() <= 1e-3 * reference[name].norm() + 1e-7, name
-    # and the check can fail: without per-example positions the gradients differ
+    # and the check can fail: attending across the whole row, the gradients differ
     model.zero_grad(set_to_none=True)
     batch = objectives.pack(examples)
-    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+    batch["bounds"] = (0, batch["input_ids"].shape[1])
     objectives.packed_loss(model, batch).backward()
     grad = model.model.layers[0].self_attn.q_proj.weight.grad
     assert (grad - reference["model.layers.0.self_attn.q_proj.weight"]).norm() > 1e-2 * grad.norm()
