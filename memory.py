@@ -5,7 +5,7 @@ memory stops the run with one line naming a configuration that fits.
     estimate_memory      the terms of one process: weights, their bf16 copies, gradients, AdamW states, activations
                          (what autograd keeps per decoder layer), logits/loss, and on CPU the runtime
     process_plan         the same split as a distributed launch splits it (FSDP shards, DDP's gradient buckets)
-    plan_memory          print it, and check it against the GPU's free memory
+    plan_memory          print it, and check it against the GPU's free memory less headroom (usable_gib)
 """
 import argparse
 import ctypes
@@ -29,6 +29,10 @@ LOGIT_BYTES = 12
 # measured (docs/training.md): a line of the plan there. On a GPU the CUDA context is already outside
 # torch.cuda.mem_get_info's free memory when the plan is checked.
 CPU_RUNTIME_GIB = 0.45
+# A plan may fill the GPU's free memory less this headroom (usable_gib): 10% for the caching allocator's
+# fragmentation, which grows with what is allocated, and 2 GiB for what the plan does not count at all (NCCL's
+# communication buffers, cuBLAS/cuDNN workspaces, kernels' scratch memory).
+HEADROOM_SHARE, HEADROOM_GIB = 0.10, 2.0
 
 
 def model_shape(config):
@@ -185,16 +189,25 @@ def smaller_configurations(args, lora=True):
     return out
 
 
+def usable_gib(free_gib):
+    """What of the GPU's free memory a plan may fill: the rest is headroom for what the plan does not count, which
+    grows with the memory in use (the caching allocator's fragmentation: HEADROOM_SHARE) or does not (NCCL's
+    buffers, cuBLAS and cuDNN workspaces, the kernels' own scratch: HEADROOM_GIB)."""
+    return max(free_gib * (1 - HEADROOM_SHARE) - HEADROOM_GIB, 0.0)
+
+
 def check_gpu_memory(plan, estimate, args, free_gib, lora=True):
-    """Raise StarError, before any weight is loaded, when the plan's total exceeds the free GPU memory, naming the
-    first smaller configuration that fits (lora=False: none with LoRA). estimate(args) -> plan of another
-    configuration."""
-    if plan["total"] <= free_gib:
+    """Raise StarError, before any weight is loaded, when the plan's total exceeds the usable share of the free GPU
+    memory, naming the first smaller configuration that fits (lora=False: none with LoRA). estimate(args) -> plan
+    of another configuration."""
+    usable = usable_gib(free_gib)
+    if plan["total"] <= usable:
         return
-    head = f"training needs about {plan['total']:.1f} GiB (memory plan above) but the GPU has {free_gib:.1f} GiB free"
+    head = f"training needs about {plan['total']:.1f} GiB (memory plan above) but the GPU has {free_gib:.1f} GiB " \
+           f"free, {usable:.1f} GiB of it usable with headroom"
     for flags, other in smaller_configurations(args, lora):
         total = estimate(other)["total"]
-        if total <= free_gib:
+        if total <= usable:
             raise StarError(f"{head}: add {flags} (about {total:.1f} GiB), or pass --skip_memory_check to try anyway")
     raise StarError(f"{head}, and neither LoRA nor gradient checkpointing nor --batch_size 1 fits: use a smaller "
                     "--max_length, a GPU with more memory, or FSDP over several (or pass --skip_memory_check)")
@@ -231,8 +244,10 @@ def plan_memory(acc, args, bf16, longest=None):
     print_memory_plan(plan, notes, acc.print)
     if torch.cuda.is_available() and not args.skip_memory_check:
         free = torch.cuda.mem_get_info(acc.device)[0] / GIB
-        print_memory_plan({"GPU free": free}, {"GPU free": "torch.cuda.mem_get_info (--skip_memory_check: no check)"},
-                          acc.print)
+        print_memory_plan({"GPU free": free, "GPU usable": usable_gib(free)},
+                          {"GPU free": "torch.cuda.mem_get_info (--skip_memory_check: no check)",
+                           "GPU usable": f"free less {HEADROOM_SHARE:.0%} and {HEADROOM_GIB:g} GiB of headroom "
+                                         "(fragmentation, NCCL, cuBLAS workspaces)"}, acc.print)
         check_gpu_memory(plan, estimate, args, free, lora=strategy != "FSDP")
     return config, plan
 
