@@ -90,11 +90,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     packed_bounds: where each sequence starts and the row ends, a tuple of ints the packer computed on the host
     (objectives.pack), so no layer waits on the device to learn them. Attending per sequence costs the sum of the
-    squared lengths, not the square of the row's, and builds no [T, T] mask; the kv heads are shared by their query
-    heads inside SDPA (enable_gqa), not repeated to every head."""
+    squared lengths, not the square of the row's, and builds no [T, T] mask. On a GPU the kv heads are shared by their
+    query heads inside SDPA (enable_gqa), not repeated to every head."""
     if packed_bounds is None:
         raise ValueError("packed attention needs the packed row's bounds: call the model as objectives.example_nll does")
     gqa = query.shape[1] != key.shape[1]
+    if gqa and not query.is_cuda:  # CPU's fused SDPA kernel takes no GQA: enable_gqa there falls back to the slower
+        groups = query.shape[1] // key.shape[1]  # math kernel, so the kv heads are repeated to every head instead
+        key, value, gqa = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), False
     out = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                                             is_causal=True, scale=scaling, dropout_p=dropout,
                                                             enable_gqa=gqa)

@@ -61,11 +61,12 @@ def layer_activation_bytes(shape, args, bf16, cpu=False):
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", Sec. 4.1) counted it
     for GPT, checked tensor by tensor with torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py).
     bf16: under bf16 autocast matmul outputs are bf16 (2 B); RMSNorm computes in fp32 (4 B) either way. cpu: LoRA's
-    dropout keeps a 4 B noise tensor there, a 1 B mask on a GPU."""
+    dropout keeps a 4 B noise tensor there, a 1 B mask on a GPU, and k, v are kept at every head's width."""
     h, i, a = shape["hidden"], shape["intermediate"], shape["heads"] * shape["head_dim"]  # a: attention width
-    kv = shape["kv_heads"] * shape["head_dim"]  # k and v: grouped-query attention shares them between heads
+    # k and v: on a GPU SDPA shares them between their query heads (enable_gqa); on CPU they are repeated to every head
+    kv = a if cpu else shape["kv_heads"] * shape["head_dim"]
     c = 2 if bf16 else 4
-    attention = (2 * a + 2 * kv) * c + 4 * shape["heads"]  # SDPA (enable_gqa): q, k, v, output; fp32 logsumexp
+    attention = (2 * a + 2 * kv) * c + 4 * shape["heads"]  # SDPA: q, k, v, output; fp32 logsumexp
     mlp = 3 * i * c  # SiLU's input (gate), its output and up: what act(gate) * up needs
     if not args.lora_r:
         norms = 2 * (8 * h + 4)  # each RMSNorm: its fp32 input, x * rsqrt(mean x^2) (for the weight's gradient), rsqrt
