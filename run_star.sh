@@ -12,6 +12,7 @@
 #       --k 10 --max_samples 7273 --eval_samples 1319 --epochs 3 --lr 2e-5 --batch_size 64
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --launcher "accelerate launch --num_processes 8"
 #   bash run_star.sh --launcher "torchrun --standalone --nproc_per_node 2"     # each stage in 2 CPU processes (gloo)
+#   sbatch configs/slurm_star.sbatch        # Slurm: generation on the first node, training across the nodes
 #   bash run_star.sh --objective rpo --create_args "--num_samples 4"   # Iterative RPO: DPO + NLL on right/wrong pairs
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -43,12 +44,14 @@ EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 EXTRA_EVAL=()             # e.g. --eval_args "--num_samples 8"
 LAUNCHER=()               # --launcher "accelerate launch --num_processes 8": runs create_data.py, train.py and
                           # evaluate.py under it (each script's path and flags follow it); default: $PY alone
+TRAIN_LAUNCHER=()         # --train_launcher '...': train.py's own launcher (default: --launcher), e.g. one that spans
+                          # nodes while generation stays on this one (configs/slurm_star.sbatch)
 DTYPE=""                  # --dtype auto|bf16|fp32 for the three scripts (default: theirs, auto)
 OBJECTIVE=sft             # --objective rpo: each iteration trains M_0 on the kept rationales with DPO's term added
                           # for those paired with a loser (data/star_iter{N}_pairs.jsonl); the human seed and
                           # the vanilla SFT reference stay SFT
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...'"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...' --train_launcher '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -74,6 +77,7 @@ while [ $# -gt 0 ]; do
     --train_args) read -r -a EXTRA_TRAIN <<< "$2" ;;
     --eval_args) read -r -a EXTRA_EVAL <<< "$2" ;;
     --launcher) read -r -a LAUNCHER <<< "$2" ;;
+    --train_launcher) read -r -a TRAIN_LAUNCHER <<< "$2" ;;
     --dtype) DTYPE=$2 ;;
     --objective) OBJECTIVE=$2 ;;
     *) echo "run_star.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -88,6 +92,10 @@ case "$OBJECTIVE" in sft|rpo) ;; *) echo "run_star.sh: --objective must be sft o
 if [ ${#LAUNCHER[@]} -gt 0 ] && ! command -v "${LAUNCHER[0]}" >/dev/null; then
   echo "run_star.sh: --launcher: '${LAUNCHER[0]}' is not a command on this machine" >&2; exit 2
 fi
+if [ ${#TRAIN_LAUNCHER[@]} -gt 0 ] && ! command -v "${TRAIN_LAUNCHER[0]}" >/dev/null; then
+  echo "run_star.sh: --train_launcher: '${TRAIN_LAUNCHER[0]}' is not a command on this machine" >&2; exit 2
+fi
+[ ${#TRAIN_LAUNCHER[@]} -gt 0 ] || TRAIN_LAUNCHER=("${LAUNCHER[@]}")
 DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 [ -n "$DATA_DIR" ] && DATA+=(--data_dir "$DATA_DIR")
 GEN=()
@@ -96,8 +104,10 @@ GEN=()
 PRECISION=()
 [ -n "$DTYPE" ] && PRECISION=(--dtype "$DTYPE")
 
-run() {  # run SCRIPT flags...: one of the three scripts, under --launcher when given
-  if [ ${#LAUNCHER[@]} -gt 0 ]; then "${LAUNCHER[@]}" "$HERE/$1" "${@:2}"; else "$PY" "$HERE/$1" "${@:2}"; fi
+run() {  # run SCRIPT flags...: one of the three scripts, under --launcher (train.py: --train_launcher) when given
+  local launcher=("${LAUNCHER[@]}")
+  [ "$1" = train.py ] && launcher=("${TRAIN_LAUNCHER[@]}")
+  if [ ${#launcher[@]} -gt 0 ]; then "${launcher[@]}" "$HERE/$1" "${@:2}"; else "$PY" "$HERE/$1" "${@:2}"; fi
 }
 
 stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loop when the command fails
