@@ -344,7 +344,28 @@ def make_accelerator(args, device, bf16):
                       cpu=device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
                       project_dir=runs_dir(args))
     shard_on_cpu(acc)
+    reduce_in_fp32(acc)
     return acc
+
+
+def reduction(acc):
+    """', gradients reduced in <dtype>' under FSDP (what its mixed-precision policy says), else ''."""
+    policy = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    if acc.distributed_type.name != "FSDP":
+        return ""
+    dtype = getattr(policy, "reduce_dtype", None) or torch.float32
+    return f", gradients reduced in {str(dtype).split('.')[1]}"
+
+
+def reduce_in_fp32(acc):
+    """FSDP2 under bf16: compute in bf16, reduce-scatter the gradients in fp32. accelerate's policy reduces them in
+    the compute dtype, and a sum of bf16 gradients over many processes keeps 8 bits of mantissa."""
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if acc.distributed_type.name != "FSDP" or plugin is None or acc.mixed_precision != "bf16":
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def start_tracking(acc, args, fresh):
@@ -449,7 +470,8 @@ def main(argv=None):
         acc.print(f"training {args.base_model} on {what} of {training_files(args)}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
-                  f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}")
+                  f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}"
+                  f"{reduction(acc)}")
         if args.objective == "rpo":  # with the weights training starts from: before a resume loads later ones
             examples = with_references(acc, model, examples, args, dtype)
         step, log = load_resume_state(acc, args.output_dir + ".state", args)

@@ -108,6 +108,12 @@ def test_fsdp_with_the_shipped_config_equals_one_process(tmp_path, tiny_llama, g
     assert differ < 1e-4 and moved > 1e-3
     launch("evaluate.py", ["--model", "fsdp", "--output", "e.json", *ARITH[:4], "--max_new_tokens", "8"], 1, tmp_path)
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 8
+    # under bf16 the shards compute in bf16 and reduce their gradients in fp32 (accelerate's policy would use bf16)
+    bf16 = [x if x != "fp32" else "bf16" for x in flags]
+    r = subprocess.run(cmd + bf16 + ["--output_dir", "fsdp_bf16", "--batch_size", "2"], capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bf16 autocast, distributed: FSDP, gradients reduced in float32" in r.stdout
 
 
 def test_two_nodes_on_one_machine_equal_one_process(tmp_path, tiny_llama, gsm8k_records):
