@@ -21,7 +21,7 @@ from common import (
     run_info, solution_to_rationale, write_json, write_jsonl,
 )
 from engines import Sampling
-from generation import add_generation_args, check_generation_args, close_job, generate_part, open_job
+from generation import add_generation_args, check_generation_args, close_engine, close_job, generate_part, open_job
 from models import dist_state
 from steps import all_steps_true, check_steps, written_equations
 
@@ -313,6 +313,7 @@ def main(argv=None):
             job = open_job(args, args.model_name, len(rows))
             stats["engine"] = job.engine
             records, pairs = star_records(job, train, rows, exemplars, args, stats)
+            close_engine(job)
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
                      tokens_per_s=round(stats["tokens_generated"] / seconds, 1), **run_info(vars(args)))

@@ -154,11 +154,12 @@ def pick_engine(engine, name, rows):
     return "vllm"
 
 
-def load_generator(name, engine, rows, rows_at_once, seed=0, dtype="auto"):
+def load_generator(name, engine, rows, rows_at_once, seed=0, dtype="auto", vllm_args=None):
     """(model, tokenizer) for generate(): a Hugging Face model (engine hf) or a vLLM engine, as pick_engine
-    chooses for `rows` generations, `rows_at_once` of them in flight (batch size x samples), in --dtype `dtype`."""
+    chooses for `rows` generations, `rows_at_once` of them in flight (batch size x samples), in --dtype `dtype`;
+    vllm_args: more of vLLM's engine arguments (--vllm_args)."""
     if pick_engine(engine, name, rows) == "vllm":
-        return load_vllm(name, rows_at_once, seed, dtype), load_tokenizer(name)
+        return load_vllm(name, rows_at_once, seed, dtype, **(vllm_args or {})), load_tokenizer(name)
     return load_model(name, dtype=dtype)
 
 
@@ -373,7 +374,7 @@ def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight, in the dtype hf
     would use for --dtype `dtype` (common.device_and_dtype). The checkpoint's generation config rides along as on a Hugging Face model,
     so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
-    engine_args: more of vllm.LLM's arguments (benchmarks: load_format="dummy" for random weights)."""
+    engine_args: more of vllm.LLM's arguments, which override these (--vllm_args; benchmarks: load_format="dummy")."""
     from transformers import AutoConfig, GenerationConfig
 
     quiet_vllm()
@@ -382,9 +383,10 @@ def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     path, (_, dtype) = local_checkpoint(name), device_and_dtype(dtype)
     config = from_pretrained(AutoConfig, name).get_text_config()
     kwargs = dict(model=path, tokenizer=path, dtype=dtype, seed=seed, enable_prefix_caching=True,
-                  max_num_seqs=rows_at_once, max_model_len=min(VLLM_MAX_LEN, config.max_position_embeddings), **engine_args)
+                  max_num_seqs=rows_at_once, max_model_len=min(VLLM_MAX_LEN, config.max_position_embeddings))
     if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kwargs["kv_cache_memory_bytes"] = VLLM_CPU_KV_GIB * 2**30
+    kwargs.update(engine_args)  # the caller's (--vllm_args) win
     if torch.cuda.is_available() and dist_state().num_processes > 1:  # data parallel: one engine per GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = str(dist_state().local_process_index)
     try:

@@ -26,7 +26,7 @@ from common import (
     extract_stated_answer, is_chat, load_split, normalize_number, pick_exemplars, run_info, write_json, write_jsonl,
 )
 from engines import Sampling, truncate_at_stop
-from generation import add_generation_args, check_generation_args, close_job, generate_part, open_job
+from generation import add_generation_args, check_generation_args, close_engine, close_job, generate_part, open_job
 from models import dist_state, load_tokenizer
 from steps import all_steps_true, check_steps
 
@@ -42,6 +42,9 @@ parser.add_argument("--model", default=None, help="default results/model_star_it
 add_generation_args(parser, k=0, batch_size=64)
 parser.add_argument("--split", default="test",
                     help="test (report), dev (choose: the train file's last --dev_samples questions), train")
+parser.add_argument("--dev_eval_samples", type=int, default=0,
+                    help="with --split test: also score the dev slice's first N questions in the same run, on the same "
+                         "engine, written as --split dev writes them (results/eval_dev_iter{N}.json); 0 = none")
 parser.add_argument("--save_results", action="store_true", help="also write per-example details (JSONL)")
 parser.add_argument("--num_samples", type=int, default=1,
                     help="k > 1: also draw k sampled answers per question and report maj@k and pass@k")
@@ -183,9 +186,23 @@ def check_args(args):
     label = label if args.protocol == "star" else f"{args.protocol}_{label}"  # results/eval_lm_eval_llama_iter0.json
     label = label if args.split == "test" else f"{args.split}_{label}"  # results/eval_dev_iter2.json
     args.output = args.output or f"results/eval_{label}.json"
-    check_output(args.output, args.overwrite)
-    if args.save_results:
-        check_output(details_path(args.output), args.overwrite)
+    args.dev_output = dev_output(args.output) if args.dev_eval_samples else None
+    if args.dev_eval_samples < 0 or (args.dev_eval_samples and (args.split != "test" or not args.dev_samples)):
+        raise StarError(f"--dev_eval_samples {args.dev_eval_samples}: a count >= 0, with --split test and a dev "
+                        f"slice (--dev_samples > 0)")
+    for output in filter(None, (args.output, args.dev_output)):
+        check_output(output, args.overwrite)
+        if args.save_results:
+            check_output(details_path(output), args.overwrite)
+
+
+def dev_output(output):
+    """Where --dev_eval_samples writes: results/eval_iter2.json -> results/eval_dev_iter2.json (what --split dev
+    names it), another name -> <name>_dev.json."""
+    folder, name = os.path.split(output)
+    root = name[: -len(".json")] if name.endswith(".json") else name
+    return os.path.join(folder, "eval_dev_" + root[len("eval_"):] + ".json" if root.startswith("eval_")
+                        else root + "_dev.json")
 
 
 def model_label(model):
@@ -236,8 +253,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with cli_errors(args.debug):
         check_args(args)
-        t0 = time.time()
         rows = load_split(args.dataset, args.split, args.data_dir, args.max_samples, args.dev_samples)
+        dev = load_split(args.dataset, "dev", args.data_dir, args.dev_eval_samples, args.dev_samples) \
+            if args.dev_eval_samples else []
         train = load_split(args.dataset, "train", args.data_dir, dev_samples=args.dev_samples) if args.k else []
         exemplars = pick_exemplars(train, args.k, args.seed) if args.k else []
         protocol = None if args.protocol == "star" else lm_eval_protocol(load_lm_eval_task(rows))
@@ -245,28 +263,49 @@ def main(argv=None):
             exemplars, args.max_new_tokens = protocol.exemplars, args.max_new_tokens or protocol.max_new_tokens
             if not is_chat(load_tokenizer(args.model)):  # before the weights load
                 raise StarError(f"--protocol {args.protocol} asks in chat turns: {args.model} has no chat template")
-        job = open_job(args, args.model, len(rows))
-        prefix, parts = build_prompts(job.tok, [r["question"] for r in rows], exemplars,
-                                      **({"instruction": protocol.instruction} if protocol else {}))
-        outs = generate_part(job, "greedy", prefix, parts, f"evaluating {args.split}")
-        if protocol:  # the task's stop sequences (our generation also stops at "Question:" and after an answer sentence)
-            outs = [(truncate_at_stop(text, protocol.until), n) for text, n in outs]
-        details = score(rows, outs, protocol)
-        if args.num_samples > 1:
-            sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
-            samples = generate_part(job, "sampled", prefix, parts, f"sampling {args.num_samples} per question",
-                                    sampling=sampling)
-            score_samples(details, samples)
-        result = accuracy_report(details, args, time.time() - t0, protocol)
-        result["engine"] = job.engine
+        job = open_job(args, args.model, len(rows) + len(dev))  # one engine for both splits
+        runs = [(args, rows, "")] + ([(dev_args(args), dev, "dev_")] if dev else [])
+        results = []
+        for run_args, split_rows, part in runs:
+            t0 = time.time()
+            details = score_split(job, split_rows, exemplars, protocol, run_args, part)
+            result = accuracy_report(details, run_args, time.time() - t0, protocol)
+            result["engine"] = job.engine
+            results.append((details, result, run_args))
+        close_engine(job)
         if not dist_state().is_main_process:
             return  # under a launcher every process has every answer; the main one writes them
-        if args.save_results:
-            write_jsonl(details_path(args.output), details)
-            result["details"] = details_path(args.output)
-        write_json(args.output, result)
+        for details, result, run_args in reversed(results):  # the test split's file last: it says the run finished
+            if args.save_results:
+                write_jsonl(details_path(run_args.output), details)
+                result["details"] = details_path(run_args.output)
+            write_json(run_args.output, result)
         close_job(job)
-        report(details, result, args)
+        for details, result, run_args in results:
+            report(details, result, run_args)
+
+
+def dev_args(args):
+    """The flags a --split dev run of --dev_eval_samples questions would have had: its results say so."""
+    return argparse.Namespace(**{**vars(args), "split": "dev", "max_samples": args.dev_eval_samples,
+                                 "output": args.dev_output, "dev_eval_samples": 0, "dev_output": None})
+
+
+def score_split(job, rows, exemplars, protocol, args, part):
+    """The details of one split's rows: greedy answers scored, and with --num_samples k > 1 sampled ones voted.
+    part: "" (the split asked) or "dev_" (--dev_eval_samples), so their batches are kept apart in the partial file."""
+    prefix, parts = build_prompts(job.tok, [r["question"] for r in rows], exemplars,
+                                  **({"instruction": protocol.instruction} if protocol else {}))
+    outs = generate_part(job, part + "greedy", prefix, parts, f"evaluating {args.split}")
+    if protocol:  # the task's stop sequences (our generation also stops at "Question:" and after an answer sentence)
+        outs = [(truncate_at_stop(text, protocol.until), n) for text, n in outs]
+    details = score(rows, outs, protocol)
+    if args.num_samples > 1:
+        sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)
+        samples = generate_part(job, part + "sampled", prefix, parts, f"sampling {args.num_samples} per question",
+                                sampling=sampling)
+        score_samples(details, samples)
+    return details
 
 
 def report(details, result, args):

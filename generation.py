@@ -7,17 +7,20 @@ partial file that lets a killed run continue where it stopped. The engines and t
                                          finished (<output>.partial)
     generate_part(job, part, ...)        generate one part of the run (a STaR stage, greedy or sampled answers):
                                          each finished batch is appended to the partial file as soon as it is done
+    close_engine(job)                    once the job has generated: shut a vLLM engine down (every process)
     close_job(job)                       after the outputs are written: remove the partial file
 
 Only the main process writes (the partial file, the outputs); under a launcher every process holds every result.
 """
+import argparse
+import dataclasses
 import json
 import os
 import sys
 from dataclasses import dataclass
 
 from common import DEV_SAMPLES, StarError, check_positive, resume_settings, write_text
-from engines import ENGINES, MAX_NEW_TOKENS, engine_name, generate, load_generator
+from engines import ENGINES, MAX_NEW_TOKENS, engine_name, generate, load_generator, quiet_vllm, vllm_installed
 from models import DEFAULT_BASE_MODEL, DTYPES, dist_state, model_identity
 
 
@@ -60,6 +63,10 @@ def add_generation_args(parser, k, batch_size):
                         help="decoding: hf (shared-prefix loop, any Hugging Face causal LM; 'ours' is its former "
                              "name), vllm (vLLM's engine, where installed), auto = vllm where installed and worth its "
                              "start, else hf (docs/engines.md)")
+    parser.add_argument("--vllm_args", default=None, type=json_object,
+                        help="more of vLLM's engine arguments, as a JSON object: '{\"gpu_memory_utilization\": 0.85, "
+                             "\"tensor_parallel_size\": 2}' (any field of vllm's EngineArgs; they override this "
+                             "project's choices)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output / start a new run")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
 
@@ -74,6 +81,31 @@ def check_generation_args(args, fill_max_new_tokens=True):
         raise StarError(f"--top_p must be in (0, 1], got {args.top_p}")
     if fill_max_new_tokens:
         args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS.get(args.dataset, 320)
+    if args.vllm_args:
+        check_vllm_args(args.vllm_args)
+
+
+def json_object(text):
+    """--vllm_args: a JSON object, else argparse's one-line error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"gpu_memory_utilization\": 0.85}'")
+    return value
+
+
+def check_vllm_args(vllm_args):
+    """Refuse, before any model loads, --vllm_args keys that vLLM's engine does not take (its EngineArgs fields)."""
+    if not vllm_installed():
+        raise StarError("--vllm_args: vLLM is not installed (README \"Install\")")
+    quiet_vllm()
+    from vllm.engine.arg_utils import EngineArgs
+
+    unknown = sorted(set(vllm_args) - {f.name for f in dataclasses.fields(EngineArgs)})
+    if unknown:
+        raise StarError(f"--vllm_args: vLLM's engine takes no argument {', '.join(map(repr, unknown))}")
 
 
 # ============================================================================= the job
@@ -81,7 +113,7 @@ def open_job(args, model_name, rows):
     """Load the generator of `model_name` for `rows` questions (x --num_samples), on the engine --engine picks, then
     the partial file of args.output: a rerun of the same command reads back the batches it finished."""
     model, tok = load_generator(model_name, args.engine, rows * args.num_samples, args.batch_size * args.num_samples,
-                                args.seed, args.dtype)
+                                args.seed, args.dtype, args.vllm_args or {})
     partial = args.output + ".partial"
     settings = resume_settings(vars(args), model_weights=model_identity(model_name))
     return Job(model, tok, partial, load_partial(partial, settings, args.overwrite), args.max_new_tokens,
@@ -105,6 +137,15 @@ def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=No
         for i, r in items:  # JSON gave lists back: make them the tuples generate returns
             results[i] = [tuple(x) for x in r] if sampling else tuple(r)
     return results
+
+
+def close_engine(job):
+    """Shut the job's vLLM engine down once its generation is done: its worker processes and their GPU memory go
+    before the outputs are written and the next stage starts, not at the interpreter's exit. A Hugging Face model
+    needs nothing."""
+    core = getattr(getattr(job.model, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def close_job(job):

@@ -39,6 +39,7 @@ EPOCHS=3
 LR=1e-4                   # 2e-5 suits a 3B model; the 135M demo model needs more
 MAX_NEW_TOKENS=""
 ENGINE=""                 # --engine auto|hf|vllm for create_data.py and evaluate.py (their default: auto)
+VLLM_ARGS=""              # --vllm_args '{"gpu_memory_utilization": 0.85}': vLLM's engine arguments, both scripts
 EXTRA_CREATE=()           # e.g. --create_args "--no_rationalization"
 EXTRA_TRAIN=()            # e.g. --train_args "--lora_r 16"
 EXTRA_EVAL=()             # e.g. --eval_args "--num_samples 8"
@@ -51,7 +52,7 @@ OBJECTIVE=sft             # --objective rpo: each iteration trains M_0 on the ke
                           # for those paired with a loser (data/star_iter{N}_pairs.jsonl); the human seed and
                           # the vanilla SFT reference stay SFT
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...' --train_launcher '...'"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --vllm_args --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...' --train_launcher '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -73,6 +74,7 @@ while [ $# -gt 0 ]; do
     --lr) LR=$2 ;;
     --max_new_tokens) MAX_NEW_TOKENS=$2 ;;
     --engine) ENGINE=$2 ;;
+    --vllm_args) VLLM_ARGS=$2 ;;
     --create_args) read -r -a EXTRA_CREATE <<< "$2" ;;
     --train_args) read -r -a EXTRA_TRAIN <<< "$2" ;;
     --eval_args) read -r -a EXTRA_EVAL <<< "$2" ;;
@@ -101,6 +103,7 @@ DATA=(--dataset "$DATASET" --dev_samples "$DEV_SAMPLES")
 GEN=()
 [ -n "$MAX_NEW_TOKENS" ] && GEN+=(--max_new_tokens "$MAX_NEW_TOKENS")
 [ -n "$ENGINE" ] && GEN+=(--engine "$ENGINE")
+[ -n "$VLLM_ARGS" ] && GEN+=(--vllm_args "$VLLM_ARGS")
 PRECISION=()
 [ -n "$DTYPE" ] && PRECISION=(--dtype "$DTYPE")
 
@@ -117,15 +120,12 @@ stage() {  # stage NAME OUTPUT command...: skip when OUTPUT exists, stop the loo
   "$@" || { echo "run_star.sh: stage '$name' failed (exit $?); fix it and rerun to continue" >&2; exit 1; }
 }
 
-evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json), then dev (results/eval_dev_LABEL.json)
-  stage "$1: evaluate on test" "results/eval_$1.json" \
-    run evaluate.py --model "$2" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" --batch_size "$BATCH_SIZE" \
+evaluate() {  # evaluate LABEL MODEL: test split (results/eval_LABEL.json) and the dev slice (results/eval_dev_LABEL.json)
+  local dev=()  # the dev slice in the same run, on the same engine (evaluate.py writes the test file last)
+  [ "$DEV_EVAL_SAMPLES" -gt 0 ] && [ "$DEV_SAMPLES" -gt 0 ] && dev=(--dev_eval_samples "$DEV_EVAL_SAMPLES")
+  stage "$1: evaluate on test${dev[*]:+ and dev}" "results/eval_$1.json" \
+    run evaluate.py --model "$2" "${DATA[@]}" --max_samples "$EVAL_SAMPLES" "${dev[@]}" --batch_size "$BATCH_SIZE" \
     --output "results/eval_$1.json" "${GEN[@]}" "${PRECISION[@]}" "${@:3}" "${EXTRA_EVAL[@]}" --save_results
-  [ "$DEV_EVAL_SAMPLES" -gt 0 ] && [ "$DEV_SAMPLES" -gt 0 ] || return 0  # no dev slice, or not scored
-  stage "$1: evaluate on dev" "results/eval_dev_$1.json" \
-    run evaluate.py --model "$2" "${DATA[@]}" --split dev --max_samples "$DEV_EVAL_SAMPLES" \
-    --batch_size "$BATCH_SIZE" --output "results/eval_dev_$1.json" "${GEN[@]}" "${PRECISION[@]}" "${@:3}" \
-    "${EXTRA_EVAL[@]}" --save_results
 }
 
 human_sft() {  # human_sft NAME COUNT DATA MODEL: M_0 fine-tuned on the human rationales of the first COUNT train questions

