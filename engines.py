@@ -40,6 +40,10 @@ VLLM_MIN_ROWS_CPU = 128
 # (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, overrides it); K = 10 rows of the embedded model need far less.
 VLLM_CPU_KV_GIB = 2
 VLLM_MAX_LEN = 8192  # longest prompt + new tokens vLLM accepts: K = 10 GSM8K prompts are about 2,100 tokens
+# vLLM gets each process's whole share of the questions in one call (its continuous batching keeps its own
+# max_num_seqs in flight), in chunks of at most this many questions: the partial file saves each finished chunk,
+# so a killed run loses at most one.
+VLLM_CHUNK_QUESTIONS = 4096
 
 
 class Sampling(NamedTuple):
@@ -154,12 +158,12 @@ def pick_engine(engine, name, rows):
     return "vllm"
 
 
-def load_generator(name, engine, rows, rows_at_once, seed=0, dtype="auto", vllm_args=None):
-    """(model, tokenizer) for generate(): a Hugging Face model (engine hf) or a vLLM engine, as pick_engine
-    chooses for `rows` generations, `rows_at_once` of them in flight (batch size x samples), in --dtype `dtype`;
-    vllm_args: more of vLLM's engine arguments (--vllm_args)."""
+def load_generator(name, engine, rows, seed=0, dtype="auto", vllm_args=None):
+    """(model, tokenizer) for generate(): a Hugging Face model (engine hf) or a vLLM engine (with its own
+    max_num_seqs), as pick_engine chooses for `rows` generations, in --dtype `dtype`; vllm_args: more of vLLM's
+    engine arguments (--vllm_args)."""
     if pick_engine(engine, name, rows) == "vllm":
-        return load_vllm(name, rows_at_once, seed, dtype, **(vllm_args or {})), load_tokenizer(name)
+        return load_vllm(name, None, seed, dtype, **(vllm_args or {})), load_tokenizer(name)
     return load_model(name, dtype=dtype)
 
 
@@ -371,7 +375,8 @@ def local_checkpoint(name):
 
 def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     """vLLM's offline engine for a hub id, checkpoint folder or alias, with prefix caching (the few-shot prefix is
-    computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight, in the dtype hf
+    computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight (None: vLLM's
+    default), in the dtype hf
     would use for --dtype `dtype` (common.device_and_dtype). The checkpoint's generation config rides along as on a Hugging Face model,
     so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
     engine_args: more of vllm.LLM's arguments, which override these (--vllm_args; benchmarks: load_format="dummy")."""
@@ -383,7 +388,9 @@ def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     path, (_, dtype) = local_checkpoint(name), device_and_dtype(dtype)
     config = from_pretrained(AutoConfig, name).get_text_config()
     kwargs = dict(model=path, tokenizer=path, dtype=dtype, seed=seed, enable_prefix_caching=True,
-                  max_num_seqs=rows_at_once, max_model_len=min(VLLM_MAX_LEN, config.max_position_embeddings))
+                  max_model_len=min(VLLM_MAX_LEN, config.max_position_embeddings))
+    if rows_at_once:  # else vLLM's own default (the scripts: whole shares in flight, continuous batching)
+        kwargs["max_num_seqs"] = rows_at_once
     if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kwargs["kv_cache_memory_bytes"] = VLLM_CPU_KV_GIB * 2**30
     kwargs.update(engine_args)  # the caller's (--vllm_args) win

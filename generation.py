@@ -15,12 +15,15 @@ Only the main process writes (the partial file, the outputs); under a launcher e
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 
 from common import DEV_SAMPLES, StarError, check_positive, resume_settings, write_text
-from engines import ENGINES, MAX_NEW_TOKENS, engine_name, generate, load_generator, quiet_vllm, vllm_installed
+from engines import (
+    ENGINES, MAX_NEW_TOKENS, VLLM_CHUNK_QUESTIONS, engine_name, generate, load_generator, quiet_vllm, vllm_installed,
+)
 from models import DEFAULT_BASE_MODEL, DTYPES, dist_state, model_identity
 
 
@@ -112,12 +115,15 @@ def check_vllm_args(vllm_args):
 def open_job(args, model_name, rows):
     """Load the generator of `model_name` for `rows` questions (x --num_samples), on the engine --engine picks, then
     the partial file of args.output: a rerun of the same command reads back the batches it finished."""
-    model, tok = load_generator(model_name, args.engine, rows * args.num_samples, args.batch_size * args.num_samples,
-                                args.seed, args.dtype, args.vllm_args or {})
+    model, tok = load_generator(model_name, args.engine, rows * args.num_samples, args.seed, args.dtype,
+                                args.vllm_args or {})
     partial = args.output + ".partial"
     settings = resume_settings(vars(args), model_weights=model_identity(model_name))
-    return Job(model, tok, partial, load_partial(partial, settings, args.overwrite), args.max_new_tokens,
-               args.batch_size)
+    batch = args.batch_size
+    if engine_name(model) == "vllm":  # each process's whole share in one call (VLLM_CHUNK_QUESTIONS at most)
+        batch = max(batch, min(VLLM_CHUNK_QUESTIONS, math.ceil(rows / dist_state().num_processes)))
+    return Job(model, tok, partial, load_partial(partial, {**settings, "batch": batch}, args.overwrite),
+               args.max_new_tokens, batch)
 
 
 def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=None):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is no
 @pytest.fixture(scope="module")
 def engines_and_prompts():
     model, tok = load_model("smollm2-135m", dtype="fp32")  # greedy equality: both engines at one fixed dtype
-    llm, _ = engines.load_generator("smollm2-135m", "vllm", 8, 8, dtype="fp32", vllm_args={"max_num_seqs": 6})
+    llm, _ = engines.load_generator("smollm2-135m", "vllm", 8, dtype="fp32", vllm_args={"max_num_seqs": 6})
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
@@ -64,8 +64,8 @@ def test_seeded_sampling_is_reproducible(engines_and_prompts):
 
 
 def test_vllm_args_reach_the_engine_and_unknown_keys_stop_first(engines_and_prompts, tmp_path, monkeypatch, capsys):
-    """--vllm_args: the module's engine was started with {"max_num_seqs": 6}, which overrides this project's choice
-    (8 here); a key vLLM's engine does not take, or text that is not a JSON object, is one error line and exit 2
+    """--vllm_args: the module's engine was started with {"max_num_seqs": 6}, which overrides vLLM's own default
+    (the scripts leave it to vLLM); a key vLLM's engine does not take, or text that is not a JSON object, is one error line and exit 2
     before any model loads."""
     import generation
 
