@@ -15,6 +15,7 @@
 import importlib.util
 import functools
 import inspect
+import json
 import os
 import sys
 from typing import NamedTuple
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from attention import shares_prefix, use_prefix_attention
 from common import ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, is_chat
 from models import (
-    adapter_base, device_and_dtype, dist_state, from_pretrained, gather_all, load_model, load_tokenizer, resolve_model,
+    ADAPTER_CONFIG, adapter_base, device_and_dtype, dist_state, from_pretrained, gather_all, load_model, load_tokenizer, resolve_model,
 )
 
 # --engine: hf (the shared-prefix loop on a Hugging Face model) or vllm; "ours" is hf's former name, still accepted.
@@ -44,6 +45,7 @@ VLLM_MAX_LEN = 8192  # longest prompt + new tokens vLLM accepts: K = 10 GSM8K pr
 # max_num_seqs in flight), in chunks of at most this many questions: the partial file saves each finished chunk,
 # so a killed run loses at most one.
 VLLM_CHUNK_QUESTIONS = 4096
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 class Sampling(NamedTuple):
@@ -133,18 +135,15 @@ def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop=True):
 def pick_engine(engine, name, rows):
     """The engine that runs `rows` generations (questions x samples) of model `name` soonest: vLLM where it is
     installed, knows the architecture and, on CPU, the run is long enough to pay for its start and runs in one process;
-    else hf (a LoRA adapter folder too: hf merges it at load time). On a GPU vLLM whenever it can (vLLM's published
+    else hf. A LoRA adapter folder goes where its base model would (hf merges it at load time, vLLM serves it with a
+    LoRARequest). On a GPU vLLM whenever it can (vLLM's published
     GPU throughput is far beyond a Python decoding loop). --engine vllm where vLLM cannot run is a StarError, before
     any model is loaded."""
     if engine not in ENGINES:
         raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES[:3])})")
     if engine in ("hf", "ours"):
         return "hf"
-    if adapter_base(name):  # hf loads base + adapter merged; vLLM here serves whole checkpoints only
-        if engine == "vllm":
-            raise StarError(f"--engine vllm: {name} is a LoRA adapter folder; use --engine hf (auto picks it), or "
-                            "train without --save_adapter for a merged checkpoint vLLM can serve")
-        return "hf"
+    name = adapter_base(name) or name  # an adapter folder runs where its base would: vLLM serves the adapter as it is
     if engine == "auto":  # several CPU processes would each start an engine on the same cores: hf there
         worth_it = torch.cuda.is_available() or (rows >= VLLM_MIN_ROWS_CPU and dist_state().num_processes == 1)
         return "vllm" if worth_it and vllm_installed() and vllm_architecture(name)[0] else "hf"
@@ -163,7 +162,15 @@ def load_generator(name, engine, rows, seed=0, dtype="auto", vllm_args=None):
     max_num_seqs), as pick_engine chooses for `rows` generations, in --dtype `dtype`; vllm_args: more of vLLM's
     engine arguments (--vllm_args)."""
     if pick_engine(engine, name, rows) == "vllm":
-        return load_vllm(name, None, seed, dtype, **(vllm_args or {})), load_tokenizer(name)
+        base = adapter_base(name)
+        if base is None:
+            return load_vllm(name, None, seed, dtype, **(vllm_args or {})), load_tokenizer(name)
+        llm = load_vllm(base, None, seed, dtype, **{"enable_lora": True, "max_lora_rank": lora_rank(name),
+                                                     **(vllm_args or {})})
+        from vllm.lora.request import LoRARequest
+
+        llm.lora_request = LoRARequest("adapter", 1, os.path.abspath(name))  # vllm_decoder passes it to generate
+        return llm, load_tokenizer(name)
     return load_model(name, dtype=dtype)
 
 
@@ -342,6 +349,13 @@ def engine_name(model):
     return "vllm" if is_vllm(model) else "hf"
 
 
+def lora_rank(adapter):
+    """The max_lora_rank vLLM needs for an adapter folder: the smallest of vLLM's allowed ranks that holds its r."""
+    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
+        r = json.load(f)["r"]
+    return next(rank for rank in VLLM_LORA_RANKS if rank >= r)
+
+
 def vllm_architecture(name):
     """(whether vLLM implements the model's architecture, the architectures its config.json names)."""
     from transformers import AutoConfig
@@ -419,6 +433,7 @@ def vllm_decoder(llm, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops
 
     def decode(rows, seed):
         prompts = [{"prompt_token_ids": list(prefix_ids) + list(r)} for r in rows]
-        outs = llm.generate(prompts, [params(seed * 1009 + i) for i in range(len(rows))], use_tqdm=False)
+        outs = llm.generate(prompts, [params(seed * 1009 + i) for i in range(len(rows))], use_tqdm=False,
+                            lora_request=getattr(llm, "lora_request", None))  # an adapter folder's (load_generator)
         return [cut_at_stop(tok, list(c.token_ids), stop_ids, stops) for o in outs for c in o.outputs]
     return decode

