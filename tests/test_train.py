@@ -96,6 +96,33 @@ def test_packed_loss_gradients_equal_single_example_gradients(tok, records):
     assert (grad - reference["model.layers.0.self_attn.q_proj.weight"]).norm() > 1e-2 * grad.norm()
 
 
+def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama, gsm8k_records):
+    """8 GSM8K examples packed in one row through attention.packed_attention against the model's own attention on each
+    example alone (fp32): the logits of every position within 1e-5, and the gradients of the summed per-example
+    losses within 1e-5 of their size."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_llama)
+    examples, _ = objectives.tokenize_examples(tok, gsm8k_records[:8], 1024)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    single = [model(input_ids=torch.tensor([x])) for x, _ in examples]
+    loss = sum(torch.nn.functional.cross_entropy(o.logits[0, :-1], torch.tensor(y[1:]), ignore_index=-100)
+               for o, (_, y) in zip(single, examples))
+    loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    attention.use_packed_attention(model)
+    batch = objectives.pack(examples)
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], packed_bounds=batch["bounds"])
+    bounds = list(zip(batch["bounds"], batch["bounds"][1:]))
+    assert len(bounds) == 8 and max((packed.logits[0, a:b] - o.logits[0]).abs().max().item()
+                                    for (a, b), o in zip(bounds, single)) < 1e-5
+    nll, count = objectives.example_nll(model, batch)
+    (nll / count).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-8, name
+
+
 def changed_weights(base_dir, out_dir):
     """{tensor name: largest absolute change} between two checkpoint folders' model.safetensors, in fp32."""
     from safetensors.torch import load_file
