@@ -353,7 +353,10 @@ def lora_rank(adapter):
     """The max_lora_rank vLLM needs for an adapter folder: the smallest of vLLM's allowed ranks that holds its r."""
     with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
         r = json.load(f)["r"]
-    return next(rank for rank in VLLM_LORA_RANKS if rank >= r)
+    rank = next((rank for rank in VLLM_LORA_RANKS if rank >= r), None)
+    if rank is None:
+        raise StarError(f"{adapter}: LoRA rank {r} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); use --engine hf")
+    return rank
 
 
 def vllm_architecture(name):

@@ -131,6 +131,12 @@ def test_auto_and_errors(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: --engine vllm: vLLM has no implementation of")
     assert "NoSuchForCausalLM" in err[-1] and not (tmp_path / "e.json").exists()
+    for r, rank in ((4, 8), (8, 8), (24, 32)):  # an adapter's r -> the smallest max_lora_rank vLLM accepts
+        (folder / "adapter_config.json").write_text(json.dumps({"r": r}))
+        assert engines.lora_rank(str(folder)) == rank
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(common.StarError, match="LoRA rank 1024 is above vLLM's largest"):
+        engines.lora_rank(str(folder))
     monkeypatch.setattr(engines, "vllm_installed", lambda: False)
     assert pick_engine("auto", "smollm2-135m", 10_000) == "hf"
     with pytest.raises(common.StarError, match="vLLM is not installed"):
