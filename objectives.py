@@ -166,7 +166,8 @@ def reference_logps(acc, model, examples, args):
         for r in tqdm(range(math.ceil(len(chunks) / acc.num_processes)), desc="reference log-probs",
                       disable=not acc.is_main_process, dynamic_ncols=True):
             chunk = mine[r] if r < len(mine) else chunks[0]
-            batch = {k: v.to(acc.device) for k, v in pack_examples([examples[i] for i in chunk]).items()}
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v
+                     for k, v in pack_examples([examples[i] for i in chunk]).items()}
             nll, _ = example_nll(model, batch)
             if r < len(mine):
                 out[chunk] = -nll.view(-1, 2).float()
