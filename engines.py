@@ -26,7 +26,8 @@ from tqdm import tqdm
 from attention import shares_prefix, use_prefix_attention
 from common import ANSWER_END_RE, PLAIN_STOP_STRINGS, STOP_STRINGS, StarError, is_chat
 from models import (
-    ADAPTER_CONFIG, adapter_base, device_and_dtype, dist_state, from_pretrained, gather_all, load_model, load_tokenizer, resolve_model,
+    ADAPTER_CONFIG, adapter_base, device_and_dtype, dist_state, from_pretrained, gather_all, load_model, load_tokenizer,
+    resolve_model,
 )
 
 # --engine: hf (the shared-prefix loop on a Hugging Face model) or vllm; "ours" is hf's former name, still accepted.
@@ -136,9 +137,8 @@ def pick_engine(engine, name, rows):
     """The engine that runs `rows` generations (questions x samples) of model `name` soonest: vLLM where it is
     installed, knows the architecture and, on CPU, the run is long enough to pay for its start and runs in one process;
     else hf. A LoRA adapter folder goes where its base model would (hf merges it at load time, vLLM serves it with a
-    LoRARequest). On a GPU vLLM whenever it can (vLLM's published
-    GPU throughput is far beyond a Python decoding loop). --engine vllm where vLLM cannot run is a StarError, before
-    any model is loaded."""
+    LoRARequest). On a GPU vLLM whenever it can (vLLM's published GPU throughput is far beyond a Python decoding
+    loop). --engine vllm where vLLM cannot run is a StarError, before any model is loaded."""
     if engine not in ENGINES:
         raise StarError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES[:3])})")
     if engine in ("hf", "ours"):
@@ -344,6 +344,14 @@ def is_vllm(model):
     return type(model).__module__.startswith("vllm")
 
 
+def shutdown(model):
+    """Shut a vLLM engine down now: its worker processes and their memory go at once, not at the interpreter's exit.
+    A Hugging Face model needs nothing."""
+    core = getattr(getattr(model, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 def engine_name(model):
     """The engine a loaded generator runs on, as outputs record it."""
     return "vllm" if is_vllm(model) else "hf"
@@ -393,9 +401,8 @@ def local_checkpoint(name):
 def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     """vLLM's offline engine for a hub id, checkpoint folder or alias, with prefix caching (the few-shot prefix is
     computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight (None: vLLM's
-    default), in the dtype hf
-    would use for --dtype `dtype` (common.device_and_dtype). The checkpoint's generation config rides along as on a Hugging Face model,
-    so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
+    default), in the dtype hf would use for --dtype `dtype` (models.device_and_dtype). The checkpoint's generation
+    config rides along as on a Hugging Face model, so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
     engine_args: more of vllm.LLM's arguments, which override these (--vllm_args; benchmarks: load_format="dummy")."""
     from transformers import AutoConfig, GenerationConfig
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from common import DEV_SAMPLES, StarError, check_positive, resume_settings, write_text
 from engines import (
-    ENGINES, MAX_NEW_TOKENS, VLLM_CHUNK_QUESTIONS, engine_name, generate, load_generator, quiet_vllm, vllm_installed,
+    ENGINES, MAX_NEW_TOKENS, VLLM_CHUNK_QUESTIONS, engine_name, generate, load_generator, quiet_vllm, shutdown,
+    vllm_installed,
 )
 from models import DEFAULT_BASE_MODEL, DTYPES, dist_state, model_identity
 
@@ -146,12 +147,9 @@ def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=No
 
 
 def close_engine(job):
-    """Shut the job's vLLM engine down once its generation is done: its worker processes and their GPU memory go
-    before the outputs are written and the next stage starts, not at the interpreter's exit. A Hugging Face model
-    needs nothing."""
-    core = getattr(getattr(job.model, "llm_engine", None), "engine_core", None)
-    if core is not None:
-        core.shutdown()
+    """Shut the job's vLLM engine down once its generation is done, before the outputs are written and the next
+    stage starts (engines.shutdown)."""
+    shutdown(job.model)
 
 
 def close_job(job):

@@ -350,9 +350,9 @@ def make_accelerator(args, device, bf16):
 
 def reduction(acc):
     """', gradients reduced in <dtype>' under FSDP (what its mixed-precision policy says), else ''."""
-    policy = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     if acc.distributed_type.name != "FSDP":
         return ""
+    policy = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     dtype = getattr(policy, "reduce_dtype", None) or torch.float32
     return f", gradients reduced in {str(dtype).split('.')[1]}"
 

@@ -51,7 +51,8 @@ def test_create_data_gsm8k_keeps_right_rationales_without_the_hint(tmp_path, mon
             out.append((text, 30))
         return out
 
-    monkeypatch.setattr(generation, "generate", crafted)
+    monkeypatch.setattr(generation, "generate", crafted)  # no model is needed: the tokenizer builds the prompts
+    monkeypatch.setattr(generation, "load_generator", lambda *args, **kwargs: (None, load_tokenizer("smollm2-135m")))
     out = str(tmp_path / "g.jsonl")
     create_data.main(["--model_name", "smollm2-135m", "--data_dir", GSM8K_DIR, "--max_samples", "8", "--k", "2",
                       "--output", out])

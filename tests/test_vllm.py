@@ -51,7 +51,7 @@ def engines_and_prompts(tmp_path_factory):
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
-    llm.llm_engine.engine_core.shutdown()  # its processes end now, not at the interpreter's exit
+    engines.shutdown(llm)  # its processes end now (create_data.py may have shut it already: a no-op then)
 
 
 def answers(out):
