@@ -200,7 +200,7 @@ def test_malformed_gsm8k_line(tmp_path, capsys, existing):
     (["--k", "-1", "--iteration", "0"], "must be >= 0"),
     (["--max_samples", "0", "--iteration", "0"], "--max_samples must be > 0"),
     (["--split", "dev", "--dev_eval_samples", "4", "--iteration", "0"], "--dev_eval_samples 4: a count >= 0, with --split test"),
-    (["--vllm_args", "{}", "--engine", "hf", "--dev_eval_samples", "-2", "--iteration", "0"], "--dev_eval_samples -2"),
+    (["--dev_eval_samples", "-2", "--iteration", "0"], "--dev_eval_samples -2"),
 ])
 def test_evaluate_rejects_bad_flags(tmp_path, capsys, argv, words):
     expect_error(capsys, evaluate.main, argv + ["--base_model", "smollm2-135m", "--dataset", "arithmetic",
