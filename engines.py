@@ -3,7 +3,8 @@
     generate()            the scheduler: questions sorted longest first, cut into fixed batches, dealt to the
                           processes of a launch, batches already done skipped, results back in input order
     the stop rule         where a row ends, the same for both engines: EOS or end of turn, a stop string
-                          ("Question:"), or a complete answer sentence
+                          ("Question:"), or a complete answer sentence (evaluate.py --protocol lm_eval_llama:
+                          lm-eval's own rule instead, its `until` strings and EOS only)
     hf                    a decoding loop on any Hugging Face causal LM: the few-shot prefix's KV cache computed
                           once and shared by every row (attention.prefix_attention)
     vllm                  vLLM's offline engine (paged attention, prefix caching; https://docs.vllm.ai), where
@@ -59,7 +60,7 @@ class Sampling(NamedTuple):
 
 # ============================================================================= the scheduler
 def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="generating", on_batch=None, skip=(),
-             sampling=None):
+             sampling=None, until=None):
     """Completions of prefix + each question part: a list of (text, new-token count) in input order
     (with a Sampling, a list of sampling.samples of them per question). model: what load_generator returns (a
     Hugging Face model: hf; a vLLM engine: vllm).
@@ -69,23 +70,25 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
     run (what resume relies on: batches in `skip` are not run). Under `accelerate launch` or torchrun,
     process r runs batches r, r + P, r + 2P...; every process gets every result. on_batch(number,
     indices, results) is called on the main process for each finished batch (it may return a dict for
-    the progress bar). Sampled draws are seeded by (sampling.seed, batch number): the same command
-    gives the same draws.
+    the progress bar). Sampled draws are seeded by (sampling.seed, batch number) on hf and by (sampling.seed,
+    question index) on vLLM: the same command gives the same draws. until: lm-eval's stop strings, which replace
+    this project's stop rule (stop_rule).
     """
     state = dist_state()
     prefix_ids = tok(prefix, add_special_tokens=False).input_ids if prefix else []
     rows = [tok(q, add_special_tokens=False).input_ids for q in questions]
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    decode = batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling)
+    rule = stop_rule(model, tok, until if until is not None else True)
+    decode = batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, rule)
     results, rows_per_call = [None] * len(rows), batch_size
     bar = tqdm(total=len(rows), desc=desc, dynamic_ncols=True, disable=not state.is_main_process)
     for first in range(0, len(batches), state.num_processes):
         number, texts = first + state.process_index, None  # this process's batch in this round
         if number < len(batches) and number not in skip:
             seed = (sampling.seed if sampling else 0) * 1_000_003 + number
-            texts, rows_per_call = run_batch(lambda part: decode(part, seed), tok, [rows[i] for i in batches[number]],
-                                             rows_per_call, stop_strings(tok), sampling.samples if sampling else 1)
+            texts, rows_per_call = run_batch(decode, seed, tok, batches[number], [rows[i] for i in batches[number]],
+                                             rows_per_call, rule, sampling.samples if sampling else 1)
         for number, texts in gather_all([(number, texts)], state):
             if number >= len(batches):
                 continue
@@ -100,14 +103,15 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
     return results
 
 
-def run_batch(decode, tok, rows, rows_per_call, stops, samples=1):
-    """(results, rows_per_call) of one batch, decoded rows_per_call rows at a time: a result is (text, new
-    tokens), or a list of `samples` of them. A CUDA OOM halves rows_per_call (for later batches too)."""
+def run_batch(decode, seed, tok, indices, rows, rows_per_call, rule, samples=1):
+    """(results, rows_per_call) of one batch (rows: token ids of the questions at these input indices), decoded
+    rows_per_call rows at a time: a result is (text, new tokens), or a list of `samples` of them. A CUDA OOM halves
+    rows_per_call (for later batches too)."""
     out, start = [], 0
     while start < len(rows):
         part = rows[start:start + rows_per_call]
         try:
-            toks = decode(part)
+            toks = decode(part, seed, indices[start:start + rows_per_call])
         except torch.cuda.OutOfMemoryError:
             if rows_per_call == 1:
                 raise
@@ -115,7 +119,7 @@ def run_batch(decode, tok, rows, rows_per_call, stops, samples=1):
             torch.cuda.empty_cache()
             tqdm.write(f"out of memory: batch size halved to {rows_per_call}", file=sys.stderr)
             continue
-        texts = [(truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip(), len(t)) for t in toks]
+        texts = [(final_text(tok.decode(t, skip_special_tokens=True), rule), len(t)) for t in toks]
         if samples > 1:
             texts = [texts[i * samples:(i + 1) * samples] for i in range(len(part))]
         out += texts
@@ -123,13 +127,13 @@ def run_batch(decode, tok, rows, rows_per_call, stops, samples=1):
     return out, rows_per_call
 
 
-def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop=True):
-    """decode(rows, seed) -> new token ids per row (samples per row one after another), by the model's engine;
-    both stop rows by one rule (row_finished). stop=False: no stop token or string (fixed-length benchmarks)."""
-    stops, stop_ids = (stop_strings(tok), stop_token_ids(model, tok)) if stop else ((), [])
+def batch_decoder(model, tok, prefix_ids, max_new_tokens, sampling, rule=None):
+    """decode(rows, seed, indices) -> new token ids per row (samples per row one after another), by the model's
+    engine; both stop rows by one rule (row_finished; None: this project's, stop_rule(model, tok))."""
+    rule = rule or stop_rule(model, tok)
     if is_vllm(model):
-        return vllm_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
-    return hf_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops)
+        return vllm_decoder(model, tok, prefix_ids, max_new_tokens, sampling, rule)
+    return hf_decoder(model, tok, prefix_ids, max_new_tokens, sampling, rule)
 
 
 # ============================================================================= which engine
@@ -175,6 +179,27 @@ def load_generator(name, engine, rows, seed=0, dtype="auto", vllm_args=None):
 
 
 # ============================================================================= the stop rule (both engines)
+class StopRule(NamedTuple):
+    """Where a row ends: at a token of `ids` (dropped), at a string of `strings` (cut there), and with ours=True
+    (this project's rule) also after a complete answer sentence, its text stripped."""
+    ids: list
+    strings: tuple
+    ours: bool
+
+
+def stop_rule(model, tok, stop=True):
+    """stop=True: this project's rule (EOS and end-of-turn ids, "Question:", a complete answer sentence). A list of
+    strings: lm-eval's rule for them (its HF backend: the `until` strings plus the tokenizer's EOS as text, the ids
+    transformers' generate stops at, the text as decoded: nothing else). False: none (fixed-length benchmarks)."""
+    if stop is True:
+        return StopRule(stop_token_ids(model, tok), stop_strings(tok), True)
+    if stop is False:
+        return StopRule([], (), False)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    return StopRule(sorted(ids), tuple(dict.fromkeys([*stop, tok.decode([tok.eos_token_id])])), False)
+
+
 def stop_token_ids(model, tok):
     """EOS and end-of-turn ids: any of them ends a row. model: a Hugging Face model or a vLLM engine (load_vllm
     gives it the checkpoint's generation config)."""
@@ -200,36 +225,43 @@ def truncate_at_stop(text, stops):
     return text
 
 
-def row_finished(tok, tokens, stop_ids, stops):
-    """Whether a row ends with these tokens: a stop id, a stop string or a complete answer sentence in its last
-    few tokens. No stop ids and no stop strings: never (fixed-length benchmarks)."""
-    if tokens[-1] in stop_ids:
+def final_text(text, rule):
+    """A row's decoded text cut at the rule's first stop string (stripped under this project's rule)."""
+    text = truncate_at_stop(text, rule.strings)
+    return text.strip() if rule.ours else text
+
+
+def row_finished(tok, tokens, rule):
+    """Whether a row ends with these tokens: a stop id, a stop string or (this project's rule) a complete answer
+    sentence in its last few tokens. No stop ids and no stop strings: never (fixed-length benchmarks)."""
+    if tokens[-1] in rule.ids:
         return True
-    if not stops:
+    if not rule.strings:
         return False
     tail = tok.decode(tokens[-12:])  # a stop string or an answer sentence spans a few tokens at most
-    return any(s in tail for s in stops) or bool(ANSWER_END_RE.search(tail))
+    return any(s in tail for s in rule.strings) or (rule.ours and bool(ANSWER_END_RE.search(tail)))
 
 
-def cut_at_stop(tok, tokens, stop_ids, stops):
+def cut_at_stop(tok, tokens, rule):
     """The tokens of a row an engine ran past its stop (vLLM stops at stop ids and strings only): up to where
     row_finished first holds, the stop id dropped; what hf would have returned."""
-    end = next((k + 1 for k in range(len(tokens)) if row_finished(tok, tokens[:k + 1], stop_ids, stops)), len(tokens))
+    end = next((k + 1 for k in range(len(tokens)) if row_finished(tok, tokens[:k + 1], rule)), len(tokens))
     tokens = tokens[:end]
-    return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+    return tokens[:-1] if tokens and tokens[-1] in rule.ids else tokens
 
 
 # ============================================================================= hf: shared-prefix decoding
-def hf_decoder(model, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops):
-    """decode(rows, seed) by generate_batch: the prefix's KV cache computed once here, shared by every batch."""
+def hf_decoder(model, tok, prefix_ids, max_new_tokens, sampling, rule):
+    """decode(rows, seed, indices) by generate_batch: the prefix's KV cache computed once here, shared by every
+    batch; sampled draws from one generator per batch, seeded by `seed`."""
     shared = shares_prefix(model)
     kv = prefix_cache(model, prefix_ids) if shared else None
     head = [] if shared else prefix_ids  # not shared: every row holds the whole prompt, the model's own attention
 
-    def decode(rows, seed):
+    def decode(rows, seed, indices=None):
         generator = torch.Generator(model.device).manual_seed(seed) if sampling else None
         return generate_batch(model, tok, kv, len(prefix_ids) if shared else 0, [head + r for r in rows],
-                              max_new_tokens, stop_ids, stops, sampling, generator)
+                              max_new_tokens, rule, sampling, generator)
     return decode
 
 
@@ -270,7 +302,7 @@ def forward(model, input_ids, attention_mask, position_ids, cache, **kwargs):
 
 
 @torch.no_grad()
-def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, stops, sampling=None, generator=None):
+def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, rule, sampling=None, generator=None):
     """Decode one batch of question parts after the cached prefix: greedy, or sampled.
 
     The prefix KV (kv, from prefix_cache) is shared by all rows, never copied: the row cache holds only
@@ -305,7 +337,7 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
                 if row < 0:
                     continue
                 out[row].append(picked[j])
-                if row_finished(tok, out[row], stop_ids, stops):
+                if row_finished(tok, out[row], rule):
                     alive[j] = -1
             live = [j for j, r in enumerate(alive) if r >= 0]
             if not live or step == max_new_tokens - 1:
@@ -320,7 +352,7 @@ def generate_batch(model, tok, kv, prefix_len, rows, max_new_tokens, stop_ids, s
     finally:
         if old is not None:
             model.set_attn_implementation(old)
-    return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
+    return [o[:-1] if o and o[-1] in rule.ids else o for o in out]
 
 
 def pick_tokens(logits, sampling=None, generator=None):
@@ -402,7 +434,8 @@ def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     """vLLM's offline engine for a hub id, checkpoint folder or alias, with prefix caching (the few-shot prefix is
     computed once and its KV blocks reused by every row), at most rows_at_once sequences in flight (None: vLLM's
     default), in the dtype hf would use for --dtype `dtype` (models.device_and_dtype). The checkpoint's generation
-    config rides along as on a Hugging Face model, so stop_token_ids reads both alike. Under a launcher each process runs its own engine on its own GPU.
+    config rides along as on a Hugging Face model, so stop_token_ids reads both alike. Under a launcher each process runs
+    its own engine on its own device, as vLLM's data parallelism (data_parallel_args).
     engine_args: more of vllm.LLM's arguments, which override these (--vllm_args; benchmarks: load_format="dummy")."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -417,9 +450,10 @@ def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
         kwargs["max_num_seqs"] = rows_at_once
     if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kwargs["kv_cache_memory_bytes"] = VLLM_CPU_KV_GIB * 2**30
+    state = dist_state()
+    if state.num_processes > 1:  # under a launcher: vLLM's own data parallelism, one engine per process (per GPU)
+        kwargs.update(data_parallel_args(state.num_processes, engine_args))
     kwargs.update(engine_args)  # the caller's (--vllm_args) win
-    if torch.cuda.is_available() and dist_state().num_processes > 1:  # data parallel: one engine per GPU
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(dist_state().local_process_index)
     try:
         llm = LLM(**kwargs)
     except Exception as e:  # vLLM reports a failed start from its engine process; its log above holds the cause
@@ -431,19 +465,34 @@ def load_vllm(name, rows_at_once, seed=0, dtype="auto", **engine_args):
     return llm
 
 
-def vllm_decoder(llm, tok, prefix_ids, max_new_tokens, sampling, stop_ids, stops):
-    """decode(rows, seed) by vLLM: each row is prefix_ids + its question ids (token ids, so both engines see the
-    same tokens), greedy or `sampling.samples` draws seeded per row; rows cut by the common stop rule."""
+def data_parallel_args(processes, engine_args):
+    """vLLM's arguments for a launch of `processes` processes (torchrun, accelerate launch): its external launcher,
+    each process one engine on its local rank's device, fed its own share of the questions (data_parallel_size =
+    processes). Tensor or pipeline parallelism runs in one process instead (vLLM starts its own workers): under a
+    launcher the processes of one model copy would need the same questions, which the scheduler does not deal."""
+    if engine_args.get("tensor_parallel_size", 1) * engine_args.get("pipeline_parallel_size", 1) > 1:
+        raise StarError("--vllm_args tensor_parallel_size / pipeline_parallel_size: run one process (python, not a "
+                        "launcher); vLLM starts the workers of one model copy itself")
+    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": processes}
+
+
+def vllm_decoder(llm, tok, prefix_ids, max_new_tokens, sampling, rule):
+    """decode(rows, seed, indices) by vLLM: each row is prefix_ids + its question ids (token ids, so both engines see
+    the same tokens), greedy or `sampling.samples` draws seeded per question by (sampling.seed, its input index), so
+    the draws do not depend on how the questions are cut into calls or shared among processes; rows cut by the
+    engines' common stop rule."""
     from vllm import SamplingParams
 
     def params(seed):
         draw = dict(temperature=sampling.temperature, top_p=sampling.top_p, seed=seed) if sampling else dict(temperature=0)
-        return SamplingParams(n=sampling.samples if sampling else 1, max_tokens=max_new_tokens, stop=list(stops),
-                              stop_token_ids=list(stop_ids), ignore_eos=not stop_ids, **draw)  # no stop ids: fixed length
+        return SamplingParams(n=sampling.samples if sampling else 1, max_tokens=max_new_tokens, stop=list(rule.strings),
+                              stop_token_ids=list(rule.ids), ignore_eos=not rule.ids, **draw)  # no stop ids: fixed length
 
-    def decode(rows, seed):
+    def decode(rows, seed, indices=None):
+        indices = range(len(rows)) if indices is None else indices
         prompts = [{"prompt_token_ids": list(prefix_ids) + list(r)} for r in rows]
-        outs = llm.generate(prompts, [params(seed * 1009 + i) for i in range(len(rows))], use_tqdm=False,
+        base = sampling.seed * 1_000_003 if sampling else 0
+        outs = llm.generate(prompts, [params(base + i) for i in indices], use_tqdm=False,
                             lora_request=getattr(llm, "lora_request", None))  # an adapter folder's (load_generator)
-        return [cut_at_stop(tok, list(c.token_ids), stop_ids, stops) for o in outs for c in o.outputs]
+        return [cut_at_stop(tok, list(c.token_ids), rule) for o in outs for c in o.outputs]
     return decode

@@ -25,7 +25,7 @@ from common import (
     StarError, answers_match, build_prompts, check_output, cli_errors, extract_last_number,
     extract_stated_answer, is_chat, load_split, normalize_number, pick_exemplars, run_info, write_json, write_jsonl,
 )
-from engines import Sampling, truncate_at_stop
+from engines import Sampling
 from generation import add_generation_args, check_generation_args, close_engine, close_job, generate_part, open_job
 from models import dist_state, load_tokenizer
 from steps import all_steps_true, check_steps
@@ -296,9 +296,9 @@ def score_split(job, rows, exemplars, protocol, args, part):
     part: "" (the split asked) or "dev_" (--dev_eval_samples), so their batches are kept apart in the partial file."""
     prefix, parts = build_prompts(job.tok, [r["question"] for r in rows], exemplars,
                                   **({"instruction": protocol.instruction} if protocol else {}))
-    outs = generate_part(job, part + "greedy", prefix, parts, f"evaluating {args.split}")
-    if protocol:  # the task's stop sequences (our generation also stops at "Question:" and after an answer sentence)
-        outs = [(truncate_at_stop(text, protocol.until), n) for text, n in outs]
+    # lm_eval_llama: lm-eval's own stop rule (its `until` strings and EOS, nothing else), as its HF backend decodes
+    outs = generate_part(job, part + "greedy", prefix, parts, f"evaluating {args.split}",
+                         until=protocol.until if protocol else None)
     details = score(rows, outs, protocol)
     if args.num_samples > 1:
         sampling = Sampling(args.num_samples, args.temperature, args.top_p, args.seed)

@@ -127,11 +127,11 @@ def open_job(args, model_name, rows):
                args.max_new_tokens, batch)
 
 
-def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=None):
+def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=None, until=None):
     """engines.generate on the job's generator: the completions of prefix + each question part, in input order. Each
     finished batch is appended to the partial file at once, and on a rerun the batches found there are not run again.
     part: which pass of the run this is ("stage1", "greedy"...); on_batch(indices, results) may return a dict for
-    the progress bar."""
+    the progress bar; until: lm-eval's stop strings in place of this project's stop rule (engines.stop_rule)."""
     earlier = {number: items for (p, number), items in job.finished.items() if p == part}
 
     def save(number, indices, results):
@@ -139,7 +139,7 @@ def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=No
         return on_batch(indices, results) if on_batch else None
 
     results = generate(job.model, job.tok, prefix, questions, job.max_new_tokens, job.batch_size, desc, save,
-                       set(earlier), sampling)
+                       set(earlier), sampling, until)
     for items in earlier.values():
         for i, r in items:  # JSON gave lists back: make them the tuples generate returns
             results[i] = [tuple(x) for x in r] if sampling else tuple(r)

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import answers_match, build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
 from models import DTYPES, load_model
 from engines import (  # noqa: E402
-    cut_at_stop, generate, load_vllm, stop_strings, stop_token_ids, truncate_at_stop, vllm_installed,
+    cut_at_stop, final_text, generate, load_vllm, stop_rule, stop_token_ids, truncate_at_stop, vllm_installed,
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,8 +75,8 @@ def generate_batch_rows(model, tok, prefix_ids, rows, max_new_tokens, stop=True)
     stop (it stops at stop ids only). stop=False: every row max_new_tokens long."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    stop_ids, stops = (stop_token_ids(model, tok), stop_strings(tok)) if stop else ([], ())
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
+    rule = stop_rule(model, tok, stop)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=rule.ids or None,
                               pad_token_id=tok.pad_token_id, do_sample=False)
     blocks = sum(-(-(len(prefix_ids) + len(r) + max_new_tokens) // 256) for r in rows) + 1  # 256-token blocks
     # A token budget of one prompt makes the first forward prefill one whole prompt; later rows reuse its blocks.
@@ -85,13 +85,13 @@ def generate_batch_rows(model, tok, prefix_ids, rows, max_new_tokens, stop=True)
     out = model.generate_batch(inputs=[prefix_ids + r for r in rows], generation_config=config,
                                continuous_batching_config=cb, progress_bar=False)
     got = {int(re.fullmatch(r"req_(\d+)", key)[1]): result.generated_tokens for key, result in out.items()}
-    return [cut_at_stop(tok, list(got[i][:max_new_tokens]), stop_ids, stops) for i in range(len(rows))]
+    return [cut_at_stop(tok, list(got[i][:max_new_tokens]), rule) for i in range(len(rows))]
 
 
 def with_generate_batch(model, tok, prefix_ids, rows, max_new_tokens):
     cut = generate_batch_rows(model, tok, prefix_ids, rows, max_new_tokens)
-    stops = stop_strings(tok)
-    return [truncate_at_stop(tok.decode(t, skip_special_tokens=True), stops).strip() for t in cut], sum(map(len, cut))
+    rule = stop_rule(model, tok)
+    return [final_text(tok.decode(t, skip_special_tokens=True), rule) for t in cut], sum(map(len, cut))
 
 
 def with_vllm(llm, tok, prefix_ids, rows, max_new_tokens):

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import DEV_SAMPLES, build_prompts, load_split, pick_exemplars  # noqa: E402
 from shapes import LLAMA_3B, TINY, bench_tokenizer  # noqa: E402
-from engines import MAX_NEW_TOKENS, batch_decoder, kv_bytes_per_token, load_vllm, vllm_installed  # noqa: E402
+from engines import MAX_NEW_TOKENS, batch_decoder, kv_bytes_per_token, load_vllm, stop_rule, vllm_installed  # noqa: E402
 
 GIB = 2**30
 
@@ -65,7 +65,7 @@ def print_kv_plan(model, prefix_tokens, row_tokens, batch_sizes, new_tokens):
 def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
     """decode(rows, seed) -> token ids per row, every row new_tokens long, for one engine (None: not installed)."""
     if engine == "hf":
-        return batch_decoder(model, tok, prefix_ids, new_tokens, None, stop=False)
+        return batch_decoder(model, tok, prefix_ids, new_tokens, None, stop_rule(model, tok, False))
     if engine == "generate_batch":
         from bench_generate import generate_batch_rows
 
@@ -76,7 +76,7 @@ def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
     model.config.save_pretrained(folder)
     tok.save_pretrained(folder)
     llm = load_vllm(folder, rows_at_once, load_format="dummy")
-    return batch_decoder(llm, tok, prefix_ids, new_tokens, None, stop=False)
+    return batch_decoder(llm, tok, prefix_ids, new_tokens, None, stop_rule(llm, tok, False))
 
 
 def main(argv=None):

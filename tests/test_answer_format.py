@@ -17,6 +17,7 @@ import pytest
 import objectives
 import common
 import create_data
+import engines
 import evaluate
 import generation
 import summary
@@ -24,7 +25,7 @@ from common import (
     ANSWER_SENTENCE, INSTRUCTION, answers_match, build_prompt, cut_after_answer, extract_last_number,
     extract_stated_answer, load_split, solution_to_rationale,
 )
-from models import load_tokenizer
+from models import load_tokenizer, resolve_model
 from conftest import GSM8K_DIR
 from real_shape import INSTALL_HINT, LLAMA32_3B_CONFIG, llama32_tokenizer_dir, write_llama32_instruct_tokenizer
 
@@ -287,9 +288,9 @@ def test_evaluate_with_the_lm_eval_protocol(llama_tok, tmp_path, monkeypatch, ca
                    "It takes 2 + 1 = 3 bolts. So it takes 3 bolts."]
     seen = {}
 
-    def answer(model, tok, prefix, parts, max_new_tokens, *args, **kwargs):
-        seen.update(max_new_tokens=max_new_tokens, prompts=[prefix + p for p in parts])
-        return [(c, 30) for c in completions]
+    def answer(model, tok, prefix, parts, max_new_tokens, batch_size, desc, on_batch, skip, sampling, until):
+        seen.update(max_new_tokens=max_new_tokens, prompts=[prefix + p for p in parts], until=until)
+        return [(engines.truncate_at_stop(c, until), 30) for c in completions]  # as generate cuts at lm-eval's until
 
     monkeypatch.setattr(generation, "load_generator", lambda name, *a, **k: (None, tok))
     monkeypatch.setattr(generation, "generate", answer)
@@ -298,6 +299,7 @@ def test_evaluate_with_the_lm_eval_protocol(llama_tok, tmp_path, monkeypatch, ca
                    "--output", str(out), "--save_results"])
     result = json.loads(out.read_text())
     assert seen["max_new_tokens"] == 256 and all(len(user_turns(p)) == 9 for p in seen["prompts"])
+    assert seen["until"] == result["lm_eval"]["until"] and "Q:" in seen["until"]  # the task's stop strings, generating
     assert (result["protocol"], result["k"], result["lm_eval"]["task"]) == ("lm_eval_llama", 8, "gsm8k_cot_llama")
     assert (result["accuracy"], result["accuracy_flexible"]) == (0.5, 1.0)
     details = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
@@ -306,3 +308,31 @@ def test_evaluate_with_the_lm_eval_protocol(llama_tok, tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--model", folder, "--protocol", "lm_eval_llama", "--k", "4", "--output", str(tmp_path / "f.json")])
     assert e.value.code == 2 and "--protocol lm_eval_llama is GSM8K with the task's own exemplars" in capsys.readouterr().err
+
+
+@needs_lm_eval
+def test_lm_eval_llama_generates_as_lm_eval_itself(tmp_path):
+    """evaluate.py --protocol lm_eval_llama against lm-evaluation-harness's own evaluator (its HF backend, chat
+    template, multi-turn few-shot) on the first 4 test questions with the embedded model in fp32: the same completions
+    (its `until` and max_gen_toks, nothing else: no cut after the first answer sentence, the text as decoded) and the
+    same strict and flexible answers and exact_match."""
+    import lm_eval
+
+    folder = resolve_model("smollm2-135m")
+    rows = load_split("gsm8k", "test", GSM8K_DIR, 4)
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu",
+                                  tasks=[evaluate.load_lm_eval_task(rows)], limit=len(rows), batch_size=1,
+                                  apply_chat_template=True, fewshot_as_multiturn=True, log_samples=True)
+    theirs = {(s["doc_id"], s["filter"]): s for s in out["samples"][evaluate.LM_EVAL_TASK]}
+    evaluate.main(["--model", folder, "--protocol", "lm_eval_llama", "--data_dir", GSM8K_DIR, "--max_samples", "4",
+                   "--engine", "hf", "--dtype", "fp32", "--output", str(tmp_path / "e.json"), "--save_results"])
+    ours = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    for i, d in enumerate(ours):
+        strict, flexible = theirs[i, "strict-match"], theirs[i, "flexible-extract"]
+        assert d["completion"] == strict["resps"][0][0] == flexible["resps"][0][0]
+        assert (d["extracted"] or "[invalid]", d["flexible_extracted"] or "[invalid]") == \
+            (strict["filtered_resps"][0], flexible["filtered_resps"][0])
+        assert (d["correct"], d["flexible_correct"]) == (strict["exact_match"] == 1, flexible["exact_match"] == 1)
+    # at least one completion runs on past a complete answer sentence, where this project's own rule would cut it
+    assert any(m and m.end() < len(d["completion"].rstrip()) for d in ours
+               for m in [common.ANSWER_END_RE.search(d["completion"])])

@@ -188,11 +188,11 @@ class TestGenerateFp32:
         prefix, parts = prompts[0], prompts[1][:3]
         ours = engines.generate(fp32_model, tok, prefix, parts, 8, 3)
         ref = plain_generate(fp32_model, tok, [prefix + p for p in parts], 8)
-        stops, ids = engines.stop_strings(tok), engines.stop_token_ids(fp32_model, tok)
+        rule = engines.stop_rule(fp32_model, tok)
         for (text, n), r in zip(ours, ref):
-            r = r[: next((i for i, t in enumerate(r) if t in ids), len(r))]
-            assert n == len(r) or engines.row_finished(tok, r[:n], ids, stops)  # stopped early only for a reason
-            assert text == engines.truncate_at_stop(tok.decode(r[:n], skip_special_tokens=True), stops).strip()
+            r = r[: next((i for i, t in enumerate(r) if t in rule.ids), len(r))]
+            assert n == len(r) or engines.row_finished(tok, r[:n], rule)  # stopped early only for a reason
+            assert text == engines.truncate_at_stop(tok.decode(r[:n], skip_special_tokens=True), rule.strings).strip()
 
 
 # ----------------------------------------------------------------------------- bf16 on CPU

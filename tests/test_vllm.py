@@ -16,7 +16,7 @@ import evaluate
 from common import build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
 from models import load_model, load_tokenizer, resolve_model
 from conftest import GSM8K_DIR, ROOT
-from engines import Sampling, generate, pick_engine, row_finished, stop_strings, stop_token_ids
+from engines import Sampling, generate, pick_engine, row_finished, stop_rule
 
 pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is not installed (make install installs it)")
 
@@ -76,19 +76,22 @@ def test_rows_end_by_the_common_stop_rule(engines_and_prompts):
     at the first token where row_finished holds (after a complete answer sentence), or at max_new_tokens."""
     _, llm, tok, prefix, parts = engines_and_prompts
     decode = engines.batch_decoder(llm, tok, tok(prefix, add_special_tokens=False).input_ids, 96, None)
-    stop_ids, stops = stop_token_ids(llm, tok), stop_strings(tok)
+    rule = stop_rule(llm, tok)
     rows = decode([tok(p, add_special_tokens=False).input_ids for p in parts], 0)
     for r in rows:  # no row runs past the first place the rule ends it
-        assert not any(row_finished(tok, r[:k], stop_ids, stops) for k in range(1, len(r)))
+        assert not any(row_finished(tok, r[:k], rule) for k in range(1, len(r)))
         assert "Question:" not in tok.decode(r)
     assert any(len(r) < 96 for r in rows)  # some rows stopped before max_new_tokens (end of turn, answer sentence)
 
 
 def test_seeded_sampling_is_reproducible(engines_and_prompts):
+    """The same seed, the same draws; another seed, others; and each question's draws are seeded by its own index,
+    so they do not depend on how the questions are cut into calls (one call of 4, or 2 of 2)."""
     _, llm, tok, prefix, parts = engines_and_prompts
     draw = [generate(llm, tok, prefix, parts[:4], 48, 4, sampling=Sampling(2, 1.0, 1.0, seed)) for seed in (3, 3, 4)]
     assert draw[0] == draw[1] and all(len(d) == 2 for d in draw[0])
     assert draw[0] != draw[2]  # another seed, other draws
+    assert generate(llm, tok, prefix, parts[:4], 48, 2, sampling=Sampling(2, 1.0, 1.0, 3)) == draw[0]
 
 
 def test_vllm_args_reach_the_engine_and_unknown_keys_stop_first(engines_and_prompts, tmp_path, monkeypatch, capsys):
