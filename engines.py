@@ -89,6 +89,8 @@ def generate(model, tok, prefix, questions, max_new_tokens, batch_size, desc="ge
             seed = (sampling.seed if sampling else 0) * 1_000_003 + number
             texts, rows_per_call = run_batch(decode, seed, tok, batches[number], [rows[i] for i in batches[number]],
                                              rows_per_call, rule, sampling.samples if sampling else 1)
+        elif is_vllm(model) and state.num_processes > 1:  # vLLM's data-parallel engines step together: join with none
+            decode([], 0, [])
         for number, texts in gather_all([(number, texts)], state):
             if number >= len(batches):
                 continue

@@ -13,6 +13,7 @@ import torch
 import common
 import engines
 import evaluate
+import generation
 from common import build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
 from models import load_model, load_tokenizer, resolve_model
 from conftest import GSM8K_DIR, ROOT
@@ -98,8 +99,6 @@ def test_vllm_args_reach_the_engine_and_unknown_keys_stop_first(engines_and_prom
     """--vllm_args: the module's engine was started with {"max_num_seqs": 6}, which overrides vLLM's own default
     (the scripts leave it to vLLM); a key vLLM's engine does not take, or text that is not a JSON object, is one error line and exit 2
     before any model loads."""
-    import generation
-
     _, llm, _, _, _ = engines_and_prompts
     assert llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 6
 
@@ -146,11 +145,30 @@ def test_auto_and_errors(tmp_path, monkeypatch, capsys):
         pick_engine("vllm", "smollm2-135m", 1)
 
 
+def test_two_processes_are_vllm_data_parallel(engines_and_prompts, tmp_path, monkeypatch):
+    """evaluate.py under torchrun with 2 processes runs vLLM's own data parallelism (its external launcher, one engine
+    per process, each its share of the questions): the same completions, test and dev, as one process on the module's
+    engine. The dev slice (3 questions) is one batch, so one process joins the other's engine steps with no rows."""
+    _, llm, tok, _, _ = engines_and_prompts
+    flags = ["--model", llm.lora_request.lora_path, "--engine", "vllm", "--dtype", "fp32", "--dataset", "arithmetic",
+             "--max_samples", "8", "--dev_eval_samples", "3", "--k", "4", "--max_new_tokens", "64", "--save_results"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "evaluate.py"), *flags, "--output", "two.json"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.setattr(evaluate, "close_engine", lambda job: None)  # the module's engine serves later tests
+    monkeypatch.setattr(generation, "load_generator", lambda *args, **kwargs: (llm, tok))
+    evaluate.main(flags + ["--output", str(tmp_path / "one.json")])
+    for name in ("", "_dev"):
+        two, one = (json.loads((tmp_path / f"{n}{name}.json").read_text()) for n in ("two", "one"))
+        assert two["processes"] == 2 and two["engine"] == one["engine"] == "vllm"
+        assert (tmp_path / f"two{name}.jsonl").read_text() == (tmp_path / f"one{name}.jsonl").read_text()
+
+
 def test_create_data_on_vllm(engines_and_prompts, tmp_path, monkeypatch):
     """create_data.py end to end on vLLM (Stage 1, Stage 2, the records and their stats), on the module's engine: a
     second engine start would double this file's time. run_star.sh --engine reaches the stages' own flag."""
     import create_data
-    import generation
     from common import read_jsonl
 
     _, llm, tok, _, _ = engines_and_prompts
