@@ -150,7 +150,9 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
     if args.lora_r:
         weights = (f"{'bf16' if bf16 else 'fp32'} frozen base, {n_params / 1e9:.3g}B + fp32 LoRA r={args.lora_r}, "
                    f"{trainable / 1e6:.3g}M")
-    rows = (f"{tokens} tokens (the longest packed micro-batch of {args.batch_size} examples)" if tokens else
+    cap = f"at most {args.batch_size} examples" + (f" and {args.max_tokens_per_batch} tokens"
+                                                    if getattr(args, "max_tokens_per_batch", None) else "")
+    rows = (f"{tokens} tokens (the longest packed micro-batch of {cap})" if tokens else
             f"{args.batch_size} x {args.max_length} tokens")
     learned = learned or tokens or args.batch_size * args.max_length
     return {"weights": weights, "weight copies": "bf16 casts autocast makes for the matmuls, kept for backward",

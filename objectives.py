@@ -2,6 +2,8 @@
 
     tokenize_examples / tokenize_pairs   records -> token sequences (ids, labels: -100 on the prompt)
     Example, pack_examples               a training example, and a micro-batch of them packed into one row
+    epoch_loader, schedule               each epoch's micro-batches (--batch_size examples, or packed up to
+                                         --max_tokens_per_batch tokens) and the optimizer steps they make
     packed_loss                          STaR's SFT loss: the mean over examples of each one's mean token NLL
     rpo_loss, reference_logps            Iterative RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733): DPO on
                                          (chosen, rejected) pairs + the chosen rationale's NLL, and the reference
@@ -10,6 +12,7 @@
 import itertools
 import math
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +112,91 @@ def pack_examples(batch):
     if paired and batch[paired[0]].reference is not None:
         row["reference"] = torch.tensor([batch[j].reference for j in paired], dtype=torch.float32)
     return row
+
+
+# ============================================================================= micro-batches and the schedule
+def training_steps(args, steps_per_epoch):
+    """Optimizer steps: --epochs over the data, or the STaR paper's schedule, a fixed count at iteration 1
+    that grows by --steps_growth per iteration (Zelikman et al. 2022: 40 steps at batch 8, then +20% per iteration)."""
+    if args.steps:
+        return max(1, round(args.steps * (1 + args.steps_growth) ** (args.iteration - 1)))
+    return max(1, math.ceil(steps_per_epoch * args.epochs))
+
+
+def schedule(args, examples, processes):
+    """(optimizer steps per epoch, optimizer steps of the run); a process takes one micro-batch per micro-step."""
+    batches = len(token_batches(example_sizes(examples), args, 0)) if args.max_tokens_per_batch \
+        else math.ceil(len(examples) / args.batch_size)
+    steps_per_epoch = math.ceil(batches / processes / args.grad_accum)
+    return steps_per_epoch, training_steps(args, steps_per_epoch)
+
+
+def epoch_order(n, args, epoch):
+    """The order of one epoch's examples, fixed by (seed, epoch), so a resumed run sees the same batches."""
+    order = list(range(n))
+    random.Random(args.seed * 1000 + epoch).shuffle(order)
+    return order
+
+
+def example_sizes(examples):
+    """(tokens, learned tokens) of each example: a pair counts both its sequences."""
+    return [(sum(len(x) for x, _ in e.sequences), sum(t != -100 for _, y in e.sequences for t in y)) for e in examples]
+
+
+def token_batches(sizes, args, epoch):
+    """--max_tokens_per_batch: one epoch's micro-batches as lists of example indices, each at most that many tokens
+    and --batch_size examples, filled first-fit from the longest example down (equal lengths in the epoch's shuffled
+    order: first-fit decreasing packs within a few percent of the fewest rows), then taken in a shuffled order. Only
+    examples of equal length swap between epochs, so every epoch has the same number of micro-batches (what the
+    schedule counts); examples of distinct lengths stay grouped, their micro-batches in a new order each epoch."""
+    bins, room = [], []  # room: [tokens left, examples left] of each bin
+    for i in sorted(epoch_order(len(sizes), args, epoch), key=lambda i: -sizes[i][0]):
+        j = next((j for j, (left, count) in enumerate(room) if left >= sizes[i][0] and count), None)
+        if j is None:
+            bins.append([])
+            room.append([args.max_tokens_per_batch, args.batch_size])
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j][0] -= sizes[i][0]
+        room[j][1] -= 1
+    random.Random(args.seed * 1000 + epoch).shuffle(bins)
+    return bins
+
+
+def epoch_loader(examples, args, epoch):
+    """One epoch's micro-batches, each packed into one row (acc.prepare deals them to the processes)."""
+    if args.max_tokens_per_batch:
+        return torch.utils.data.DataLoader(examples, batch_sampler=token_batches(example_sizes(examples), args, epoch),
+                                           collate_fn=pack_examples)
+    order = epoch_order(len(examples), args, epoch)
+    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size,
+                                       collate_fn=pack_examples)
+
+
+def longest_micro_batch(examples, args, processes):
+    """(tokens, learned tokens) of the largest packed micro-batches the run will build: those of every epoch it trains,
+    dealt to the processes as acc.prepare deals them (accelerate's BatchSamplerShard, which completes a short last
+    batch with the epoch's first examples). Each is at most the sum of the --batch_size longest examples, and GSM8K
+    rows are far shorter than --max_length: this, not --batch_size x --max_length, is what the memory plan counts."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sizes = example_sizes(examples)
+    steps_per_epoch, total = schedule(args, examples, processes)
+    tokens = learned = 0
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        if args.max_tokens_per_batch:  # a shard's extra batches repeat whole ones: the largest is among these
+            for batch in token_batches(sizes, args, epoch):
+                tokens = max(tokens, sum(sizes[i][0] for i in batch))
+                learned = max(learned, sum(sizes[i][1] for i in batch))
+            continue
+        order = epoch_order(len(sizes), args, epoch)
+        batches = torch.utils.data.BatchSampler(range(len(order)), args.batch_size, drop_last=False)
+        shards = [BatchSamplerShard(batches, processes, rank) for rank in range(processes)] if processes > 1 \
+            else [batches]
+        for batch in (b for shard in shards for b in shard):
+            tokens = max(tokens, sum(sizes[order[i]][0] for i in batch))
+            learned = max(learned, sum(sizes[order[i]][1] for i in batch))
+    return tokens, learned
 
 
 # ============================================================================= losses

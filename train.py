@@ -38,9 +38,7 @@ Loss (averaged over processes), learning rate and tokens/s go to log.jsonl and t
 """
 import argparse
 import importlib.util
-import math
 import os
-import random
 import resource
 import shutil
 import sys
@@ -55,8 +53,8 @@ from common import StarError, check_output, check_positive, cli_errors, read_jso
 from memory import lower_mmap_threshold, plan_memory
 from models import DEFAULT_BASE_MODEL, DTYPES, device_and_dtype, load_tokenizer, load_weights
 from objectives import (
-    OBJECTIVES, Example, pack_examples, reference_logps, reference_model, tokenize_examples, tokenize_pairs,
-    training_loss, unpaired_rationales,
+    OBJECTIVES, Example, epoch_loader, example_sizes, longest_micro_batch, reference_logps, reference_model, schedule,
+    tokenize_examples, tokenize_pairs, training_loss, unpaired_rationales,
 )
 
 # Learning rates when --lr is not given. Full fine-tuning: 2e-5, a common rate for 1-8B instruction models. LoRA needs
@@ -90,6 +88,10 @@ parser.add_argument("--steps", type=int, default=0,
 parser.add_argument("--steps_growth", type=float, default=0.0,
                     help="with --steps: iteration N trains steps x (1 + growth)^(N-1) (the paper: 0.2)")
 parser.add_argument("--batch_size", type=int, default=8, help="examples per device per micro-step")
+parser.add_argument("--max_tokens_per_batch", type=int, default=None,
+                    help="also cap each micro-batch at this many tokens (a pair counts both sequences): examples are "
+                         "packed first-fit by length up to it and --batch_size (on a GPU: --batch_size 64 "
+                         "--max_tokens_per_batch 16384 makes rows of about 16k tokens); default: --batch_size alone")
 parser.add_argument("--grad_accum", type=int, default=1)
 parser.add_argument("--lr", type=float, default=None,
                     help=f"default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
@@ -149,56 +151,6 @@ def load_base(args, dtype):
     return model
 
 
-def training_steps(args, steps_per_epoch):
-    """Optimizer steps: --epochs over the data, or the STaR paper's schedule, a fixed count at iteration 1
-    that grows by --steps_growth per iteration (Zelikman et al. 2022: 40 steps at batch 8, then +20% per iteration)."""
-    if args.steps:
-        return max(1, round(args.steps * (1 + args.steps_growth) ** (args.iteration - 1)))
-    return max(1, math.ceil(steps_per_epoch * args.epochs))
-
-
-def schedule(args, n_examples, processes):
-    """(optimizer steps per epoch, optimizer steps of the run); a process takes --batch_size examples per micro-step."""
-    steps_per_epoch = math.ceil(math.ceil(n_examples / args.batch_size) / processes / args.grad_accum)
-    return steps_per_epoch, training_steps(args, steps_per_epoch)
-
-
-def epoch_order(n, args, epoch):
-    """The order of one epoch's examples, fixed by (seed, epoch), so a resumed run sees the same batches."""
-    order = list(range(n))
-    random.Random(args.seed * 1000 + epoch).shuffle(order)
-    return order
-
-
-def epoch_loader(examples, args, epoch):
-    """One epoch's micro-batches, each packed into one row (acc.prepare deals them to the processes)."""
-    order = epoch_order(len(examples), args, epoch)
-    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=args.batch_size,
-                                       collate_fn=pack_examples)
-
-
-def longest_micro_batch(examples, args, processes):
-    """(tokens, learned tokens) of the largest packed micro-batches the run will build: those of every epoch it trains,
-    dealt to the processes as acc.prepare deals them (accelerate's BatchSamplerShard, which completes a short last
-    batch with the epoch's first examples). Each is at most the sum of the --batch_size longest examples, and GSM8K
-    rows are far shorter than --max_length: this, not --batch_size x --max_length, is what the memory plan counts."""
-    from accelerate.data_loader import BatchSamplerShard
-
-    sizes = [(sum(len(x) for x, _ in e.sequences), sum(t != -100 for _, y in e.sequences for t in y))
-             for e in examples]  # a pair counts both its sequences
-    steps_per_epoch, total = schedule(args, len(examples), processes)
-    tokens = learned = 0
-    for epoch in range(math.ceil(total / steps_per_epoch)):
-        order = epoch_order(len(sizes), args, epoch)
-        batches = torch.utils.data.BatchSampler(range(len(order)), args.batch_size, drop_last=False)
-        shards = [BatchSamplerShard(batches, processes, rank) for rank in range(processes)] if processes > 1 \
-            else [batches]
-        for batch in (b for shard in shards for b in shard):
-            tokens = max(tokens, sum(sizes[order[i]][0] for i in batch))
-            learned = max(learned, sum(sizes[order[i]][1] for i in batch))
-    return tokens, learned
-
-
 def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_per_epoch):
     """Optimizer steps from `start` (0, or a resume point) to `total`; returns (log, real tokens seen by all
     processes, seconds)."""
@@ -256,9 +208,18 @@ def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
 
 
 # ============================================================================= the run
+def check_token_budget(examples, args):
+    """--max_tokens_per_batch must hold the longest example whole (rows are packed, never cut)."""
+    longest = max((size for size, _ in example_sizes(examples)), default=0)
+    if args.max_tokens_per_batch and longest > args.max_tokens_per_batch:
+        raise StarError(f"--max_tokens_per_batch {args.max_tokens_per_batch} is below the longest example ({longest} "
+                        "tokens; a pair counts both sequences): raise it, or lower --max_length")
+
+
 def check_args(args):
     """Refuse bad flags before anything loads and fill the defaults that depend on others."""
-    check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration")
+    check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration",
+                   "max_tokens_per_batch")
     if args.lora_r < 0 or args.save_steps < 0 or args.save_minutes < 0 or not 0 <= args.warmup_ratio <= 1 \
             or not 0 <= args.lora_dropout < 1:
         raise StarError("--lora_r, --save_steps and --save_minutes must be >= 0, --warmup_ratio in [0, 1], "
@@ -456,12 +417,13 @@ def main(argv=None):
         set_seed(args.seed)
         tok = load_tokenizer(args.base_model)
         examples, too_long = training_examples(acc, tok, records, args)
+        check_token_budget(examples, args)
         # before any weight is loaded, from the rows this run builds: stops in seconds if it cannot fit
         config, plan = plan_memory(acc, args, bf16, lambda a: longest_micro_batch(examples, a, acc.num_processes))
         # LoRA under bf16 keeps the frozen base in bf16 (what makes 3B fit in 24 GB); full FT keeps fp32 master weights.
         model = load_base(args, torch.bfloat16 if bf16 and args.lora_r else torch.float32)
         init_fingerprint = weight_fingerprint(model) if acc.is_main_process else None
-        steps_per_epoch, total = schedule(args, len(examples), acc.num_processes)
+        steps_per_epoch, total = schedule(args, examples, acc.num_processes)
         model, opt, sched = acc.prepare(model, *make_optimizer(acc, model, args, total, device))
         pairs = sum(e.rejected is not None for e in examples)
         what = f"{pairs} pairs (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g}) and " \

@@ -133,14 +133,46 @@ def test_longest_micro_batch_is_the_largest_the_loaders_build(processes):
     args = flags("--batch_size", "2", "--epochs", "2")
     tokens = learned = 0
     for epoch in range(2):
-        loader = train.epoch_loader(examples, args, epoch)
+        loader = objectives.epoch_loader(examples, args, epoch)
         shards = [prepare_data_loader(loader, num_processes=processes, process_index=rank) for rank in
                   range(processes)] if processes > 1 else [loader]
         for batch in (b for shard in shards for b in shard):
             tokens = max(tokens, batch["input_ids"].numel())
             learned = max(learned, int((batch["labels"] != -100).sum()))
-    assert train.longest_micro_batch(examples, args, processes) == (tokens, learned)
+    assert objectives.longest_micro_batch(examples, args, processes) == (tokens, learned)
     assert tokens <= sum(sorted(len(e.chosen[0]) for e in examples)[-2:])
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_token_budget_micro_batches(processes):
+    """--max_tokens_per_batch 900 beside --batch_size 8, on 23 examples of 20-400 tokens: every micro-batch any process
+    gets (accelerate's own sharding) holds at most 900 tokens and 8 examples; each epoch trains every example once, in
+    the same number of micro-batches (what the schedule counts), in another order; the memory plan's longest
+    micro-batch is the largest the loaders build."""
+    from accelerate.data_loader import prepare_data_loader
+
+    rng = random.Random(7)
+    examples = [objectives.Example((list(range(n)), [-100] * 10 + list(range(n - 10))))
+                for n in (rng.randrange(20, 400) for _ in range(23))]
+    args = flags("--batch_size", "8", "--max_tokens_per_batch", "900", "--epochs", "3")
+    steps_per_epoch, total = objectives.schedule(args, examples, processes)
+    tokens, orders = 0, []
+    for epoch in range(3):
+        batches = objectives.token_batches(objectives.example_sizes(examples), args, epoch)
+        assert sorted(i for b in batches for i in b) == list(range(23))
+        assert len(batches) == len(objectives.token_batches(objectives.example_sizes(examples), args, 0))
+        orders.append(batches)
+        loader = objectives.epoch_loader(examples, args, epoch)
+        shards = [prepare_data_loader(loader, num_processes=processes, process_index=rank) for rank in
+                  range(processes)] if processes > 1 else [loader]
+        assert len({len(list(shard)) for shard in shards}) == 1  # every process the same number of micro-steps
+        assert len(list(shards[0])) == steps_per_epoch  # --grad_accum 1
+        for batch in (b for shard in shards for b in shard):
+            assert batch["input_ids"].numel() <= 900 and batch["sequences"] <= 8
+            tokens = max(tokens, batch["input_ids"].numel())
+    assert total == 3 * steps_per_epoch and orders[0] != orders[1]  # the micro-batches come in another order
+    assert objectives.longest_micro_batch(examples, args, processes)[0] == tokens
+    assert len(orders[0]) > 3  # the budget binds: more micro-batches than --batch_size 8 alone makes (3)
 
 
 def test_3b_plan_on_gsm8k_rows_stays_under_80_and_24_gb():

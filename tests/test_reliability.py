@@ -123,7 +123,8 @@ def test_train_rejects_bad_train_file(tmp_path, capsys, existing, content, words
     assert (out / "config.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--lr", "0"), ("--batch_size", "0"), ("--lr", "-1")])
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--lr", "0"), ("--batch_size", "0"), ("--lr", "-1"),
+                                        ("--max_tokens_per_batch", "0")])
 def test_train_rejects_out_of_range(tmp_path, capsys, flag, value):
     path = write(tmp_path, "t.jsonl", json.dumps(GOOD) + "\n")
     expect_error(capsys, train.main, ["--train_file", path, "--output_dir", str(tmp_path / "m"), flag, value], flag)
@@ -134,6 +135,8 @@ def test_train_rejects_out_of_range(tmp_path, capsys, flag, value):
     (["--lora_r", "8"], {"ACCELERATE_USE_FSDP": "true"}, "--lora_r under FSDP"),  # what an FSDP config's launch sets
     (["--save_minutes", "-1"], {}, "--save_minutes must be >= 0"),
     (["--report_to", "wandb"], {}, "--report_to wandb needs the package wandb"),
+    (["--base_model", "smollm2-135m", "--max_tokens_per_batch", "10"], {},
+     "--max_tokens_per_batch 10 is below the longest example"),  # before any weight loads
 ])
 def test_train_rejects_bad_combinations(tmp_path, capsys, monkeypatch, argv, env, words):
     if "wandb" in argv and importlib.util.find_spec("wandb"):

@@ -168,6 +168,32 @@ def test_grad_accum_2_equals_the_doubled_batch(tmp_path, tiny_llama, gsm8k_recor
     assert max(changed_weights(tiny_llama, tmp_path / "b4").values()) > 1e-3
 
 
+def test_token_budget_trains_as_the_packer_says(tmp_path, tiny_llama, gsm8k_records, capsys):
+    """--max_tokens_per_batch: a budget that binds nothing (all 16 examples in one row, as --batch_size 16 alone)
+    trains the same losses and weights within 1e-5 (fp32); a budget that binds trains one optimizer step per packed
+    micro-batch, as many every epoch, and the memory plan names it."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records))
+    flags = ["--train_file", str(path), "--base_model", tiny_llama, "--epochs", "2", "--lr", "1e-3", "--dtype", "fp32",
+             "--batch_size", "16"]
+    train.main(flags + ["--output_dir", str(tmp_path / "rows")])
+    train.main(flags + ["--output_dir", str(tmp_path / "loose"), "--max_tokens_per_batch", "100000"])
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("rows", "loose")}
+    assert [r["loss"] for r in logs["loose"]] == pytest.approx([r["loss"] for r in logs["rows"]], abs=1e-5)
+    assert max(changed_weights(tmp_path / "rows", tmp_path / "loose").values()) < 1e-5
+    capsys.readouterr()
+    train.main(flags + ["--output_dir", str(tmp_path / "tight"), "--max_tokens_per_batch", "1200"])
+    args = train.parser.parse_args(flags + ["--max_tokens_per_batch", "1200"])
+    tok = load_tokenizer(tiny_llama)
+    sizes = objectives.example_sizes([objectives.Example(e) for e in objectives.tokenize_examples(tok, gsm8k_records,
+                                                                                                  args.max_length)[0]])
+    batches = len(objectives.token_batches(sizes, args, 0))
+    stats = json.loads((tmp_path / "tight" / "train_stats.json").read_text())
+    assert batches > 1 and stats["steps"] == 2 * batches
+    assert "and 1200 tokens)" in capsys.readouterr().out
+
+
 def test_steps_grow_by_iteration(tmp_path, records):
     """--steps S --steps_growth g trains round(S (1 + g)^(N-1)) optimizer steps at iteration N, whatever the data size."""
     path = tmp_path / "t.jsonl"
