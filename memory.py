@@ -107,12 +107,20 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
     per_token += 8 * shape["hidden"] + 4 + shape["hidden"] * (2 if bf16 else 4)  # final norm, lm_head input
     terms = {"weights": weights, "weight copies": copies, "gradients": 4 * trainable,
              "optimizer states": ADAMW_BYTES * trainable, "activations": tokens * per_token,
-             "logits/loss": (learned or tokens) * shape["vocab"] * LOGIT_BYTES}
-    plan = {name: value / GIB for name, value in terms.items() if value or name != "weight copies"}
+             "logits/loss": (learned or tokens) * shape["vocab"] * LOGIT_BYTES,
+             # --rpo_reference previous: that model, whole on every process, for the reference pass before step 1
+             "reference model": (2 if bf16 else 4) * n_params if uses_previous_reference(args) else 0}
+    plan = {name: value / GIB for name, value in terms.items() if value or name not in ("weight copies",
+                                                                                          "reference model")}
     if device == "cpu":
         plan["runtime"] = CPU_RUNTIME_GIB
     plan["total"] = sum(plan.values())
     return plan
+
+
+def uses_previous_reference(args):
+    """Whether train.py loads a second model for the reference log-probs (--objective rpo --rpo_reference previous)."""
+    return getattr(args, "objective", "sft") == "rpo" and getattr(args, "rpo_reference", "base") == "previous"
 
 
 def fsdp_gathered_bytes(config, n_params, bf16):
@@ -163,6 +171,8 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
             "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
             "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
+            "reference model": f"--rpo_reference previous: {'bf16' if bf16 else 'fp32'} weights, whole on every "
+                               "process, freed before step 1",
             "total": "upper bound: the terms need not peak together"}
 
 

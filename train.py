@@ -371,6 +371,8 @@ def with_references(acc, model, examples, args, dtype):
         other = use_packed_attention(load_weights(name, dtype)).to(acc.device)
         refs = reference_logps(acc, other, pairs, args)
         del other
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # its memory back to the device before the optimizer states take theirs
     acc.print(f"reference log-probs of {len(pairs)} pairs from {name}")
     refs = iter(refs)
     return [Example(e.chosen, e.rejected, tuple(next(refs))) if e.rejected is not None else e for e in examples]

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import resource
@@ -71,6 +72,21 @@ def test_lora_lines_by_hand(llama_3b):
     assert plan["weights"] * GIB == 2 * P_3B + 4 * lora  # bf16 frozen base, fp32 adapters
     assert plan["gradients"] * GIB == 4 * lora and plan["optimizer states"] * GIB == 8 * lora
     assert "weight copies" not in plan  # the base is already bf16: autocast copies nothing big
+
+
+def test_previous_reference_is_in_the_plan(llama_3b):
+    """--objective rpo --rpo_reference previous loads a second model for the reference pass: the plan counts its
+    weights in the compute dtype, whole on every process (FSDP does not shard it); without it there is no such line."""
+    config, n_params, per_rank = llama_3b
+    rpo = flags("--objective", "rpo", "--rpo_reference", "previous")
+    base = memory.estimate_memory(config, n_params, flags("--objective", "rpo"), "cuda", per_rank)
+    previous = memory.estimate_memory(config, n_params, rpo, "cuda", per_rank)
+    assert "reference model" not in base and previous["reference model"] * GIB == 2 * P_3B  # bf16
+    assert previous["total"] == pytest.approx(base["total"] + previous["reference model"])
+    fsdp = memory.process_plan(config, (n_params, per_rank), rpo, "cuda", True, "FSDP", 8)
+    assert fsdp["reference model"] == previous["reference model"]
+    assert memory.estimate_memory(config, n_params, rpo, "cpu", per_rank, bf16=False)["reference model"] * GIB == \
+        4 * P_3B  # fp32
 
 
 def test_24_gb_configuration(llama_3b):
@@ -215,6 +231,23 @@ def test_gpu_check_stops_before_loading_weights(tmp_path, monkeypatch, capsys):
     config, plan = memory.plan_memory(acc, flags("--base_model", str(tmp_path), *fits.split()), True)
     assert plan["total"] < 17.8 and checkpoints.base_dtype(config) == torch.bfloat16
     memory.plan_memory(acc, flags("--base_model", str(tmp_path), "--skip_memory_check"), True)
+
+
+def test_gpu_check_tiny_runs_its_path(tmp_path):
+    """bench/gpu_check.py --tiny: the GPU check's whole path on CPU on a 2-layer shape: vLLM generation of one whole
+    share (where vLLM is installed), then train.py itself on a saved random checkpoint in bf16, with tokens/s, MFU
+    against this CPU's measured bf16 matmul rate and the peak against train.py's plan."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--data_dir", GSM8K_DIR,
+                        "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    if importlib.util.find_spec("vllm"):
+        assert any(line.startswith("vllm           batch   16:") and "projected Stage 1" in line for line in lines)
+    train = next(line for line in lines if line.startswith("train: "))
+    assert re.search(r"3 steps, \d+ tok/s .* MFU [\d.]+% of [\d.]+ TFLOP/s \(this CPU's measured bf16 matmul rate\), "
+                     r"peak memory [\d.]+ GiB against a plan of [\d.]+ GiB", train), train
+    assert lines[-1] == "gpu_check --tiny: generation and training ran on this shape"
+    assert (tmp_path / "trained" / "model.safetensors").exists()
 
 
 def test_estimate_materializes_no_weights():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import generation
@@ -223,22 +224,31 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
-def check_resume(tmp_path, args, kill_at):
+def check_resume(tmp_path, args, kill_at, launcher=(), inspect=None):
     """A run SIGKILLed after step `kill_at` leaves no checkpoint, only its saved state; rerunning the same command
-    resumes from that state and logs the same losses as an uninterrupted run. Returns the step it resumed from."""
+    resumes from that state and logs the same losses as an uninterrupted run. Returns the step it resumed from.
+    launcher: the command that starts train.py (default: python); inspect(state folder) looks at the saved state."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_script("train.py", args + ["--output_dir", str(whole)]).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py")] + args + ["--output_dir", str(cut)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # kill after step `kill_at`, past a saved state
-        if line.startswith(f"step {kill_at:5d}/"):
-            proc.send_signal(signal.SIGKILL)
+    cmd = [*(launcher or [sys.executable, "-u"]), str(ROOT / "train.py")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if launcher else {})}
+    run = lambda out: subprocess.run(cmd + args + ["--output_dir", str(out)], capture_output=True,  # noqa: E731
+                                     text=True, timeout=900, env=env)
+    r = run(whole)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd + args + ["--output_dir", str(cut)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:  # kill after step `kill_at`, past a saved state: every process of the launch at once
+        if f"step {kill_at:5d}/" in line:  # a launcher's progress bars may share the line
+            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                p.kill()  # every process of the launch (torchrun starts its workers in their own sessions)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "killed mid-training"
     assert not cut.exists() and (tmp_path / "cut.state" / "trainer.json").exists()
-    r = run_script("train.py", args + ["--output_dir", str(cut)])
-    assert r.returncode == 0 and "resuming from step " in r.stdout + r.stderr
+    if inspect:
+        inspect(tmp_path / "cut.state")
+    r = run(cut)
+    assert r.returncode == 0 and "resuming from step " in r.stdout + r.stderr, r.stderr[-3000:]
     log = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]  # noqa: E731
     assert [x["step"] for x in log(cut)] == [x["step"] for x in log(whole)]
     assert [x["loss"] for x in log(cut)] == pytest.approx([x["loss"] for x in log(whole)], abs=1e-3)
@@ -258,6 +268,24 @@ def test_training_resumes_from_saved_state(tmp_path, tiny_llama, gsm8k_records, 
     args = ["--train_file", str(data), "--base_model", tiny_llama, "--batch_size", "1", "--epochs", "1",
             "--lr", "1e-3", "--dtype", "fp32", *save]
     assert check_resume(tmp_path, args, 3) in resumed_from
+
+
+def test_fsdp_resumes_from_sharded_state(tmp_path, tiny_llama, gsm8k_records):
+    """Under the shipped FSDP config (2 CPU processes, gloo) the resume state is sharded, one part per process
+    (torch's distributed checkpoint), with no full copy of the weights or optimizer in it; a run killed after
+    step 3 resumes from step 2 and logs the losses of an uninterrupted run."""
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records))  # 16: 8 steps of 2 x 1
+    args = ["--train_file", str(data), "--base_model", tiny_llama, "--batch_size", "1", "--epochs", "1",
+            "--lr", "1e-3", "--dtype", "fp32", "--save_steps", "2", "--max_length", "512"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs" / "accelerate_fsdp.yaml"), "--num_processes", "2", "--main_process_port", "0"]
+    def sharded(state):
+        parts = {p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file()}
+        assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= parts, parts
+        assert not any(p.endswith((".bin", ".safetensors")) and "optimizer" not in p and "model" in p for p in parts)
+
+    assert check_resume(tmp_path, args, 3, launcher, inspect=sharded) == 2
 
 
 def test_create_data_that_keeps_nothing_says_so_and_writes_stats(tmp_path, capsys):
