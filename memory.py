@@ -270,8 +270,14 @@ def lower_mmap_threshold():
     host's peak RSS follows the plan. By default glibc raises its mmap threshold after the first large free and then
     serves activations from a heap it seldom shrinks: the peak rises well above the plan. It costs time in page faults
     (bench/bench_malloc.py; docs/training.md, "Memory on CPU")."""
+    set_mmap_threshold(128 * 1024)
+
+
+def set_mmap_threshold(nbytes):
+    """glibc's M_MMAP_THRESHOLD: blocks of `nbytes` or more are mapped and handed back at free (setting it also stops
+    glibc's dynamic raising of it); elsewhere (macOS, musl) nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return  # not glibc (macOS, musl): their allocators are left as they are
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also stops glibc's dynamic raising of it
+        return  # not glibc: its allocator is left as it is
+    libc.mallopt(-3, nbytes)

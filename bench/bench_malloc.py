@@ -1,8 +1,9 @@
-"""train.py's glibc setting on CPU, side by side: its mmap threshold of 128 KiB (memory.lower_mmap_threshold, which keeps the
-host's peak near the memory plan) against glibc's default, on the same rows for the same steps. Prints wall time,
-user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
+"""train.py's glibc setting on CPU, side by side: its fixed mmap threshold (memory.lower_mmap_threshold, which keeps the
+host's peak near the memory plan) against other thresholds and glibc's default, on the same rows for the same steps.
+Prints wall time, user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
 
     python bench/bench_malloc.py --train_file runs/rpo/human_seed/data/star_iter1_train.jsonl --steps 8
+    python bench/bench_malloc.py --train_file ... --variants 128,4096,32768,glibc_default,128   # thresholds in KiB
 """
 import argparse
 import os
@@ -20,14 +21,20 @@ parser.add_argument("--base_model", default="smollm2-135m")
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--output_dir", default="/tmp/bench_malloc")
-parser.add_argument("--variant", choices=("threshold", "glibc_default"), help="run one variant in this process")
+parser.add_argument("--variants", default="threshold,glibc_default,threshold",
+                    help="in order, each in its own process: threshold (train.py's), glibc_default, or a threshold in "
+                         "KiB; the first again at the end shows the machine did not drift")
+parser.add_argument("--variant", help="run one variant in this process")
 
 
 def run_variant(args):
+    import memory
     import train
 
     if args.variant == "glibc_default":
         train.lower_mmap_threshold = lambda: None
+    elif args.variant != "threshold":  # a threshold in KiB
+        train.lower_mmap_threshold = lambda: memory.set_mmap_threshold(int(args.variant) * 1024)
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),
                 "--lr", "1e-4", "--batch_size", str(args.batch_size), "--report_to", "none", "--overwrite",
@@ -41,9 +48,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.variant:
         return run_variant(args)
-    for variant in ("threshold", "glibc_default", "threshold"):  # the first again: the machine did not drift
-        out = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-                              "--variant", variant], capture_output=True, text=True)
+    for variant in args.variants.split(","):
+        out = subprocess.run([sys.executable, __file__, "--train_file", args.train_file, "--base_model",
+                              args.base_model, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+                              "--output_dir", args.output_dir, "--variant", variant], capture_output=True, text=True)
         print(next((line for line in out.stdout.splitlines() if line.startswith("RESULT")), out.stderr[-500:]),
               flush=True)
 
