@@ -221,24 +221,46 @@ def packed_loss(model, batch):
     return (nll / count).mean()
 
 
-def rpo_loss(model, batch, beta, alpha):
-    """Iterative RPO's loss (Pang et al. 2024, eq. 1), mean over the examples of a packed row: alpha x the chosen
-    rationale's NLL per token, plus for a pair DPO on the log-probability ratios to the reference,
-    -log sigmoid(beta x [(log pi(w) - ref(w)) - (log pi(l) - ref(l))]). Log-probabilities are sums over rationale
-    tokens; a kept rationale with no loser has the NLL term alone, as in STaR."""
+def rpo_loss(model, batch, beta, alpha, dpop_lambda=0.0):
+    """(loss, pair metrics) of Iterative RPO (Pang et al. 2024, eq. 1), mean over the examples of a packed row: alpha
+    x the chosen rationale's NLL per token, plus for a pair DPO on the log-probability ratios to the reference,
+    -log sigmoid(beta x [(log pi(w) - ref(w)) - (log pi(l) - ref(l)) - lambda x max(0, ref(w) - log pi(w))]), the
+    last term DPO-Positive's (Pal et al. 2024, https://arxiv.org/abs/2402.13228: it stops the chosen rationale's
+    likelihood from falling below the reference's while the margin grows). Log-probabilities are sums over rationale
+    tokens; a kept rationale with no loser has the NLL term alone, as in STaR. The metrics: pair_metrics."""
     nll, count = example_nll(model, batch)
     w, l, paired = batch["chosen"], batch["rejected"], batch["paired"]
     loss = alpha * nll[w] / count[w]  # [examples]
+    metrics = torch.zeros(len(PAIR_METRICS), dtype=torch.float64)
     if len(paired):
         logp = -torch.stack([nll[w[paired]], nll[l]], 1)  # [pairs, (chosen, rejected)]
-        margin = (logp - batch["reference"].to(nll.device)) @ torch.tensor([beta, -beta], device=nll.device)
+        ratio = logp - batch["reference"].to(nll.device)  # log pi - log ref: [pairs, 2]
+        margin = beta * (ratio[:, 0] - ratio[:, 1] - dpop_lambda * torch.clamp(-ratio[:, 0], min=0))
         loss = loss.index_add(0, paired, -torch.nn.functional.logsigmoid(margin))
-    return loss.mean()
+        metrics = pair_metrics(logp.detach(), beta * ratio.detach())
+    return loss.mean(), metrics
+
+
+# What log.jsonl and the tracker show of the pairs (TRL's DPOTrainer logs the same): sums over a micro-batch's pairs,
+# averaged over every pair of the logged steps. rewards are beta x (log pi - log ref) of each rationale, log-probs
+# summed over its tokens; accuracy: the share of pairs whose chosen reward is above the rejected one.
+PAIR_METRICS = ("pairs", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logp_chosen",
+                "logp_rejected")
+
+
+def pair_metrics(logp, rewards):
+    """Sums over the pairs (logp, rewards: [pairs, (chosen, rejected)]) in PAIR_METRICS' order, the count first."""
+    margin = rewards[:, 0] - rewards[:, 1]
+    return torch.stack([torch.tensor(float(len(logp)), device=logp.device), rewards[:, 0].sum(), rewards[:, 1].sum(),
+                        margin.sum(), (margin > 0).sum().to(logp.dtype), logp[:, 0].sum(), logp[:, 1].sum()]
+                       ).double().cpu()
 
 
 def training_loss(model, batch, args):
-    """The loss --objective trains on."""
-    return rpo_loss(model, batch, args.beta, args.rpo_alpha) if args.objective == "rpo" else packed_loss(model, batch)
+    """(the loss --objective trains on, its pair metrics: PAIR_METRICS' sums, zeros for sft)."""
+    if args.objective == "rpo":
+        return rpo_loss(model, batch, args.beta, args.rpo_alpha, args.dpop_lambda)
+    return packed_loss(model, batch), torch.zeros(len(PAIR_METRICS), dtype=torch.float64)
 
 
 def reference_logps(acc, model, examples, args):

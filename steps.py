@@ -35,6 +35,16 @@ COLUMN_RE = re.compile(
     r"^[ \t]*(" + "|".join(ARITH_COLUMNS) + r"):\s*(\d+)\s*\+\s*(\d+)(?:\s*\+\s*(\d+))?\s*=\s*(\d+),"
     r"\s*write\s+(\d+),\s*carry\s+(\d+)\.?[ \t]*$", re.I | re.M)
 QUESTION_SUM_RE = re.compile(r"What is (\d+) \+ (\d+)\?")
+# Forms instruct models write that the chain reader would miss, rewritten before it reads (rewrite_forms):
+# a label repeated down the lines (`Time = 150 miles / 75 mph` then `Time = 2 hours`: one chain), a product written
+# as `2(1.5)`, and a part in words (`Half of 10 is 5`: 10 / 2 = 5; `twice 10 is 20`: 2 * 10 = 20).
+LABEL_LINE_RE = re.compile(r"[ \t]*(?:[-*•][ \t]+)?([A-Za-z][A-Za-z '’]{0,40})=([^=\n]*)")  # fullmatch, one line
+IMPLICIT_TIMES_RE = re.compile(r"(?<=[0-9)])\((?=[ \t]*[$0-9])")
+PARTS = {"half": "/ 2", "a half": "/ 2", "one half": "/ 2", "a third": "/ 3", "one third": "/ 3", "a quarter": "/ 4",
+         "one quarter": "/ 4", "a fourth": "/ 4", "one fourth": "/ 4", "a fifth": "/ 5", "one fifth": "/ 5"}
+TIMES = {"twice": "2 *", "double": "2 *", "triple": "3 *"}
+PART_RE = re.compile(rf"\b({'|'.join(PARTS)}) of ({NUMBER}) (?:is|equals) (?=\$?[0-9])", re.I)
+TIMES_RE = re.compile(rf"\b({'|'.join(TIMES)}) (?:of )?({NUMBER}) (?:is|equals) (?=\$?[0-9])", re.I)
 SO_RE = re.compile(r"^[ \t]*So\s+(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\.?[ \t]*$", re.M)
 
 
@@ -334,13 +344,31 @@ def check_columns(lines, operands):
     return true, len(lines)
 
 
+def rewrite_forms(text):
+    """The text with LABEL_LINE_RE's, IMPLICIT_TIMES_RE's and PART_RE's forms written as plain chains: consecutive lines
+    `L = a` / `L = b` (the earlier one without a result of its own) become `L = a = b`."""
+    text = IMPLICIT_TIMES_RE.sub("*(", text)
+    text = PART_RE.sub(lambda m: f"{m[2]} {PARTS[m[1].lower()]} = ", text)
+    text = TIMES_RE.sub(lambda m: f"{TIMES[m[1].lower()]} {m[2]} = ", text)
+    out, last = [], None
+    for line in text.split("\n"):
+        m = LABEL_LINE_RE.fullmatch(line)
+        label = m[1].strip().lower() if m else None
+        if label and label == last:
+            out[-1] += " = " + m[2].strip()
+            continue
+        out.append(line)
+        last = label
+    return "\n".join(out)
+
+
 def check_steps(text, question=None):
     """(steps that are true, steps found) in a rationale: every `=` link of every written equation,
     and for the arithmetic scratchpad every column line, checked against the operands' real digits
     (from the question "What is A + B?" when given, else from the closing "So A + B = S")."""
     lines = [m.groups() for m in COLUMN_RE.finditer(text)]  # groups() keeps None for a missing carry-in
     if not lines:
-        return check_equations(text)
+        return check_equations(rewrite_forms(text))
     so = QUESTION_SUM_RE.search(question or "") or SO_RE.search(text)
     operands = (int(so.group(1)), int(so.group(2))) if so else None
     col_true, col_found = check_columns(lines, operands)

@@ -54,7 +54,7 @@ from memory import lower_mmap_threshold, plan_memory
 from models import DEFAULT_BASE_MODEL, DTYPES, device_and_dtype, load_tokenizer, load_weights
 from objectives import (
     OBJECTIVES, Example, epoch_loader, example_sizes, longest_micro_batch, reference_logps, reference_model, schedule,
-    tokenize_examples, tokenize_pairs, training_loss, unpaired_rationales,
+    tokenize_examples, tokenize_pairs, training_loss, unpaired_rationales, PAIR_METRICS,
 )
 
 # Learning rates when --lr is not given. Full fine-tuning: 2e-5, a common rate for 1-8B instruction models. LoRA needs
@@ -73,6 +73,9 @@ parser.add_argument("--objective", default="sft", choices=OBJECTIVES,
                          "--pairs_file (Iterative RPO), NLL alone on --train_file's other rationales")
 parser.add_argument("--pairs_file", default=None, help="--objective rpo: default data/star_iter{N}_pairs.jsonl")
 parser.add_argument("--beta", type=float, default=0.1, help="--objective rpo: DPO's beta (the paper's 0.1)")
+parser.add_argument("--dpop_lambda", type=float, default=0.0,
+                    help="--objective rpo: DPO-Positive's lambda (Pal et al. 2024: 50), a penalty inside the sigmoid "
+                         "when the chosen rationale's log-prob falls below the reference's; 0 = plain DPO")
 parser.add_argument("--rpo_alpha", type=float, default=1.0,
                     help="--objective rpo: weight of the chosen rationale's NLL per token (the paper's 1; 0 = plain DPO)")
 parser.add_argument("--pairs_only", action="store_true",
@@ -156,7 +159,7 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
     processes, seconds)."""
     step, state_dir = start, args.output_dir + ".state"
     params = [p for p in model.parameters() if p.requires_grad]
-    tokens, losses, t0 = 0, [], time.time()
+    tokens, losses, pairs, t0 = 0, [], torch.zeros(len(PAIR_METRICS), dtype=torch.float64), time.time()
     last_save = t0
     bar = tqdm(total=total, initial=step, desc="training", disable=not acc.is_main_process, dynamic_ncols=True)
     model.train()
@@ -166,7 +169,7 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
         trained = (step - epoch * steps_per_epoch) * args.grad_accum  # micro-batches of this epoch already trained
         for batch in acc.skip_first_batches(loader, trained) if trained else loader:
             with acc.accumulate(model):
-                loss = training_loss(model, batch, args)
+                loss, metrics = training_loss(model, batch, args)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, 1.0)
@@ -175,13 +178,14 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
                 opt.zero_grad(set_to_none=True)
             tokens += int(batch["input_ids"].numel())
             losses.append(loss.item())
+            pairs += metrics
             if not acc.sync_gradients:
                 continue
             step += 1
             bar.update(1)
             if step % args.logging_steps == 0 or step == total:
-                log.append(log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0))
-                losses = []
+                log.append(log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0, pairs))
+                losses, pairs = [], torch.zeros_like(pairs)
             if step < total and save_due(acc, args, step, last_save):
                 save_resume_state(acc, state_dir, args, step, log)
                 last_save = time.time()
@@ -191,18 +195,24 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
     return log, int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum")), time.time() - t0
 
 
-def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0):
+def log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0, pairs):
     """One fixed-format line per logged optimizer step: the loss of every process's micro-batches since the last line
-    (their mean), the learning rate, all processes' tokens/s; the same numbers go to log.jsonl and --report_to."""
-    summed = acc.reduce(torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64, device=acc.device), "sum")
+    (their mean), the learning rate, all processes' tokens/s, and with pairs (--objective rpo) their means of
+    PAIR_METRICS (objectives.pair_metrics); the same numbers go to log.jsonl and --report_to."""
+    summed = acc.reduce(torch.cat([torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64), pairs])
+                        .to(acc.device), "sum").cpu()
     row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(float(summed[0] / summed[1]), 4),
            "lr": sched.get_last_lr()[0], "tokens_per_s": round(float(summed[2]) / (time.time() - t0), 1)}
+    if summed[3] > 0:  # the pairs' means over every pair of these steps, on every process
+        row.update({name: round(float(v / summed[3]), 4) for name, v in zip(PAIR_METRICS[1:], summed[4:])})
     if torch.cuda.is_available():
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)  # the main process's trackers
     if acc.is_main_process:
+        pairs_line = (f" | margin {row['reward_margin']:7.4f} | acc {row['reward_accuracy']:.2f} | logp chosen "
+                      f"{row['logp_chosen']:8.2f}" if "reward_margin" in row else "")
         tqdm.write(f"step {step:5d}/{total} | epoch {row['epoch']:6.3f} | loss {row['loss']:.4f} | "
-                   f"lr {row['lr']:.2e} | tok/s {row['tokens_per_s']:8.1f}", file=sys.stdout)
+                   f"lr {row['lr']:.2e} | tok/s {row['tokens_per_s']:8.1f}{pairs_line}", file=sys.stdout)
         sys.stdout.flush()  # a log line is out as soon as its step is done, also into a pipe
     return row
 
@@ -234,8 +244,9 @@ def check_args(args):
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise StarError(f"--report_to {args.report_to} needs the package {args.report_to} (pip install "
                         f"{args.report_to}), or pass --report_to none")
-    if args.beta <= 0 or args.rpo_alpha < 0:
-        raise StarError(f"--beta must be > 0 and --rpo_alpha >= 0 (got {args.beta}, {args.rpo_alpha})")
+    if args.beta <= 0 or args.rpo_alpha < 0 or args.dpop_lambda < 0:
+        raise StarError(f"--beta must be > 0, --rpo_alpha and --dpop_lambda >= 0 (got {args.beta}, {args.rpo_alpha}, "
+                        f"{args.dpop_lambda})")
     args.lr = args.lr or (LORA_LR if args.lora_r else FULL_LR)
     args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
     args.pairs_file = args.pairs_file or f"data/star_iter{args.iteration}_pairs.jsonl"

@@ -654,4 +654,17 @@ LINES = [
     # prose with no step
     ("From 1:00 PM to 5:00 PM is 4 hours.", (0, 0)),
     ("The ratio is 7:11, so the total is 18 parts.", (0, 0)),
+    # a label repeated down the lines, one chain (the earlier line has no result of its own)
+    ("Time = 150 miles / 75 mph\nTime = 2 hours", (1, 1)),
+    ("Time = 150 miles / 75 mph\nTime = 3 hours", (0, 1)),
+    ("Perimeter = 2(1.5) + 2(6)\nPerimeter = 3 + 12\nPerimeter = 15 miles", (2, 2)),
+    ("Perimeter = 2(1.5) + 2(6)\nPerimeter = 3 + 13\nPerimeter = 16 miles", (1, 2)),
+    ("Total = 5 + 3 = 8\nTotal = 8 * 2 = 16", (2, 2)),  # each line its own chain: not joined
+    ("Speed = 60 miles/hour\nSpeed = 1 mile/minute", (0, 0)),  # a unit change, not a step
+    # implicit multiplication, parts in words
+    ("Area = 4(2.5) = 10 square feet", (1, 1)),
+    ("Half of 10 is 5.", (1, 1)),
+    ("Half of 10 is 6.", (0, 1)),
+    ("A third of $12 is $4.", (1, 1)),
+    ("Twice 12 is 24 cookies.", (1, 1)),
 ]

@@ -93,21 +93,30 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
                                       for e, ref in zip(examples, reference)])
     assert batch["input_ids"].shape[1] == sum(len(x) for e in examples for x, _ in e.sequences)  # one row
     assert batch["chosen"].tolist() == [0, 2, 4, 5, 7] and batch["rejected"].tolist() == [1, 3, 6, 8]
-    beta, alpha = 0.1, 1.0
-    terms = []
+    beta, alpha, lam = 0.1, 1.0, 50.0  # lam: DPO-Positive's penalty (the chosen log-probs are far below these refs)
+    terms, logps = [], []
     for p, (ref_w, ref_l) in zip(records, reference):
         logp_w, n_w = direct_logp(direct_model, tok, p["question"], p.get("chosen", p.get("rationale")))
         terms.append(alpha * (-logp_w) / n_w)
         if "rejected" in p:
             logp_l, _ = direct_logp(direct_model, tok, p["question"], p["rejected"])
-            terms[-1] = terms[-1] - torch.nn.functional.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
+            penalty = lam * torch.clamp(ref_w - logp_w, min=0)
+            terms[-1] = terms[-1] - torch.nn.functional.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l) - penalty))
+            logps.append((logp_w.item(), logp_l.item(), ref_w, ref_l))
     expected = torch.stack(terms).mean()
     expected.backward()
-    loss = objectives.rpo_loss(packed_model, batch, beta, alpha)
+    loss, metrics = objectives.rpo_loss(packed_model, batch, beta, alpha, lam)
     loss.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     for (name, a), b in zip(packed_model.named_parameters(), direct_model.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    # the pair metrics (sums over the 4 pairs): rewards beta x (log pi - ref), their margin and accuracy, log-probs
+    chosen, rejected = ([beta * (x[i] - x[i + 2]) for x in logps] for i in (0, 1))
+    want = [4, sum(chosen), sum(rejected), sum(chosen) - sum(rejected), sum(c > r for c, r in zip(chosen, rejected)),
+            sum(x[0] for x in logps), sum(x[1] for x in logps)]
+    assert dict(zip(objectives.PAIR_METRICS, metrics.tolist())) == pytest.approx(
+        dict(zip(objectives.PAIR_METRICS, want)), rel=1e-5)
+    assert objectives.rpo_loss(packed_model, batch, beta, alpha)[0].item() < loss.item()  # the penalty is on
     # the reference pass gives each pair's own log-probs
     acc = argparse.Namespace(process_index=0, num_processes=1, device="cpu", is_main_process=True,
                              autocast=lambda: torch.autocast("cpu", enabled=False))
@@ -131,10 +140,15 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     assert stats["objective"] == "rpo" and stats["examples"] == 6 and stats["steps"] == 12
     assert stats["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert stats["final_loss"] < 0.8 * math.log(2)  # the margins grew: the winner gained on the loser
+    log = [json.loads(x) for x in (tmp_path / "model_star_iter1" / "log.jsonl").read_text().splitlines()]
+    assert all(set(objectives.PAIR_METRICS[1:]) <= set(r) for r in log)  # the pair metrics, logged every step
+    assert log[0]["reward_margin"] == 0 and log[0]["rewards_chosen"] == 0  # policy = reference at step 1
+    assert log[-1]["reward_margin"] > 0 and log[-1]["reward_accuracy"] > 0.5
     tok = load_tokenizer(tiny_llama)
     examples, _ = objectives.tokenize_pairs(tok, pairs, 1024)
     sizes = [len(e.chosen[0]) + len(e.rejected[0]) for e in examples]
-    args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1)
+    args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1,
+                              max_tokens_per_batch=None)
     assert train.longest_micro_batch(examples, args, 1)[0] == sum(sizes)
     assert "976 tokens (the longest packed micro-batch" in capsys.readouterr().out  # 2 pairs, 4 sequences
     # --rpo_reference previous: the model that generated iteration 2's pairs (M_1) is the reference, not M_0
@@ -157,3 +171,5 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     assert e.value.code == 2 and not (tmp_path / "n").exists()
     with pytest.raises(StarError):
         train.check_args(train.parser.parse_args(common + ["--output_dir", str(tmp_path / "o"), "--beta", "0"]))
+    with pytest.raises(StarError, match="--dpop_lambda >= 0"):
+        train.check_args(train.parser.parse_args(common + ["--output_dir", str(tmp_path / "o"), "--dpop_lambda", "-1"]))
