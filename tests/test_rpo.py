@@ -88,12 +88,17 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
     records = pairs[:2] + [{"question": pairs[4]["question"], "rationale": pairs[4]["chosen"]}] + pairs[2:4]
     examples, too_long = objectives.tokenize_pairs(tok, records, 1024)
     assert not too_long and len(examples) == 5 and examples[2].rejected is None
-    reference = [(-150.0 + 3 * i, -160.0 - 2 * i) for i in range(5)]  # margins away from 0, so the sigmoid matters
+    # references near the model's own log-probs: margins of about 1 (the sigmoid matters), and the chosen rationale
+    # below its reference in pairs 0 and 3 (DPO-Positive's penalty on), above it in the others
+    with torch.no_grad():
+        reference = [(direct_logp(direct_model, tok, p["question"], p["chosen"])[0].item() + (1.0 if i in (0, 3) else -1.0),
+                      direct_logp(direct_model, tok, p["question"], p["rejected"])[0].item() - 0.5)
+                     if "rejected" in p else (0.0, 0.0) for i, p in enumerate(records)]
     batch = objectives.pack_examples([objectives.Example(e.chosen, e.rejected, ref if e.rejected else None)
                                       for e, ref in zip(examples, reference)])
     assert batch["input_ids"].shape[1] == sum(len(x) for e in examples for x, _ in e.sequences)  # one row
     assert batch["chosen"].tolist() == [0, 2, 4, 5, 7] and batch["rejected"].tolist() == [1, 3, 6, 8]
-    beta, alpha, lam = 0.1, 1.0, 50.0  # lam: DPO-Positive's penalty (the chosen log-probs are far below these refs)
+    beta, alpha, lam = 0.1, 1.0, 5.0  # lam: DPO-Positive's (it scales float error in log-probs: a small one here)
     terms, logps = [], []
     for p, (ref_w, ref_l) in zip(records, reference):
         logp_w, n_w = direct_logp(direct_model, tok, p["question"], p.get("chosen", p.get("rationale")))
@@ -115,7 +120,7 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
     want = [4, sum(chosen), sum(rejected), sum(chosen) - sum(rejected), sum(c > r for c, r in zip(chosen, rejected)),
             sum(x[0] for x in logps), sum(x[1] for x in logps)]
     assert dict(zip(objectives.PAIR_METRICS, metrics.tolist())) == pytest.approx(
-        dict(zip(objectives.PAIR_METRICS, want)), rel=1e-5)
+        dict(zip(objectives.PAIR_METRICS, want)), rel=1e-4, abs=1e-3)  # log-probs of ~-1000 in float32
     assert objectives.rpo_loss(packed_model, batch, beta, alpha)[0].item() < loss.item()  # the penalty is on
     # the reference pass gives each pair's own log-probs
     acc = argparse.Namespace(process_index=0, num_processes=1, device="cpu", is_main_process=True,
