@@ -1,5 +1,5 @@
-"""train.py's glibc setting on CPU, side by side: its fixed mmap threshold (memory.lower_mmap_threshold, which keeps the
-host's peak near the memory plan) against other thresholds and glibc's default, on the same rows for the same steps.
+"""train.py's glibc setting on CPU, side by side: its fixed mmap threshold of 128 KiB (memory.lower_mmap_threshold, which
+keeps the host's peak near the memory plan) against other thresholds and glibc's default, on the same rows and steps.
 Prints wall time, user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
 
     python bench/bench_malloc.py --train_file runs/rpo/human_seed/data/star_iter1_train.jsonl --steps 8
@@ -21,9 +21,9 @@ parser.add_argument("--base_model", default="smollm2-135m")
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--output_dir", default="/tmp/bench_malloc")
-parser.add_argument("--variants", default="threshold,glibc_default,threshold",
-                    help="in order, each in its own process: threshold (train.py's), glibc_default, or a threshold in "
-                         "KiB; the first again at the end shows the machine did not drift")
+parser.add_argument("--variants", default="128,glibc_default,128",
+                    help="in order, each in its own process: an mmap threshold in KiB (train.py's: 128) or "
+                         "glibc_default; the first again at the end shows the machine did not drift")
 parser.add_argument("--variant", help="run one variant in this process")
 
 
@@ -31,10 +31,9 @@ def run_variant(args):
     import memory
     import train
 
-    if args.variant == "glibc_default":
-        train.lower_mmap_threshold = lambda: None
-    elif args.variant != "threshold":  # a threshold in KiB
-        train.lower_mmap_threshold = lambda: memory.set_mmap_threshold(int(args.variant) * 1024)
+    train.lower_mmap_threshold = lambda: None  # the variant decides, not train.py's own setting
+    if args.variant != "glibc_default":  # a threshold in KiB, set before anything is allocated
+        memory.set_mmap_threshold(int(args.variant) * 1024)
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),
                 "--lr", "1e-4", "--batch_size", str(args.batch_size), "--report_to", "none", "--overwrite",
