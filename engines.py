@@ -197,22 +197,24 @@ def stop_rule(model, tok, stop=True):
         return StopRule(stop_token_ids(model, tok), stop_strings(tok), True)
     if stop is False:
         return StopRule([], (), False)
+    return StopRule(sorted(eos_ids(model, tok)), tuple(dict.fromkeys([*stop, tok.decode([tok.eos_token_id])])), False)
+
+
+def eos_ids(model, tok):
+    """The tokenizer's EOS and the generation config's EOS ids (what transformers' generate stops at). model: a
+    Hugging Face model or a vLLM engine (load_vllm gives it the checkpoint's generation config)."""
     eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    return StopRule(sorted(ids), tuple(dict.fromkeys([*stop, tok.decode([tok.eos_token_id])])), False)
+    return {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
 
 def stop_token_ids(model, tok):
-    """EOS and end-of-turn ids: any of them ends a row. model: a Hugging Face model or a vLLM engine (load_vllm
-    gives it the checkpoint's generation config)."""
-    ids = {tok.eos_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
+    """EOS and end-of-turn ids: any of them ends a row."""
+    ids = eos_ids(model, tok)
     for t in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>"):
         i = tok.convert_tokens_to_ids(t)
         if isinstance(i, int) and i != tok.unk_token_id:
             ids.add(i)
-    return sorted(i for i in ids if i is not None)
+    return sorted(ids)
 
 
 def stop_strings(tok):

@@ -122,7 +122,7 @@ def open_job(args, model_name, rows):
     settings = resume_settings(vars(args), model_weights=model_identity(model_name))
     batch = args.batch_size
     if engine_name(model) == "vllm":  # each process's whole share in one call (VLLM_CHUNK_QUESTIONS at most)
-        batch = min(VLLM_CHUNK_QUESTIONS, math.ceil(rows / dist_state().num_processes))
+        batch = max(1, min(VLLM_CHUNK_QUESTIONS, math.ceil(rows / dist_state().num_processes)))
     return Job(model, tok, partial, load_partial(partial, {**settings, "batch": batch}, args.overwrite),
                args.max_new_tokens, batch)
 

@@ -159,8 +159,7 @@ def token_batches(sizes, args, epoch):
         bins[j].append(i)
         room[j][0] -= sizes[i][0]
         room[j][1] -= 1
-    random.Random(args.seed * 1000 + epoch).shuffle(bins)
-    return bins
+    return [bins[i] for i in epoch_order(len(bins), args, epoch)]
 
 
 def epoch_loader(examples, args, epoch):

@@ -345,7 +345,7 @@ def check_columns(lines, operands):
 
 
 def rewrite_forms(text):
-    """The text with LABEL_LINE_RE's, IMPLICIT_TIMES_RE's and PART_RE's forms written as plain chains: consecutive lines
+    """The text with IMPLICIT_TIMES_RE's, PART_RE's, TIMES_RE's and LABEL_LINE_RE's forms written as plain chains: lines
     `L = a` / `L = b` (the earlier one without a result of its own) become `L = a = b`."""
     text = IMPLICIT_TIMES_RE.sub("*(", text)
     text = PART_RE.sub(lambda m: f"{m[2]} {PARTS[m[1].lower()]} = ", text)

@@ -47,7 +47,8 @@ parser.add_argument("--work_dir", default=None, help="where the model folder and
 
 
 def run(cmd):
-    """Run one step in its own process, its output shown as it comes; returns the output."""
+    """Run one step in its own process and print its output once it ends (its errors too, if it failed); returns
+    the output."""
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout, end="", flush=True)
@@ -134,14 +135,15 @@ def main(argv=None):
                     "--output_dir", out_dir, "--overwrite", *batch])
     stats = json.load(open(os.path.join(out_dir, "train_stats.json")))
     planned = float(re.search(r"memory total\s+([\d.]+) GiB", out)[1])
+    # log.jsonl's tokens_per_s is cumulative since the first step: its last row, past the first steps' warm-up
+    # (allocation, autotuning), is the whole run's rate; the first row alone is the warm-up's
     log = [json.loads(x) for x in open(os.path.join(out_dir, "log.jsonl"))]
-    steady = log[len(log) // 2:]  # past the first steps' warm-up (allocation, autotuning)
-    tok_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
+    tok_s = log[-1]["tokens_per_s"]
     peak, source = peak_tflops(a.peak_tflops)
     mfu = tok_s * flops_per_token(out_dir, model_dir, n_params) / (peak * 1e12) if peak else None
     used = stats["peak_memory_gib"] or stats["peak_rss_gib"]
-    print(f"train: {n_params / 1e9:.3g}B params ({what}), {stats['steps']} steps, {tok_s:.0f} tok/s (mean of the "
-          f"last {len(steady)} logged steps), MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} of "
+    print(f"train: {n_params / 1e9:.3g}B params ({what}), {stats['steps']} steps, {tok_s:.0f} tok/s (the whole run, "
+          f"its first step {log[0]['tokens_per_s']:.0f}), MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} of "
           f"{f'{peak:.3g}' if peak else 'unknown'} "
           f"TFLOP/s ({source}), peak memory {used:.2f} GiB against a plan of {planned:.2f} GiB")
     if a.tiny:
