@@ -324,10 +324,10 @@ def build_prompts(tok, questions, exemplars=(), hints=None, instruction=INSTRUCT
     return (prompts[0].prefix if prompts else ""), [p.question for p in prompts]
 
 
-def build_completion(tok, rationale):
-    """The target text after the zero-shot prompt: the rationale and the end-of-turn token."""
+def build_completion(tok, rationale, end=True):
+    """The target text after the zero-shot prompt: the rationale and (end) the end-of-turn token."""
     lead = "" if is_chat(tok) else " "
-    return lead + rationale + (tok.eos_token or "")
+    return lead + rationale + ((tok.eos_token or "") if end else "")
 
 
 # ============================================================================= answers

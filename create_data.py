@@ -5,7 +5,9 @@ Stage 2: for the failures, show the right final answer as a hint, generate again
 rationale if it is now right and really derives the answer; it is saved WITHOUT the hint.
 (Zelikman et al. 2022, Algorithm 1, https://arxiv.org/abs/2203.14465)
 Pairs: beside the training set, star_iter{N}_pairs.jsonl pairs a kept rationale (chosen) with one of the Stage-1
-rationales that lost (rejected), for train.py --objective rpo (Pang et al. 2024, https://arxiv.org/abs/2404.19733).
+rationales that lost (rejected), for train.py --objective rpo (Pang et al. 2024, https://arxiv.org/abs/2404.19733);
+star_iter{N}_step_pairs.jsonl cuts each loser at its first false step (prefix, chosen step, rejected step), for
+--objective step_rpo (Step-DPO, Lai et al. 2024, https://arxiv.org/abs/2406.18629).
 
     python create_data.py --iteration 1 --model_name smollm2-135m --dataset arithmetic --max_samples 64 --k 4
     python create_data.py --iteration 1 --model_name smollm2-135m --data_dir ../shared/gsm8k --max_samples 16 --k 4
@@ -23,7 +25,7 @@ from common import (
 from engines import Sampling
 from generation import add_generation_args, check_generation_args, close_engine, close_job, generate_part, open_job
 from models import dist_state
-from steps import all_steps_true, check_steps, written_equations
+from steps import all_steps_true, check_steps, first_false_line, written_equations
 
 # Pairs per question for train.py --objective rpo: each of a question's distinct losers is paired once (with its
 # kept rationales in turn) up to this cap, so that a question the model gets wrong in many ways does not outweigh
@@ -139,10 +141,52 @@ def make_pairs(records, losers, cap, iteration):
     return pairs
 
 
-def pairs_path(output):
-    """The pairs file beside a training set: data/star_iter1_train.jsonl -> data/star_iter1_pairs.jsonl."""
+def make_step_pairs(records, losers, cap, iteration):
+    """Step-level pairs (Step-DPO, Lai et al. 2024, https://arxiv.org/abs/2406.18629): each distinct loser whose first
+    false step the checker locates (steps.first_false_line) is cut at that line. prefix = its lines before it (every
+    step in them true), rejected = the false line, chosen = the same line of a kept rationale of the question that
+    shares the prefix (the first in the training set's order). At most `cap` per question. Returns (pairs, {why a
+    loser made none: "no_false_step" (wrong answer, no false step found), "no_shared_prefix": count})."""
+    winners, pairs, missed = {}, [], {"no_false_step": 0, "no_shared_prefix": 0}
+    for r in records:
+        winners.setdefault(r["id"], []).append(r)
+    for qid in sorted(q for q in losers if q in winners):
+        question, seen = winners[qid][0]["question"], set()
+        for text in drop_duplicates(list(dict.fromkeys(t for t, _ in losers[qid]))):
+            pair = cut_at_false_step(text, question, [w["rationale"] for w in winners[qid]])
+            if isinstance(pair, str):
+                missed[pair] += 1
+            elif pair not in seen and len(seen) < cap:
+                seen.add(pair)
+                pairs.append({"id": qid, "question": question, "answer": winners[qid][0]["answer"], "prefix": pair[0],
+                              "chosen": pair[1], "rejected": pair[2], "why": "first_false_step",
+                              "step_line": pair[0].count("\n"), "iteration": iteration})
+    return pairs, missed
+
+
+def cut_at_false_step(text, question, kept):
+    """(prefix, chosen step, rejected step) for a loser `text` against the question's kept rationales, or why there is
+    none: "no_false_step", or "no_shared_prefix" (no kept rationale has the same lines before it). A step is its
+    line, with its newline when more lines follow."""
+    i = first_false_line(text, question)
+    if i is None:
+        return "no_false_step"
+    lines = text.split("\n")
+
+    def step(ls):
+        return ls[i] + ("\n" if len(ls) > i + 1 else "")
+    for other in kept:
+        others = other.split("\n")
+        if len(others) > i and others[:i] == lines[:i] and others[i] != lines[i]:
+            return "".join(line + "\n" for line in lines[:i]), step(others), step(lines)
+    return "no_shared_prefix"
+
+
+def pairs_path(output, kind="pairs"):
+    """A pairs file beside a training set: data/star_iter1_train.jsonl -> data/star_iter1_pairs.jsonl (kind "pairs")
+    or data/star_iter1_step_pairs.jsonl (kind "step_pairs")."""
     root, ext = os.path.splitext(output)
-    return root.removesuffix("_train") + "_pairs" + (ext or ".jsonl")
+    return root.removesuffix("_train") + "_" + kind + (ext or ".jsonl")
 
 
 def drop_duplicates(rationales, cap=None):
@@ -284,13 +328,16 @@ def star_records(job, train, rows, exemplars, args, stats):
         stats.update(new_kept=len(records), carried_over=len(merged) - len(records), previous_file=previous_path(args))
         records = merged
     pairs = make_pairs(records, losers, args.max_pairs_per_question, args.iteration)
+    step_pairs, missed = make_step_pairs(records, losers, args.max_pairs_per_question, args.iteration)
     stats.update(pairs=len(pairs), questions_with_pairs=len({p["id"] for p in pairs}),
-                 pairs_why={w: sum(p["why"] == w for p in pairs) for w in sorted({p["why"] for p in pairs})})
+                 pairs_why={w: sum(p["why"] == w for p in pairs) for w in sorted({p["why"] for p in pairs})},
+                 step_pairs=len(step_pairs), questions_with_step_pairs=len({p["id"] for p in step_pairs}),
+                 losers_without_step_pair=missed)
     attempted = 0 if args.no_rationalization else len(failed)
     stats.update(stage1_rate=stats["stage1_correct"] / max(len(rows), 1), stage2_attempted=attempted,
                  stage2_rate=stats.get("stage2_correct", 0) / max(attempted, 1),
                  stage1_kept=len(kept1), stage2_kept=len(kept2))
-    return records, pairs
+    return records, pairs, step_pairs
 
 
 def main(argv=None):
@@ -312,7 +359,7 @@ def main(argv=None):
                          exemplar_ids=sorted(ex_ids))
             job = open_job(args, args.model_name, len(rows))
             stats["engine"] = job.engine
-            records, pairs = star_records(job, train, rows, exemplars, args, stats)
+            records, pairs, step_pairs = star_records(job, train, rows, exemplars, args, stats)
             close_engine(job)
         seconds = time.time() - t0
         stats.update(total_kept=len(records), kept_rate=len(records) / max(len(rows), 1), seconds=round(seconds, 1),
@@ -324,6 +371,7 @@ def main(argv=None):
             write_jsonl(args.output, records)
             if job:
                 write_jsonl(pairs_path(args.output), pairs)
+                write_jsonl(pairs_path(args.output, "step_pairs"), step_pairs)
         if job:
             close_job(job)
         if not records:
@@ -346,6 +394,9 @@ def report(records, rows, stats, args):
               f"{stats['stage1_cut_at_max_new_tokens']}, {stats.get('stage2_cut_at_max_new_tokens', 0)}")
         print(f"{stats['pairs']} (chosen, rejected) pairs on {stats['questions_with_pairs']} questions "
               f"{stats['pairs_why']}; wrote {pairs_path(args.output)} (train.py --objective rpo)")
+        print(f"{stats['step_pairs']} step pairs cut at the first false step on {stats['questions_with_step_pairs']} "
+              f"questions (losers with none: {stats['losers_without_step_pair']}); wrote "
+              f"{pairs_path(args.output, 'step_pairs')} (train.py --objective step_rpo)")
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
 
 
 def uses_previous_reference(args):
-    """Whether train.py loads a second model for the reference log-probs (--objective rpo --rpo_reference previous)."""
-    return getattr(args, "objective", "sft") == "rpo" and getattr(args, "rpo_reference", "base") == "previous"
+    """Whether train.py loads a second model for the reference log-probs (--objective rpo|step_rpo --rpo_reference
+    previous)."""
+    return getattr(args, "objective", "sft") != "sft" and getattr(args, "rpo_reference", "base") == "previous"
 
 
 def fsdp_gathered_bytes(config, n_params, bf16):

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from common import StarError, build_completion, build_prompt, read_jsonl
 
-OBJECTIVES = ("sft", "rpo")  # --objective: STaR's fine-tuning on the kept rationales, or DPO + NLL on the pairs
+# --objective: STaR's fine-tuning on the kept rationales; DPO + NLL on whole pairs (rpo) or on step pairs cut at the
+# first false step (step_rpo), both with the kept rationales' NLL beside them
+OBJECTIVES = ("sft", "rpo", "step_rpo")
 
 
 @dataclass
@@ -40,12 +42,15 @@ class Example:
 # ============================================================================= records -> token sequences
 def tokenize_examples(tok, records, max_length):
     """([(input_ids, labels)], ids of the records over max_length): labels are -100 on the prompt, so only rationale
-    tokens are learned; a record longer than max_length is dropped and reported, never cut."""
+    tokens are learned (a step pair's: the step's, after the question and its prefix); a record longer than max_length
+    is dropped and reported, never cut."""
     examples, too_long = [], []
     for r in records:
-        prompt = "".join(build_prompt(tok, r["question"]))
+        prompt, completion = "".join(build_prompt(tok, r["question"])), build_completion(tok, r["rationale"])
+        if "prefix" in r:  # a step pair's step: the prefix's true lines are read as prompt; a step does not end the turn
+            prompt, completion = prompt + build_completion(tok, r["prefix"], end=False), r["rationale"]
         p = tok(prompt, add_special_tokens=False).input_ids
-        c = tok(build_completion(tok, r["rationale"]), add_special_tokens=False).input_ids
+        c = tok(completion, add_special_tokens=False).input_ids
         if len(p) + len(c) > max_length:
             too_long.append(r.get("id"))
             continue
@@ -68,12 +73,13 @@ def tokenize_pairs(tok, records, max_length):
 
 
 def unpaired_rationales(args, pairs):
-    """--objective rpo: the kept rationales of --train_file that are no pair's winner (create_data pairs a loser only
+    """--objective rpo, step_rpo: the kept rationales of --train_file that are no pair's winner (create_data pairs a loser only
     where one was generated), trained on by their NLL term alone, as STaR would; none with --pairs_only or
     --rpo_alpha 0 (the paper's set: the pairs alone)."""
     if args.pairs_only or not args.rpo_alpha:
         return []
-    winners = {(p.get("id"), p["chosen"]) for p in pairs}
+    # a step pair's chosen is one step, not a kept rationale: under step_rpo every kept rationale keeps its NLL
+    winners = {(p.get("id"), p["chosen"]) for p in pairs if "prefix" not in p}
     return [r for r in read_jsonl(args.train_file, required=("question", "rationale"))
             if (r.get("id"), r["rationale"]) not in winners]
 
@@ -257,7 +263,7 @@ def pair_metrics(logp, rewards):
 
 def training_loss(model, batch, args):
     """(the loss --objective trains on, its pair metrics: PAIR_METRICS' sums, zeros for sft)."""
-    if args.objective == "rpo":
+    if args.objective != "sft":
         return rpo_loss(model, batch, args.beta, args.rpo_alpha, args.dpop_lambda)
     return packed_loss(model, batch), torch.zeros(len(PAIR_METRICS), dtype=torch.float64)
 

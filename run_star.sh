@@ -13,7 +13,7 @@
 #   bash run_star.sh --base_model meta-llama/Llama-3.2-3B-Instruct --launcher "accelerate launch --num_processes 8"
 #   bash run_star.sh --launcher "torchrun --standalone --nproc_per_node 2"     # each stage in 2 CPU processes (gloo)
 #   sbatch configs/slurm_star.sbatch        # Slurm: generation on the first node, training across the nodes
-#   bash run_star.sh --objective rpo --create_args "--num_samples 4"   # Iterative RPO: DPO + NLL on right/wrong pairs
+#   bash run_star.sh --objective rpo --create_args "--num_samples 4"   # STaR's SFT, then DPO + NLL on right/wrong pairs
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
@@ -48,11 +48,13 @@ LAUNCHER=()               # --launcher "accelerate launch --num_processes 8": ru
 TRAIN_LAUNCHER=()         # --train_launcher '...': train.py's own launcher (default: --launcher), e.g. one that spans
                           # nodes while generation stays on this one (configs/slurm_star.sbatch)
 DTYPE=""                  # --dtype auto|bf16|fp32 for the three scripts (default: theirs, auto)
-OBJECTIVE=sft             # --objective rpo: each iteration trains M_0 on the kept rationales with DPO's term added
-                          # for those paired with a loser (data/star_iter{N}_pairs.jsonl); the human seed and
-                          # the vanilla SFT reference stay SFT
+OBJECTIVE=sft             # --objective rpo|step_rpo: each iteration trains M_0 on the kept rationales as STaR does
+                          # (results/model_star_iter{N}_sft), then a preference phase from that model on the pairs
+                          # (data/star_iter{N}_pairs.jsonl, or _step_pairs.jsonl cut at the first false step) at
+                          # --pref_lr, the SFT model as DPO's reference; the human seed and vanilla SFT stay SFT
+PREF_LR=""                # --pref_lr: the preference phase's rate (default: train.py's, 1e-6; 5e-6 with LoRA)
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --vllm_args --dtype --objective --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...' --train_launcher '...'"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --iterations --base_model --dataset --data_dir --k --max_samples --eval_samples --dev_samples --dev_eval_samples --human_seed --tuned_k --batch_size --train_batch_size --epochs --lr --max_new_tokens --engine --vllm_args --dtype --objective --pref_lr --sft --create_args '...' --train_args '...' --eval_args '...' --launcher '...' --train_launcher '...'"; }
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; --sft) SFT=1; shift; continue ;; esac
   [ $# -ge 2 ] || { echo "run_star.sh: $1 needs a value" >&2; exit 2; }
@@ -82,6 +84,7 @@ while [ $# -gt 0 ]; do
     --train_launcher) read -r -a TRAIN_LAUNCHER <<< "$2" ;;
     --dtype) DTYPE=$2 ;;
     --objective) OBJECTIVE=$2 ;;
+    --pref_lr) PREF_LR=$2 ;;
     *) echo "run_star.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift 2
@@ -90,7 +93,7 @@ done
 for value in "$HUMAN_SEED" "${TUNED_K:-0}"; do
   case "$value" in ''|*[!0-9]*) echo "run_star.sh: --human_seed and --tuned_k must be counts >= 0 (got '$value')" >&2; exit 2 ;; esac
 done
-case "$OBJECTIVE" in sft|rpo) ;; *) echo "run_star.sh: --objective must be sft or rpo (got '$OBJECTIVE')" >&2; exit 2 ;; esac
+case "$OBJECTIVE" in sft|rpo|step_rpo) ;; *) echo "run_star.sh: --objective must be sft, rpo or step_rpo (got '$OBJECTIVE')" >&2; exit 2 ;; esac
 if [ ${#LAUNCHER[@]} -gt 0 ] && ! command -v "${LAUNCHER[0]}" >/dev/null; then
   echo "run_star.sh: --launcher: '${LAUNCHER[0]}' is not a command on this machine" >&2; exit 2
 fi
@@ -150,9 +153,16 @@ for ((i = 1; i <= ITERATIONS; i++)); do
     run create_data.py --iteration "$i" --base_model "$BASE_MODEL" --k "$SHOTS" "${DATA[@]}" \
     --max_samples "$MAX_SAMPLES" --batch_size "$BATCH_SIZE" "${GEN[@]}" "${PRECISION[@]}" "${EXTRA_CREATE[@]}" \
     "${GENERATOR[@]}"
-  stage "iteration $i: train the base model" "results/model_star_iter$i" \
-    run train.py --iteration "$i" --base_model "$BASE_MODEL" --objective "$OBJECTIVE" --epochs "$EPOCHS" --lr "$LR" \
+  MODEL=results/model_star_iter$i  # with a preference objective, the SFT phase's model (the phase after it writes MODEL)
+  [ "$OBJECTIVE" = sft ] || MODEL=results/model_star_iter${i}_sft
+  stage "iteration $i: train the base model" "$MODEL" \
+    run train.py --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" --output_dir "$MODEL" \
     --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"
+  if [ "$OBJECTIVE" != sft ]; then
+    stage "iteration $i: preference phase ($OBJECTIVE)" "results/model_star_iter$i" \
+      run train.py --iteration "$i" --base_model "$MODEL" --objective "$OBJECTIVE" --pairs_only --epochs "$EPOCHS" \
+      ${PREF_LR:+--pref_lr "$PREF_LR"} --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"
+  fi
   evaluate "iter$i" "results/model_star_iter$i" --iteration "$i"
 done
 if [ "$SFT" = 1 ]; then  # the reference: M_0 fine-tuned on the human rationales of the same train questions

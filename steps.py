@@ -376,6 +376,18 @@ def check_steps(text, question=None):
     return col_true + rest_true, col_found + rest_found
 
 
+def first_false_line(text, question=None):
+    """The index of the line that holds a rationale's first false step: the shortest run of its first lines whose
+    steps are not all true (a chain written down several lines is read as the whole rationale reads it); None when no
+    step found is false. Step-level pairs are cut there (create_data.make_step_pairs)."""
+    lines = text.split("\n")
+    for i in range(len(lines)):
+        true, found = check_steps("\n".join(lines[: i + 1]), question)
+        if true < found:
+            return i
+    return None
+
+
 def all_steps_true(steps_true, steps_found):
     """A faithful rationale: at least one written step, and every one of them true."""
     return 0 < steps_found == steps_true

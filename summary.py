@@ -1,5 +1,5 @@
 """Summarize a STaR loop: one row per iteration (test accuracy, flexible - strict gap, faithful share, Stage-1/2
-success, training examples, and how many as pairs where the iteration trained with --objective rpo) from
+success, training examples, and how many as pairs where the iteration trained with --objective rpo or step_rpo) from
 results/eval_*.json and data/*.stats.json, as a table and a plot.
 
     python summary.py                       # writes results/summary.md and results/summary.png
@@ -11,6 +11,8 @@ import os
 import re
 
 from common import StarError, cli_errors, write_text
+
+PREFERENCE = {"rpo": "RPO", "step_rpo": "step RPO"}  # train_stats.json's objective -> the row's label
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--results_dir", default="results", help="where evaluate.py wrote eval_iter{N}.json (and eval_sft.json)")
@@ -38,7 +40,8 @@ def iteration_rows(results_dir="results", data_dir="data"):
         data_name, model = (f"star_iter{m.group(2)}_train", f"model_star_iter{m.group(2)}") if m.group(2) else ("sft_train", "model_sft")
         stats = read_json(os.path.join(data_dir, f"{data_name}.jsonl.stats.json"))
         trained = read_json(os.path.join(results_dir, model, "train_stats.json"))
-        seconds = sum(x.get("seconds", 0) for x in (ev, dev, stats, trained))
+        phase = read_json(os.path.join(results_dir, model + "_sft", "train_stats.json"))  # a preference run's SFT phase
+        seconds = sum(x.get("seconds", 0) for x in (ev, dev, stats, trained, phase))
         rows.append({"label": "vanilla SFT" if m.group(1) == "sft" else m.group(2), "accuracy": ev["accuracy"],
                      "flexible": ev.get("accuracy_flexible"),
                      "dev": dev.get("accuracy"), "dev_n": dev.get("n"),
@@ -48,14 +51,14 @@ def iteration_rows(results_dir="results", data_dir="data"):
                      "kept2": stats.get("stage2_kept", stats.get("stage2_correct")),
                      "seen": stats.get("questions_seen"), "kept": stats.get("total_kept"), "minutes": seconds / 60,
                      "seed": bool(m.group(2) and stats.get("args", {}).get("human_rationales")),  # run_star --human_seed
-                     "rpo": trained.get("objective") == "rpo", "pairs": trained.get("pairs", stats.get("pairs")),
+                     "rpo": PREFERENCE.get(trained.get("objective")), "pairs": trained.get("pairs", stats.get("pairs")),
                      "trained": trained.get("examples")})
     star = sorted((r for r in rows if r["label"] != "vanilla SFT"), key=lambda r: int(r["label"]))
     return star + [r for r in rows if r["label"] == "vanilla SFT"]
 
 
 def rpo_examples(row):
-    """What an --objective rpo iteration trained on: '143 (37 pairs)', or '37 pairs' alone (--pairs_only)."""
+    """What an --objective rpo (step_rpo) iteration trained on: '143 (37 pairs)', or '37 pairs' alone (--pairs_only)."""
     unpaired = (row["trained"] or 0) - (row["pairs"] or 0)
     return f"{row['trained']} ({row['pairs']} pairs)" if unpaired > 0 else f"{row['pairs']} pairs"
 
@@ -69,7 +72,7 @@ def summary_table(rows):
         change = "" if prev is None or r["label"] == "vanilla SFT" else f"{100 * (r['accuracy'] - prev):+.1f} pts"
         s1 = f"{r['stage1']}/{r['seen']}" if r["seen"] and r["stage1"] is not None else ""
         s2 = f"{r['stage2']}/{r['seen'] - r['stage1']}" if r["seen"] and r["stage2"] is not None else ""
-        shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else " (RPO)" if r["rpo"] else ""
+        shots = f" ({r['k']}-shot)" if r["k"] else " (human seed)" if r["seed"] else f" ({r['rpo']})" if r["rpo"] else ""
         examples = rpo_examples(r) if r["rpo"] else r["kept"] if r["kept"] is not None else ""
         faithful = f"{100 * r['faithful']:.1f}%" if r["faithful"] is not None else ""
         dev = f"{100 * r['dev']:.1f}% (n={r['dev_n']})" if r["dev"] is not None else ""
@@ -89,7 +92,7 @@ def summary_plot(rows, path):
     star = [r for r in rows if r["label"] != "vanilla SFT"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot([int(r["label"]) for r in star], [100 * r["accuracy"] for r in star], "o-",
-             label="STaR + RPO" if any(r["rpo"] for r in star) else "STaR")
+             label=next((f"STaR + {r['rpo']}" for r in star if r["rpo"]), "STaR"))
     for r in rows:
         if r["label"] in ("0", "vanilla SFT"):
             ax1.axhline(100 * r["accuracy"], ls="--", color="gray" if r["label"] == "0" else "tab:red",

@@ -24,7 +24,12 @@ that is no pair's winner (no loser was generated for it) keeps its alpha x NLL(w
 is all learned and the pairs add DPO's term; --pairs_only trains on the pairs alone, as the paper (which samples
 until every question has a pair). ref is the model training starts from, M_0, as STaR restarts from M_0 (its
 log-probabilities computed once, before the first step); --rpo_reference previous takes the paper's reference
-instead, the model that generated the pairs (M_{N-1}).
+instead, the model that generated the pairs (M_{N-1}). --objective step_rpo trains the same loss on create_data's step
+pairs (Step-DPO, Lai et al. 2024, https://arxiv.org/abs/2406.18629): the question and the loser's true lines before its
+first false step are the prompt, the chosen and rejected steps the two completions. A preference objective runs at
+--pref_lr (default 1e-6, 5e-6 with LoRA: DPO recipes run 50-400x below their SFT rate) with 10% warm-up; run_star.sh
+trains it as a phase after STaR's SFT, from the SFT model (--base_model results/model_star_iter{N}_sft --pairs_only),
+which is then the reference.
 
 Long runs: the training state is saved every --save_minutes (30) and rerunning the same command resumes from it.
 Loss (averaged over processes), learning rate and tokens/s go to log.jsonl and to --report_to (tensorboard: under
@@ -33,6 +38,7 @@ Loss (averaged over processes), learning rate and tokens/s go to log.jsonl and t
     python train.py --iteration 1 --base_model smollm2-135m --epochs 3
     python train.py --iteration 1 --lora_r 16 --gradient_checkpointing --save_adapter
     python train.py --iteration 1 --objective rpo          # DPO + NLL on data/star_iter1_pairs.jsonl
+    python train.py --iteration 1 --objective step_rpo --pairs_only --base_model results/model_star_iter1_sft
     accelerate launch --num_processes 4 train.py --iteration 1 --lora_r 16
     accelerate launch --config_file configs/accelerate_fsdp.yaml train.py --iteration 1     # FSDP2, 8 processes
 """
@@ -62,6 +68,11 @@ from objectives import (
 # 2025 ("LoRA Without Regret", Thinking Machines Lab), and QLoRA (Dettmers et al. 2023) trained 7B and 13B models at
 # 2e-4.
 FULL_LR, LORA_LR = 2e-5, 2e-4
+# A preference objective's rate when neither --pref_lr nor --lr is given: published DPO recipes run 50-400x below
+# their SFT rate. 1e-6 is TRL's DPOConfig default and SmolLM2's own DPO rate for its 135M and 360M models (Iterative
+# RPO: 7e-7 on Llama-2-70B; Tulu 3: 5e-7); adapters take about 5x more (5e-6), as LoRA does for SFT. Its warm-up:
+# 10% of the steps, as those recipes do (SFT keeps 3%).
+PREF_FULL_LR, PREF_LORA_LR, PREF_WARMUP = 1e-6, 5e-6, 0.1
 TRACKERS = ("tensorboard", "wandb", "none")  # --report_to: accelerate's trackers
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,19 +81,21 @@ parser.add_argument("--train_file", default=None, help="default data/star_iter{N
 parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="M_0: hub id, local folder or smollm2-135m")
 parser.add_argument("--objective", default="sft", choices=OBJECTIVES,
                     help="sft: the rationales of --train_file (STaR); rpo: DPO + NLL on the (chosen, rejected) pairs of "
-                         "--pairs_file (Iterative RPO), NLL alone on --train_file's other rationales")
-parser.add_argument("--pairs_file", default=None, help="--objective rpo: default data/star_iter{N}_pairs.jsonl")
-parser.add_argument("--beta", type=float, default=0.1, help="--objective rpo: DPO's beta (the paper's 0.1)")
+                         "--pairs_file (Iterative RPO), NLL alone on --train_file's other rationales; step_rpo: the "
+                         "same on step pairs, cut at the loser's first false step (prefix, chosen, rejected)")
+parser.add_argument("--pairs_file", default=None,
+                    help="default data/star_iter{N}_pairs.jsonl (rpo), data/star_iter{N}_step_pairs.jsonl (step_rpo)")
+parser.add_argument("--beta", type=float, default=0.1, help="--objective rpo, step_rpo: DPO's beta (the paper's 0.1)")
 parser.add_argument("--dpop_lambda", type=float, default=0.0,
-                    help="--objective rpo: DPO-Positive's lambda (Pal et al. 2024: 50), a penalty inside the sigmoid "
+                    help="--objective rpo, step_rpo: DPO-Positive's lambda (Pal et al. 2024: 50), a penalty inside the sigmoid "
                          "when the chosen rationale's log-prob falls below the reference's; 0 = plain DPO")
 parser.add_argument("--rpo_alpha", type=float, default=1.0,
-                    help="--objective rpo: weight of the chosen rationale's NLL per token (the paper's 1; 0 = plain DPO)")
+                    help="--objective rpo, step_rpo: weight of the chosen rationale's NLL per token (the paper's 1; 0 = plain DPO)")
 parser.add_argument("--pairs_only", action="store_true",
-                    help="--objective rpo: train on the pairs alone (the paper's set), not also on the kept rationales "
+                    help="--objective rpo, step_rpo: train on the pairs alone (the paper's set), not also on the kept rationales "
                          "of --train_file that have no loser")
 parser.add_argument("--rpo_reference", default="base", choices=("base", "previous"),
-                    help="--objective rpo: reference log-probs from M_0 (base, where training starts) or from the model "
+                    help="--objective rpo, step_rpo: reference log-probs from M_0 (base, where training starts) or from the model "
                          "that generated the pairs, results/model_star_iter{N-1} (previous, the paper's choice)")
 parser.add_argument("--output_dir", default=None, help="default results/model_star_iter{N}")
 parser.add_argument("--epochs", type=float, default=3)
@@ -97,9 +110,13 @@ parser.add_argument("--max_tokens_per_batch", type=int, default=None,
                          "--max_tokens_per_batch 16384 makes rows of about 16k tokens); default: --batch_size alone")
 parser.add_argument("--grad_accum", type=int, default=1)
 parser.add_argument("--lr", type=float, default=None,
-                    help=f"default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
+                    help=f"the SFT rate: default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
+parser.add_argument("--pref_lr", type=float, default=None,
+                    help=f"the rate of --objective rpo and step_rpo: default --lr where given, else {PREF_FULL_LR} (full "
+                         f"fine-tuning), {PREF_LORA_LR} with --lora_r")
 parser.add_argument("--lr_scheduler", default="cosine", help="any transformers scheduler name: cosine, linear, constant...")
-parser.add_argument("--warmup_ratio", type=float, default=0.03)
+parser.add_argument("--warmup_ratio", type=float, default=None,
+                    help=f"share of the steps the rate warms up over: default 0.03 (sft), {PREF_WARMUP} (rpo, step_rpo)")
 parser.add_argument("--weight_decay", type=float, default=0.0)
 parser.add_argument("--max_length", type=int, default=1024, help="longer examples are dropped and reported, never cut")
 parser.add_argument("--dtype", default="auto", choices=DTYPES,
@@ -228,8 +245,11 @@ def check_token_budget(examples, args):
 
 def check_args(args):
     """Refuse bad flags before anything loads and fill the defaults that depend on others."""
-    check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "max_length", "logging_steps", "iteration",
-                   "max_tokens_per_batch")
+    check_positive(vars(args), "epochs", "batch_size", "grad_accum", "lr", "pref_lr", "max_length", "logging_steps",
+                   "iteration", "max_tokens_per_batch")
+    preference = args.objective != "sft"
+    if args.warmup_ratio is None:
+        args.warmup_ratio = PREF_WARMUP if preference else 0.03
     if args.lora_r < 0 or args.save_steps < 0 or args.save_minutes < 0 or not 0 <= args.warmup_ratio <= 1 \
             or not 0 <= args.lora_dropout < 1:
         raise StarError("--lora_r, --save_steps and --save_minutes must be >= 0, --warmup_ratio in [0, 1], "
@@ -247,12 +267,15 @@ def check_args(args):
     if args.beta <= 0 or args.rpo_alpha < 0 or args.dpop_lambda < 0:
         raise StarError(f"--beta must be > 0, --rpo_alpha and --dpop_lambda >= 0 (got {args.beta}, {args.rpo_alpha}, "
                         f"{args.dpop_lambda})")
+    if preference:  # the rate the optimizer runs at: --pref_lr, else an explicit --lr, else the preference default
+        args.lr = args.pref_lr or args.lr or (PREF_LORA_LR if args.lora_r else PREF_FULL_LR)
     args.lr = args.lr or (LORA_LR if args.lora_r else FULL_LR)
     args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
-    args.pairs_file = args.pairs_file or f"data/star_iter{args.iteration}_pairs.jsonl"
+    kind = "step_pairs" if args.objective == "step_rpo" else "pairs"
+    args.pairs_file = args.pairs_file or f"data/star_iter{args.iteration}_{kind}.jsonl"
     args.output_dir = (args.output_dir or f"results/model_star_iter{args.iteration}").rstrip("/")
     check_output(args.output_dir, args.overwrite)
-    if args.objective == "rpo":
+    if preference:
         reference_model(args)  # a missing --rpo_reference previous model stops the run here, before anything loads
 
 
@@ -261,8 +284,10 @@ def read_records(args):
     --train_file that won no pair (rpo). None is one error line."""
     if args.objective == "sft":
         records = read_jsonl(args.train_file, required=("question", "rationale", "answer"))
-    else:
-        pairs = read_jsonl(args.pairs_file, required=("question", "chosen", "rejected"))
+    else:  # a step pair has the true lines before its step too (create_data.make_step_pairs)
+        fields = ("question", "prefix", "chosen", "rejected") if args.objective == "step_rpo" else \
+            ("question", "chosen", "rejected")
+        pairs = read_jsonl(args.pairs_file, required=fields)
         records = pairs + unpaired_rationales(args, pairs)
     if not records:
         raise StarError(f"{training_files(args)} holds no records: nothing to train on")
@@ -357,7 +382,7 @@ def start_tracking(acc, args, fresh):
 def training_examples(acc, tok, records, args):
     """([Example], ids dropped as too long): needs the tokenizer only, so the memory plan is made from them before any
     weight loads."""
-    if args.objective == "rpo":
+    if args.objective != "sft":
         examples, too_long = tokenize_pairs(tok, records, args.max_length)
     else:
         sequences, too_long = tokenize_examples(tok, records, args.max_length)
@@ -439,15 +464,15 @@ def main(argv=None):
         steps_per_epoch, total = schedule(args, examples, acc.num_processes)
         model, opt, sched = acc.prepare(model, *make_optimizer(acc, model, args, total, device))
         pairs = sum(e.rejected is not None for e in examples)
-        what = f"{pairs} pairs (DPO + NLL, beta {args.beta:g}, alpha {args.rpo_alpha:g}) and " \
-               f"{len(examples) - pairs} rationales with no loser (NLL)" if args.objective == "rpo" \
+        what = f"{pairs} {'step ' * (args.objective == 'step_rpo')}pairs (DPO + NLL, beta {args.beta:g}, alpha " \
+               f"{args.rpo_alpha:g}) and {len(examples) - pairs} rationales (NLL)" if args.objective != "sft" \
             else f"{len(examples)} examples"
         acc.print(f"training {args.base_model} on {what} of {training_files(args)}: {total} steps, "
                   f"effective batch {args.batch_size} x {acc.num_processes} processes x {args.grad_accum} accum "
                   f"= {args.batch_size * acc.num_processes * args.grad_accum}, lr {args.lr:g}, "
                   f"{'bf16 autocast' if bf16 else 'fp32'}, distributed: {acc.distributed_type.name}"
                   f"{reduction(acc)}")
-        if args.objective == "rpo":  # with the weights training starts from: before a resume loads later ones
+        if args.objective != "sft":  # with the weights training starts from: before a resume loads later ones
             examples = with_references(acc, model, examples, args, dtype)
         step, log = load_resume_state(acc, args.output_dir + ".state", args)
         start_tracking(acc, args, fresh=step == 0)
@@ -462,7 +487,7 @@ def main(argv=None):
                  "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
                  "init_fingerprint": init_fingerprint, "processes": acc.num_processes,
                  "dtype": "bf16" if bf16 else "fp32", "distributed": acc.distributed_type.name,
-                 "objective": args.objective, "pairs": pairs if args.objective == "rpo" else None}
+                 "objective": args.objective, "pairs": pairs if args.objective != "sft" else None}
         finish(acc, model, tok, args, log, stats, config)
 
 

@@ -6,6 +6,7 @@ Prints wall time, user and system CPU time, peak RSS and minor page faults of ea
     python bench/bench_malloc.py --train_file ... --variants 128,4096,32768,glibc_default,128   # thresholds in KiB
 """
 import argparse
+import ctypes
 import os
 import resource
 import subprocess
@@ -22,8 +23,8 @@ parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--output_dir", default="/tmp/bench_malloc")
 parser.add_argument("--variants", default="128,glibc_default,128",
-                    help="in order, each in its own process: an mmap threshold in KiB (train.py's: 128) or "
-                         "glibc_default; the first again at the end shows the machine did not drift")
+                    help="in order, each in its own process: an mmap threshold in KiB (train.py's: 128), "
+                         "glibc_default, or arenaN (glibc's default threshold with at most N malloc arenas); the first again at the end shows the machine did not drift")
 parser.add_argument("--variant", help="run one variant in this process")
 
 
@@ -32,7 +33,9 @@ def run_variant(args):
     import train
 
     train.lower_mmap_threshold = lambda: None  # the variant decides, not train.py's own setting
-    if args.variant != "glibc_default":  # a threshold in KiB, set before anything is allocated
+    if args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(args.variant[5:]))
+    elif args.variant != "glibc_default":  # a threshold in KiB, set before anything is allocated
         memory.set_mmap_threshold(int(args.variant) * 1024)
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),

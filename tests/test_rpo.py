@@ -68,6 +68,70 @@ def test_stage1_pairs_right_with_each_kind_of_loser(monkeypatch, tok):
     assert create_data.pairs_path("data/star_iter3_train.jsonl") == "data/star_iter3_pairs.jsonl"
 
 
+SUM = "What is 623 + 597?"
+RIGHT = ("Ones: 3 + 7 = 10, write 0, carry 1.\nTens: 2 + 9 + 1 = 12, write 2, carry 1.\n"
+         "Hundreds: 6 + 5 + 1 = 12, write 2, carry 1.\nSo 623 + 597 = 1220.\nThe final answer is 1220")
+
+
+def test_step_pairs_cut_at_the_first_false_step():
+    """create_data.make_step_pairs: a loser is cut at the line of its first false step; the chosen step is the same
+    line of a kept rationale with the same true lines before it. Losers with no false step, or whose true lines no
+    kept rationale shares, make no pair and are counted; duplicates count once; at most `cap` per question."""
+    tens = RIGHT.replace("2 + 9 + 1 = 12, write 2", "2 + 9 + 1 = 13, write 3").replace("1220", "1230")
+    hundreds = RIGHT.replace("6 + 5 + 1 = 12, write 2, carry 1", "6 + 5 + 1 = 12, write 2, carry 0")
+    reworded = "Let us add.\n" + tens  # its first line is in no kept rationale
+    no_false = RIGHT.replace("The final answer is 1220", "The final answer is 1221")  # wrong answer, steps all true
+    gsm = "Time = 150 miles / 75 mph\nTime = 2 hours\nThe final answer is 2"
+    gsm_loser = "Time = 150 miles / 75 mph\nTime = 3 hours\nThe final answer is 3"
+    records = [{"id": 0, "question": SUM, "answer": "1220", "rationale": RIGHT},
+               {"id": 1, "question": "How long?", "answer": "2", "rationale": gsm}]
+    losers = {0: [(tens, "wrong_answer"), (tens, "wrong_answer"), (hundreds, "wrong_step"), (reworded, "wrong_answer"),
+                  (no_false, "wrong_answer")], 1: [(gsm_loser, "wrong_answer")], 2: [(tens, "wrong_answer")]}
+    pairs, missed = create_data.make_step_pairs(records, losers, 4, 3)
+    assert missed == {"no_false_step": 1, "no_shared_prefix": 1}
+    assert [(p["id"], p["step_line"]) for p in pairs] == [(0, 1), (0, 2), (1, 1)]
+    assert pairs[0]["prefix"] == "Ones: 3 + 7 = 10, write 0, carry 1.\n"
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("Tens: 2 + 9 + 1 = 12, write 2, carry 1.\n",
+                                                          "Tens: 2 + 9 + 1 = 13, write 3, carry 1.\n")
+    assert pairs[1]["rejected"] == "Hundreds: 6 + 5 + 1 = 12, write 2, carry 0.\n" and pairs[1]["why"] == "first_false_step"
+    assert (pairs[2]["prefix"], pairs[2]["chosen"], pairs[2]["rejected"]) == \
+        ("Time = 150 miles / 75 mph\n", "Time = 2 hours\n", "Time = 3 hours\n")  # a chain down the lines
+    assert all(p["prefix"] + p["chosen"] in r["rationale"] for p in pairs for r in records if r["id"] == p["id"])
+    assert len(create_data.make_step_pairs(records, losers, 1, 3)[0]) == 2  # the cap: one for question 0
+    assert create_data.pairs_path("data/star_iter3_train.jsonl", "step_pairs") == "data/star_iter3_step_pairs.jsonl"
+
+
+def test_step_rpo_learns_the_step_alone(tmp_path, tiny_llama, capsys):
+    """train.main --objective step_rpo: the prefix is read as prompt and only the step is learned (no end of turn); the
+    preference rate and warm-up are the defaults; DPO's term is log 2 at step 1. A pairs file without the step fields,
+    or a rate <= 0, is one error line and exit 2 before any model loads."""
+    tok = load_tokenizer(tiny_llama)
+    pair = {"id": 0, "question": SUM, "answer": "1220", "prefix": "Ones: 3 + 7 = 10, write 0, carry 1.\n",
+            "chosen": "Tens: 2 + 9 + 1 = 12, write 2, carry 1.\n", "rejected": "Tens: 2 + 9 + 1 = 13, write 3, carry 1.\n"}
+    (example,), _ = objectives.tokenize_pairs(tok, [pair], 1024)
+    for (ids, labels), step in zip(example.sequences, (pair["chosen"], pair["rejected"])):
+        assert tok.decode([t for t in labels if t != -100]) == step
+        assert tok.decode(ids).endswith(pair["prefix"] + step)  # the prefix right before the step, in the prompt
+    path = tmp_path / "star_iter1_step_pairs.jsonl"
+    path.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "id": 1, "rejected": "Tens: 2 + 9 = 11.\n"}) + "\n")
+    common = ["--base_model", tiny_llama, "--objective", "step_rpo", "--batch_size", "2", "--dtype", "fp32",
+              "--report_to", "none", "--rpo_alpha", "0", "--pairs_only"]
+    train.main(common + ["--pairs_file", str(path), "--output_dir", str(tmp_path / "m"), "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "on 2 step pairs (DPO + NLL, beta 0.1, alpha 0) and 0 rationales (NLL)" in out and "lr 1e-06" in out
+    stats = json.loads((tmp_path / "m" / "train_stats.json").read_text())
+    assert stats["objective"] == "step_rpo" and stats["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    args = json.loads((tmp_path / "m" / "args.json").read_text())["args"]
+    assert (args["lr"], args["warmup_ratio"], args["pairs_file"]) == (1e-6, 0.1, str(path))
+    whole = tmp_path / "pairs.jsonl"
+    whole.write_text(json.dumps({k: v for k, v in pair.items() if k != "prefix"}) + "\n")
+    for flags in (["--pairs_file", str(whole)], ["--pairs_file", str(path), "--pref_lr", "0"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(common + flags + ["--output_dir", str(tmp_path / "n")])
+        assert e.value.code == 2 and not (tmp_path / "n").exists()
+    assert "prefix" in capsys.readouterr().err
+
+
 def direct_logp(model, tok, question, rationale):
     """Summed log-probability of the rationale tokens after train.py's prompt: HF's own attention on one unpadded
     sequence, no packing."""
@@ -168,7 +232,7 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     rows += [{**rows[0], "id": "extra"}, {**rows[1], "rationale": rows[1]["rationale"] + " "}]  # no pair's winner
     train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train.main(common + ["--output_dir", str(tmp_path / "mixed"), "--train_file", str(train_file), "--epochs", "1"])
-    assert "on 6 pairs (DPO + NLL, beta 0.1, alpha 1) and 2 rationales with no loser (NLL)" in capsys.readouterr().out
+    assert "on 6 pairs (DPO + NLL, beta 0.1, alpha 1) and 2 rationales (NLL)" in capsys.readouterr().out
     stats = json.loads((tmp_path / "mixed" / "train_stats.json").read_text())
     assert (stats["examples"], stats["pairs"]) == (8, 6)
     with pytest.raises(SystemExit) as e:  # a missing pairs file: one error line, exit 2
