@@ -152,7 +152,7 @@ def make_step_pairs(records, losers, cap, iteration):
         winners.setdefault(r["id"], []).append(r)
     for qid in sorted(q for q in losers if q in winners):
         question, seen = winners[qid][0]["question"], set()
-        for text in drop_duplicates(list(dict.fromkeys(t for t, _ in losers[qid]))):
+        for text in dict.fromkeys(t for t, _ in losers[qid]):  # the same pair from two losers counts once
             pair = cut_at_false_step(text, question, [w["rationale"] for w in winners[qid]])
             if isinstance(pair, str):
                 missed[pair] += 1
@@ -166,7 +166,8 @@ def make_step_pairs(records, losers, cap, iteration):
 
 def cut_at_false_step(text, question, kept):
     """(prefix, chosen step, rejected step) for a loser `text` against the question's kept rationales, or why there is
-    none: "no_false_step", or "no_shared_prefix" (no kept rationale has the same lines before it). A step is its
+    none: "no_false_step", or "no_shared_prefix" (no kept rationale has the same lines before it and a true line at
+    the loser's false one). A step is its
     line, with its newline when more lines follow."""
     i = first_false_line(text, question)
     if i is None:
@@ -175,9 +176,10 @@ def cut_at_false_step(text, question, kept):
 
     def step(ls):
         return ls[i] + ("\n" if len(ls) > i + 1 else "")
-    for other in kept:
+    for other in kept:  # its line i must be true too: without --check_steps filter a kept rationale may have false steps
         others = other.split("\n")
-        if len(others) > i and others[:i] == lines[:i] and others[i] != lines[i]:
+        if len(others) > i and others[:i] == lines[:i] and others[i] != lines[i] \
+                and (first_false_line(other, question) or len(others)) > i:
             return "".join(line + "\n" for line in lines[:i]), step(others), step(lines)
     return "no_shared_prefix"
 

@@ -24,16 +24,26 @@ parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--output_dir", default="/tmp/bench_malloc")
 parser.add_argument("--variants", default="128,glibc_default,128",
                     help="in order, each in its own process: an mmap threshold in KiB (train.py's: 128), "
-                         "glibc_default, or arenaN (glibc's default threshold with at most N malloc arenas); the first again at the end shows the machine did not drift")
+                         "glibc_default, arenaN (glibc's default threshold with at most N malloc arenas), trim "
+                         "(glibc's default, malloc_trim after each optimizer step), or thp<one of those> (torch's "
+                         "THP_MEM_ALLOC_ENABLE: huge pages for its large blocks); the first again at the end shows the machine did not drift")
 parser.add_argument("--variant", help="run one variant in this process")
 
 
 def run_variant(args):
+    label = args.variant
+    if args.variant.startswith("thp"):  # torch's CPU allocator advises huge pages for its large blocks: 2 MiB faults
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read once, at torch's first allocation
+        args.variant = args.variant[3:] or "glibc_default"
     import memory
+    import torch
     import train
 
     train.lower_mmap_threshold = lambda: None  # the variant decides, not train.py's own setting
-    if args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
+    if args.variant.startswith("trim"):  # glibc's dynamic threshold, free heap pages handed back every optimizer step
+        trim, step = ctypes.CDLL("libc.so.6").malloc_trim, torch.optim.AdamW.step
+        torch.optim.AdamW.step = lambda self, *a, **k: (step(self, *a, **k), trim(0))[0]
+    elif args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
         ctypes.CDLL("libc.so.6").mallopt(-8, int(args.variant[5:]))
     elif args.variant != "glibc_default":  # a threshold in KiB, set before anything is allocated
         memory.set_mmap_threshold(int(args.variant) * 1024)
@@ -42,7 +52,7 @@ def run_variant(args):
                 "--lr", "1e-4", "--batch_size", str(args.batch_size), "--report_to", "none", "--overwrite",
                 "--output_dir", os.path.join(args.output_dir, args.variant)])
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"RESULT {args.variant:13s} wall {time.time() - t0:6.1f} s | user {ru.ru_utime:6.1f} s | sys "
+    print(f"RESULT {label:13s} wall {time.time() - t0:6.1f} s | user {ru.ru_utime:6.1f} s | sys "
           f"{ru.ru_stime:5.1f} s | peak RSS {ru.ru_maxrss / 2**20:.2f} GiB | minor faults {ru.ru_minflt}")
 
 

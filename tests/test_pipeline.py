@@ -167,8 +167,9 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
 def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     """--human_seed N: M_0 trained on N human rationales is iteration 0 (scored zero-shot, as trained) and generates
     iteration 1's data (zero-shot under --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
-    training restarts from M_0, here with --objective rpo on the pairs (the seed's rationales against iteration 1's
-    wrong ones), the reference log-probs shared out between the processes. Every stage runs in 2 CPU processes under
+    training restarts from M_0, here with --objective rpo: STaR's SFT from M_0, then the preference phase on the pairs
+    (the seed's rationales against iteration 1's wrong ones) from the SFT model, at the preference rate, the reference
+    log-probs shared out between the processes. Every stage runs in 2 CPU processes under
     --launcher (torchrun, as a cluster would run `accelerate launch`), and --eval_args reaches evaluate.py; a launcher
     that is not a command stops the loop before any stage."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--human_seed", "4", "--max_samples", "8",
@@ -187,7 +188,8 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for output in ("data/star_iter0_train.jsonl.stats.json", "results/model_star_iter0/train_stats.json",
                    "results/eval_iter0.json", "data/star_iter1_train.jsonl.stats.json",
-                   "results/model_star_iter1/train_stats.json", "results/eval_iter1.json"):
+                   "results/model_star_iter1_sft/train_stats.json", "results/model_star_iter1/train_stats.json",
+                   "results/eval_iter1.json"):
         assert read_json(output)["processes"] == 2, output  # every stage ran under the launcher
     assert read_json("results/eval_iter1.json")["args"]["batch_size"] == 3  # --eval_args, after run_star's own
     seed = read_jsonl("data/star_iter0_train.jsonl")
@@ -200,18 +202,17 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
     assert stats["args"]["model_name"] == "results/model_star_iter0"  # iteration 1 generated with the seed model
     assert {r["model"] for r in records} <= {"human", "results/model_star_iter0"}
     assert {0, 1, 2, 3} <= {r["id"] for r in records}  # every seed question is still taught
-    ts0, ts1 = (read_json(f"results/model_star_iter{i}/train_stats.json") for i in (0, 1))
-    assert ts1["init_fingerprint"] == ts0["init_fingerprint"]  # both start from M_0
+    ts0, sft, ts1 = (read_json(f"results/model_star_iter{i}/train_stats.json") for i in (0, "1_sft", 1))
+    assert sft["init_fingerprint"] == ts0["init_fingerprint"] != ts1["init_fingerprint"]  # the SFT phase from M_0
+    assert (ts0["objective"], sft["objective"], sft["examples"]) == ("sft", "sft", len(records))  # STaR's step
     pairs = read_jsonl("data/star_iter1_pairs.jsonl")
-    assert stats["pairs"] == len(pairs) == ts1["pairs"] >= 1 and ts1["objective"] == "rpo"
+    assert stats["pairs"] == len(pairs) == ts1["pairs"] == ts1["examples"] >= 1 and ts1["objective"] == "rpo"
     assert all(p["chosen"] in {r["rationale"] for r in records if r["id"] == p["id"]} for p in pairs)
-    winners = {(p["id"], p["chosen"]) for p in pairs}  # the other kept rationales are learned by their NLL alone
-    unpaired = [r for r in records if (r["id"], r["rationale"]) not in winners]
-    assert ts1["examples"] == len(pairs) + len(unpaired)
-    assert ts0["objective"] == "sft"  # the seed model is fine-tuned, whatever the loop's objective
+    phase = read_json("results/model_star_iter1/args.json")["args"]  # from the SFT model, at the preference rate
+    assert (phase["base_model"], phase["lr"], phase["pairs_only"]) == ("results/model_star_iter1_sft", 1e-6, True)
+    assert len(read_jsonl("data/star_iter1_step_pairs.jsonl")) == stats["step_pairs"]  # beside them, for step_rpo
     summary = open("results/summary.md").read()
-    trained = f"{ts1['examples']} ({len(pairs)} pairs)" if unpaired else f"{len(pairs)} pairs"
-    assert "| 0 (human seed) |" in summary and "| 1 (RPO) |" in summary and f"| {trained} |" in summary
+    assert "| 0 (human seed) |" in summary and "| 1 (RPO) |" in summary and f"| {len(pairs)} pairs |" in summary
     assert os.path.getsize("results/summary.png") > 10_000
 
 

@@ -75,15 +75,17 @@ RIGHT = ("Ones: 3 + 7 = 10, write 0, carry 1.\nTens: 2 + 9 + 1 = 12, write 2, ca
 
 def test_step_pairs_cut_at_the_first_false_step():
     """create_data.make_step_pairs: a loser is cut at the line of its first false step; the chosen step is the same
-    line of a kept rationale with the same true lines before it. Losers with no false step, or whose true lines no
-    kept rationale shares, make no pair and are counted; duplicates count once; at most `cap` per question."""
+    line of a kept rationale with the same true lines before it and a true line there (kept without --check_steps
+    filter, one may have false steps). Losers with no false step, or whose true lines no kept rationale shares, make
+    no pair and are counted; duplicates count once; at most `cap` per question."""
     tens = RIGHT.replace("2 + 9 + 1 = 12, write 2", "2 + 9 + 1 = 13, write 3").replace("1220", "1230")
     hundreds = RIGHT.replace("6 + 5 + 1 = 12, write 2, carry 1", "6 + 5 + 1 = 12, write 2, carry 0")
     reworded = "Let us add.\n" + tens  # its first line is in no kept rationale
     no_false = RIGHT.replace("The final answer is 1220", "The final answer is 1221")  # wrong answer, steps all true
     gsm = "Time = 150 miles / 75 mph\nTime = 2 hours\nThe final answer is 2"
     gsm_loser = "Time = 150 miles / 75 mph\nTime = 3 hours\nThe final answer is 3"
-    records = [{"id": 0, "question": SUM, "answer": "1220", "rationale": RIGHT},
+    records = [{"id": 0, "question": SUM, "answer": "1220", "rationale": RIGHT.replace("= 12, write 2", "= 14, write 4", 1)},  # a false tens line
+               {"id": 0, "question": SUM, "answer": "1220", "rationale": RIGHT},
                {"id": 1, "question": "How long?", "answer": "2", "rationale": gsm}]
     losers = {0: [(tens, "wrong_answer"), (tens, "wrong_answer"), (hundreds, "wrong_step"), (reworded, "wrong_answer"),
                   (no_false, "wrong_answer")], 1: [(gsm_loser, "wrong_answer")], 2: [(tens, "wrong_answer")]}
@@ -96,7 +98,7 @@ def test_step_pairs_cut_at_the_first_false_step():
     assert pairs[1]["rejected"] == "Hundreds: 6 + 5 + 1 = 12, write 2, carry 0.\n" and pairs[1]["why"] == "first_false_step"
     assert (pairs[2]["prefix"], pairs[2]["chosen"], pairs[2]["rejected"]) == \
         ("Time = 150 miles / 75 mph\n", "Time = 2 hours\n", "Time = 3 hours\n")  # a chain down the lines
-    assert all(p["prefix"] + p["chosen"] in r["rationale"] for p in pairs for r in records if r["id"] == p["id"])
+    assert all(any(r["rationale"].startswith(p["prefix"] + p["chosen"]) for r in records[1:]) for p in pairs)
     assert len(create_data.make_step_pairs(records, losers, 1, 3)[0]) == 2  # the cap: one for question 0
     assert create_data.pairs_path("data/star_iter3_train.jsonl", "step_pairs") == "data/star_iter3_step_pairs.jsonl"
 
