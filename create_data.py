@@ -179,7 +179,7 @@ def cut_at_false_step(text, question, kept):
     for other in kept:  # its line i must be true too: without --check_steps filter a kept rationale may have false steps
         others = other.split("\n")
         if len(others) > i and others[:i] == lines[:i] and others[i] != lines[i] \
-                and (first_false_line(other, question) or len(others)) > i:
+                and first_false_line(other, question) not in range(i + 1):
             return "".join(line + "\n" for line in lines[:i]), step(others), step(lines)
     return "no_shared_prefix"
 
