@@ -42,6 +42,10 @@ VLLM_MIN_ROWS_CPU = 128
 # vLLM on CPU reserves a fraction of all host memory unless told a KV-cache size: this many GiB
 # (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, overrides it); K = 10 rows of the embedded model need far less.
 VLLM_CPU_KV_GIB = 2
+# vLLM on CPU runs eagerly (enforce_eager: no torch.compile) below this many rows: on 2 cores its compiled start took
+# about 80 s of a 96 s evaluate.py run of 150 questions (the demo's), the eager one 47 s in all, with decoding 1.2x
+# slower (14.2 s against 11.9 s): compiling pays back only after about 3,000 questions (docs/engines.md).
+VLLM_EAGER_MAX_ROWS_CPU = 2048
 VLLM_MAX_LEN = 8192  # longest prompt + new tokens vLLM accepts: K = 10 GSM8K prompts are about 2,100 tokens
 # vLLM gets each process's whole share of the questions in one call (its continuous batching keeps its own
 # max_num_seqs in flight), in chunks of at most this many questions: the partial file saves each finished chunk,
@@ -166,8 +170,10 @@ def pick_engine(engine, name, rows):
 def load_generator(name, engine, rows, seed=0, dtype="auto", vllm_args=None):
     """(model, tokenizer) for generate(): a Hugging Face model (engine hf) or a vLLM engine (with its own
     max_num_seqs), as pick_engine chooses for `rows` generations, in --dtype `dtype`; vllm_args: more of vLLM's
-    engine arguments (--vllm_args)."""
+    engine arguments (--vllm_args). On CPU vLLM runs eagerly below VLLM_EAGER_MAX_ROWS_CPU rows."""
     if pick_engine(engine, name, rows) == "vllm":
+        if not torch.cuda.is_available() and rows < VLLM_EAGER_MAX_ROWS_CPU:
+            vllm_args = {"enforce_eager": True, **(vllm_args or {})}  # --vllm_args '{"enforce_eager": false}' compiles
         base = adapter_base(name)
         if base is None:
             return load_vllm(name, None, seed, dtype, **(vllm_args or {})), load_tokenizer(name)

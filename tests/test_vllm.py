@@ -97,10 +97,11 @@ def test_seeded_sampling_is_reproducible(engines_and_prompts):
 
 def test_vllm_args_reach_the_engine_and_unknown_keys_stop_first(engines_and_prompts, tmp_path, monkeypatch, capsys):
     """--vllm_args: the module's engine was started with {"max_num_seqs": 6}, which overrides vLLM's own default
-    (the scripts leave it to vLLM); a key vLLM's engine does not take, or text that is not a JSON object, is one error line and exit 2
+    (the scripts leave it to vLLM), and eagerly, as a short CPU run is; a key vLLM's engine does not take, or text that is not a JSON object, is one error line and exit 2
     before any model loads."""
     _, llm, _, _, _ = engines_and_prompts
     assert llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 6
+    assert llm.llm_engine.vllm_config.model_config.enforce_eager  # 8 rows on CPU: no compile (VLLM_EAGER_MAX_ROWS_CPU)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before --vllm_args was checked")
