@@ -158,7 +158,11 @@ for ((i = 1; i <= ITERATIONS; i++)); do
   stage "iteration $i: train the base model" "$MODEL" \
     run train.py --iteration "$i" --base_model "$BASE_MODEL" --epochs "$EPOCHS" --lr "$LR" --output_dir "$MODEL" \
     --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"
-  if [ "$OBJECTIVE" != sft ]; then
+  PAIRS=data/star_iter${i}_pairs.jsonl; [ "$OBJECTIVE" = step_rpo ] && PAIRS=data/star_iter${i}_step_pairs.jsonl
+  if [ "$OBJECTIVE" != sft ] && [ ! -e "results/model_star_iter$i" ] && [ ! -s "$PAIRS" ]; then
+    echo "== iteration $i: $PAIRS holds no pair: the iteration's model is its SFT phase"
+    ln -s "model_star_iter${i}_sft" "results/model_star_iter$i"
+  elif [ "$OBJECTIVE" != sft ]; then
     stage "iteration $i: preference phase ($OBJECTIVE)" "results/model_star_iter$i" \
       run train.py --iteration "$i" --base_model "$MODEL" --objective "$OBJECTIVE" --pairs_only --epochs "$EPOCHS" \
       ${PREF_LR:+--pref_lr "$PREF_LR"} --batch_size "$TRAIN_BATCH_SIZE" "${PRECISION[@]}" "${EXTRA_TRAIN[@]}"

@@ -112,7 +112,7 @@ parser.add_argument("--grad_accum", type=int, default=1)
 parser.add_argument("--lr", type=float, default=None,
                     help=f"the SFT rate: default {FULL_LR} (full fine-tuning), {LORA_LR} with --lora_r")
 parser.add_argument("--pref_lr", type=float, default=None,
-                    help=f"the rate of --objective rpo and step_rpo: default --lr where given, else {PREF_FULL_LR} (full "
+                    help=f"the rate of --objective rpo and step_rpo (which take no --lr): default {PREF_FULL_LR} (full "
                          f"fine-tuning), {PREF_LORA_LR} with --lora_r")
 parser.add_argument("--lr_scheduler", default="cosine", help="any transformers scheduler name: cosine, linear, constant...")
 parser.add_argument("--warmup_ratio", type=float, default=None,
@@ -267,8 +267,11 @@ def check_args(args):
     if args.beta <= 0 or args.rpo_alpha < 0 or args.dpop_lambda < 0:
         raise StarError(f"--beta must be > 0, --rpo_alpha and --dpop_lambda >= 0 (got {args.beta}, {args.rpo_alpha}, "
                         f"{args.dpop_lambda})")
-    if preference:  # the rate the optimizer runs at: --pref_lr, else an explicit --lr, else the preference default
-        args.lr = args.pref_lr or args.lr or (PREF_LORA_LR if args.lora_r else PREF_FULL_LR)
+    if preference and args.lr is not None:
+        raise StarError(f"--lr is the SFT rate: --objective {args.objective} trains at --pref_lr (default "
+                        f"{PREF_FULL_LR:g}, {PREF_LORA_LR:g} with --lora_r)")
+    if preference:  # the rate the optimizer runs at
+        args.lr = args.pref_lr or (PREF_LORA_LR if args.lora_r else PREF_FULL_LR)
     args.lr = args.lr or (LORA_LR if args.lora_r else FULL_LR)
     args.train_file = args.train_file or f"data/star_iter{args.iteration}_train.jsonl"
     kind = "step_pairs" if args.objective == "step_rpo" else "pairs"

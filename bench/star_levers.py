@@ -51,9 +51,9 @@ CONFIGS = {
                    [("data/sft_train.jsonl", "data/star_iter0_train.jsonl"),
                     ("data/sft_train.jsonl.stats.json", "data/star_iter0_train.jsonl.stats.json"),
                     ("results/model_sft", "results/model_star_iter0")]),
-    "human_seed_rpo": ("human_seed, each iteration training M_0 with DPO + NLL (Iterative RPO): a kept rationale "
-                       "paired with a Stage-1 rationale that lost gets DPO's term beside its NLL, the other kept "
-                       "ones their NLL alone (SFT); the same generations per iteration",
+    "human_seed_rpo": ("human_seed, each iteration STaR's SFT of M_0, then a preference phase from that model at "
+                       "--pref_lr: DPO + NLL (Iterative RPO) on the pairs of a kept rationale and a Stage-1 rationale "
+                       "that lost (before f79ba5f's successor: one phase from M_0 at the SFT rate)",
                        HUMAN_SEED + ["--objective", "rpo"], ("human_seed", FIRST)),
     "human_seed_rpo_pairs_only": ("human_seed_rpo on the pairs alone (train.py --pairs_only, the paper's set): "
                                   "the kept rationales with no loser are not trained on",
@@ -61,8 +61,8 @@ CONFIGS = {
                                   ("human_seed", FIRST)),
     "human_seed_rpo_beta": ("human_seed_rpo with DPO's beta 0.01 instead of 0.1: a tenth of its gradient",
                             HUMAN_SEED + ["--objective", "rpo", "--train_args", "--beta 0.01"], ("human_seed", FIRST)),
-    "star_rpo": ("star, each iteration trained with DPO + NLL (Iterative RPO) on its pairs and NLL on its other "
-                 "kept rationales", ["--objective", "rpo"],
+    "star_rpo": ("star, each iteration STaR's SFT, then a preference phase (DPO + NLL, Iterative RPO) on its pairs "
+                 "(before f79ba5f's successor: one phase from M_0 at the SFT rate)", ["--objective", "rpo"],
                  BASE + ["data/star_iter1_*"]),
 }
 

@@ -127,11 +127,13 @@ def test_step_rpo_learns_the_step_alone(tmp_path, tiny_llama, capsys):
     assert (args["lr"], args["warmup_ratio"], args["pairs_file"]) == (1e-6, 0.1, str(path))
     whole = tmp_path / "pairs.jsonl"
     whole.write_text(json.dumps({k: v for k, v in pair.items() if k != "prefix"}) + "\n")
-    for flags in (["--pairs_file", str(whole)], ["--pairs_file", str(path), "--pref_lr", "0"]):
+    for flags in (["--pairs_file", str(whole)], ["--pairs_file", str(path), "--pref_lr", "0"],
+                  ["--pairs_file", str(path), "--lr", "1e-4"]):  # --lr is SFT's: never the preference rate by mistake
         with pytest.raises(SystemExit) as e:
             train.main(common + flags + ["--output_dir", str(tmp_path / "n")])
         assert e.value.code == 2 and not (tmp_path / "n").exists()
-    assert "prefix" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "prefix" in err and "--pref_lr must be > 0" in err and "error: --lr is the SFT rate" in err
 
 
 def direct_logp(model, tok, question, rationale):
@@ -206,7 +208,7 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     common = ["--base_model", tiny_llama, "--pairs_file", str(path), "--objective", "rpo", "--batch_size", "2",
               "--dtype", "fp32", "--report_to", "none", "--warmup_ratio", "0"]
     train.main(common + ["--output_dir", str(tmp_path / "model_star_iter1"), "--rpo_alpha", "0", "--epochs", "4",
-                "--lr", "3e-3", "--beta", "0.5"])
+                "--pref_lr", "3e-3", "--beta", "0.5"])
     stats = json.loads((tmp_path / "model_star_iter1" / "train_stats.json").read_text())
     assert stats["objective"] == "rpo" and stats["examples"] == 6 and stats["steps"] == 12
     assert stats["first_loss"] == pytest.approx(math.log(2), abs=1e-4)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Preference phases at one iteration, side by side: from a STaR loop's trained model (the SFT phase of run_star.sh
+# --objective rpo|step_rpo), train.py --pairs_only on that iteration's pairs for each objective and rate, each scored as
+# run_star.sh scores an iteration (test and dev slice, the demo's sizes). Run it in the loop's folder (data/, results/).
+#
+#   bash bench/pref_arms.sh                       # iteration 1, rpo and step_rpo at 1e-6 and 1e-5
+#   ITERATION=2 ARMS="step_rpo:1e-6" bash bench/pref_arms.sh
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+ITERATION=${ITERATION:-1}
+ARMS=${ARMS:-"rpo:1e-6 step_rpo:1e-6 rpo:1e-5 step_rpo:1e-5"}
+for arm in $ARMS; do
+  objective=${arm%%:*} rate=${arm#*:}
+  name=pref_${objective}_${rate}_iter$ITERATION
+  [ -e "results/model_$name" ] || "$PY" "$HERE/train.py" --iteration "$ITERATION" --objective "$objective" --pairs_only \
+    --base_model "results/model_star_iter$ITERATION" --pref_lr "$rate" --epochs 3 --batch_size 8 \
+    --output_dir "results/model_$name" --report_to none
+  [ -e "results/eval_$name.json" ] || "$PY" "$HERE/evaluate.py" --model "results/model_$name" --dataset arithmetic \
+    --dev_samples 200 --max_samples 100 --dev_eval_samples 50 --batch_size 32 --output "results/eval_$name.json"
+done
+echo "| model (iteration $ITERATION) | test accuracy | correct, all steps true (test) | dev accuracy |"
+echo "|---|---|---|---|"
+for name in "star_iter$ITERATION" $(for arm in $ARMS; do echo "pref_${arm%%:*}_${arm#*:}_iter$ITERATION"; done); do
+  file=results/eval_$name.json; [ "$name" = "star_iter$ITERATION" ] && file=results/eval_iter$ITERATION.json
+  "$PY" -c "import json, sys; t, d = (json.load(open(f)) for f in sys.argv[2:]); print(f'| {sys.argv[1]} | '
+    f'{100 * t[\"accuracy\"]:.1f}% | {100 * t[\"accuracy_faithful\"]:.1f}% | {100 * d[\"accuracy\"]:.1f}% |')" \
+    "$name" "$file" "$(dirname "$file")/eval_dev_${file#results/eval_}"
+done
