@@ -1,4 +1,8 @@
 """Unit tests of common.py on real inputs: answer extraction, matching, prompts, the arithmetic set."""
+import json
+import sys
+from pathlib import Path
+
 import pytest
 
 from common import (
@@ -134,3 +138,27 @@ def test_arithmetic_example_carries():
 ])
 def test_rationalization_filter(rationale, problem):
     assert rationalization_problem(rationale, "18") == problem
+
+
+def test_paired_bootstrap_on_crafted_results(tmp_path, capsys):
+    """bench/paired_bootstrap.py: B right on 40 more of 200 questions gives +20 pts with the interval of a mean of
+    200 paired differences (sd 0.4: 1.96 x 0.4 / sqrt(200) = 5.5 pts each side); the same file twice gives 0 and p = 1;
+    files over different questions or without the field are one error line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import paired_bootstrap
+
+    def write(name, right):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": i, "correct": i in right}) + "\n" for i in range(200)))
+        return str(path)
+    a, b = write("a.jsonl", set(range(100, 200))), write("b.jsonl", set(range(60, 200)))
+    diff, low, high, p = paired_bootstrap.main([a, b, "--draws", "4000"])
+    assert diff == pytest.approx(0.2) and p == 0.0
+    assert 0.2 - 0.055 * 1.15 < low < 0.2 - 0.055 * 0.85 and 0.2 + 0.055 * 0.85 < high < 0.2 + 0.055 * 1.15
+    assert "B - A +20.0 pts" in capsys.readouterr().out
+    assert paired_bootstrap.main([a, a, "--draws", "200"]) == (0.0, 0.0, 0.0, 1.0)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"id": 999, "correct": True}) + "\n")
+    with pytest.raises(SystemExit, match="different questions"):
+        paired_bootstrap.main([a, str(tmp_path / "c.jsonl")])
+    with pytest.raises(SystemExit, match="no 'faithful_correct' field"):
+        paired_bootstrap.main([a, b, "--field", "faithful_correct"])
