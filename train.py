@@ -68,7 +68,7 @@ from objectives import (
 # 2025 ("LoRA Without Regret", Thinking Machines Lab), and QLoRA (Dettmers et al. 2023) trained 7B and 13B models at
 # 2e-4.
 FULL_LR, LORA_LR = 2e-5, 2e-4
-# A preference objective's rate when neither --pref_lr nor --lr is given: published DPO recipes run 50-400x below
+# A preference objective's rate when --pref_lr is not given (it takes no --lr): published DPO recipes run 50-400x below
 # their SFT rate. 1e-6 is TRL's DPOConfig default and SmolLM2's own DPO rate for its 135M and 360M models (Iterative
 # RPO: 7e-7 on Llama-2-70B; Tulu 3: 5e-7); adapters take about 5x more (5e-6), as LoRA does for SFT. Its warm-up:
 # 10% of the steps, as those recipes do (SFT keeps 3%).
@@ -267,6 +267,8 @@ def check_args(args):
     if args.beta <= 0 or args.rpo_alpha < 0 or args.dpop_lambda < 0:
         raise StarError(f"--beta must be > 0, --rpo_alpha and --dpop_lambda >= 0 (got {args.beta}, {args.rpo_alpha}, "
                         f"{args.dpop_lambda})")
+    if not preference and args.pref_lr is not None:
+        raise StarError("--pref_lr is the rate of --objective rpo and step_rpo; --objective sft trains at --lr")
     if preference and args.lr is not None:
         raise StarError(f"--lr is the SFT rate: --objective {args.objective} trains at --pref_lr (default "
                         f"{PREF_FULL_LR:g}, {PREF_LORA_LR:g} with --lora_r)")

@@ -132,8 +132,12 @@ def test_step_rpo_learns_the_step_alone(tmp_path, tiny_llama, capsys):
         with pytest.raises(SystemExit) as e:
             train.main(common + flags + ["--output_dir", str(tmp_path / "n")])
         assert e.value.code == 2 and not (tmp_path / "n").exists()
+    with pytest.raises(SystemExit) as e:  # and --pref_lr is the preference rate: SFT refuses it rather than ignore it
+        train.main(["--base_model", tiny_llama, "--pref_lr", "1e-6", "--output_dir", str(tmp_path / "n")])
+    assert e.value.code == 2 and not (tmp_path / "n").exists()
     err = capsys.readouterr().err
     assert "prefix" in err and "--pref_lr must be > 0" in err and "error: --lr is the SFT rate" in err
+    assert "error: --pref_lr is the rate of --objective rpo and step_rpo" in err
 
 
 def direct_logp(model, tok, question, rationale):
