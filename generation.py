@@ -21,10 +21,8 @@ import sys
 from dataclasses import dataclass
 
 from common import DEV_SAMPLES, StarError, check_positive, resume_settings, write_text
-from engines import (
-    ENGINES, MAX_NEW_TOKENS, VLLM_CHUNK_QUESTIONS, engine_name, generate, load_generator, quiet_vllm, shutdown,
-    vllm_installed,
-)
+from engines import ENGINES, MAX_NEW_TOKENS, generate, load_generator
+from vllm_engine import VLLM_CHUNK_QUESTIONS, engine_name, quiet_vllm, shutdown, vllm_installed
 from models import DEFAULT_BASE_MODEL, DTYPES, dist_state, model_identity
 
 
@@ -148,7 +146,7 @@ def generate_part(job, part, prefix, questions, desc, on_batch=None, sampling=No
 
 def close_engine(job):
     """Shut the job's vLLM engine down once its generation is done, before the outputs are written and the next
-    stage starts (engines.shutdown)."""
+    stage starts (vllm_engine.shutdown)."""
     shutdown(job.model)
 
 

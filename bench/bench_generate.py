@@ -34,9 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import answers_match, build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
 from models import DTYPES, load_model
-from engines import (  # noqa: E402
-    cut_at_stop, final_text, generate, load_vllm, stop_rule, stop_token_ids, truncate_at_stop, vllm_installed,
-)
+from engines import cut_at_stop, final_text, generate, stop_rule, stop_token_ids, truncate_at_stop  # noqa: E402
+from vllm_engine import load_vllm, vllm_installed  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")

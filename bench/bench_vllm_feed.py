@@ -20,7 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars  # noqa: E402
-from engines import MAX_NEW_TOKENS, generate, load_vllm, shutdown  # noqa: E402
+from engines import MAX_NEW_TOKENS, generate  # noqa: E402
+from vllm_engine import load_vllm, shutdown  # noqa: E402
 from models import DTYPES, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import DEV_SAMPLES, build_prompts, load_split, pick_exemplars  # noqa: E402
 from shapes import LLAMA_3B, TINY, bench_tokenizer  # noqa: E402
-from engines import MAX_NEW_TOKENS, batch_decoder, kv_bytes_per_token, load_vllm, stop_rule, vllm_installed  # noqa: E402
+from engines import MAX_NEW_TOKENS, batch_decoder, kv_bytes_per_token, stop_rule  # noqa: E402
+from vllm_engine import load_vllm, vllm_installed  # noqa: E402
 
 GIB = 2**30
 

@@ -12,6 +12,7 @@ import torch
 
 import common
 import engines
+import vllm_engine
 import evaluate
 import generation
 from common import build_prompts, cut_after_answer, extract_stated_answer, load_split, pick_exemplars
@@ -19,7 +20,7 @@ from models import load_model, load_tokenizer, resolve_model
 from conftest import GSM8K_DIR, ROOT
 from engines import Sampling, generate, pick_engine, row_finished, stop_rule
 
-pytestmark = pytest.mark.skipif(not engines.vllm_installed(), reason="vLLM is not installed (make install installs it)")
+pytestmark = pytest.mark.skipif(not vllm_engine.vllm_installed(), reason="vLLM is not installed (make install installs it)")
 
 
 def write_adapter(folder):
@@ -52,7 +53,7 @@ def engines_and_prompts(tmp_path_factory):
     train = load_split("gsm8k", "train", GSM8K_DIR)
     prefix, parts = build_prompts(tok, [r["question"] for r in train[100:108]], pick_exemplars(train, 4, 0))
     yield model, llm, tok, prefix, parts
-    engines.shutdown(llm)  # its processes end now (create_data.py may have shut it already: a no-op then)
+    vllm_engine.shutdown(llm)  # its processes end now (create_data.py may have shut it already: a no-op then)
 
 
 def answers(out):
@@ -136,10 +137,10 @@ def test_auto_and_errors(tmp_path, monkeypatch, capsys):
     assert "NoSuchForCausalLM" in err[-1] and not (tmp_path / "e.json").exists()
     for r, rank in ((4, 8), (8, 8), (24, 32)):  # an adapter's r -> the smallest max_lora_rank vLLM accepts
         (folder / "adapter_config.json").write_text(json.dumps({"r": r}))
-        assert engines.lora_rank(str(folder)) == rank
+        assert vllm_engine.lora_rank(str(folder)) == rank
     (folder / "adapter_config.json").write_text(json.dumps({"r": 1024}))
     with pytest.raises(common.StarError, match="LoRA rank 1024 is above vLLM's largest"):
-        engines.lora_rank(str(folder))
+        vllm_engine.lora_rank(str(folder))
     monkeypatch.setattr(engines, "vllm_installed", lambda: False)
     assert pick_engine("auto", "smollm2-135m", 10_000) == "hf"
     with pytest.raises(common.StarError, match="vLLM is not installed"):
