@@ -56,7 +56,7 @@ from tqdm import tqdm
 from attention import use_packed_attention
 from checkpoints import SAVE_MINUTES, base_dtype, load_resume_state, save_checkpoint, save_due, save_resume_state
 from common import StarError, check_output, check_positive, cli_errors, read_jsonl
-from memory import lower_mmap_threshold, plan_memory
+from memory import plan_memory, trim_heap
 from models import DEFAULT_BASE_MODEL, DTYPES, device_and_dtype, load_tokenizer, load_weights
 from objectives import (
     OBJECTIVES, Example, epoch_loader, example_sizes, longest_micro_batch, reference_logps, reference_model, schedule,
@@ -200,6 +200,8 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
                 continue
             step += 1
             bar.update(1)
+            if acc.device.type == "cpu":
+                trim_heap()  # the freed activations go back to the system: the host's peak follows the plan
             if step % args.logging_steps == 0 or step == total:
                 log.append(log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0, pairs))
                 losses, pairs = [], torch.zeros_like(pairs)
@@ -452,8 +454,6 @@ def main(argv=None):
         records = read_records(args)
         device, dtype = device_and_dtype(args.dtype)
         bf16 = dtype == torch.bfloat16  # auto on an older GPU gives fp16 for generation; training stays fp32 there
-        if device == "cpu":
-            lower_mmap_threshold()  # the host's peak then follows the plan
         acc = make_accelerator(args, device, bf16)
         from accelerate.utils import set_seed
 

@@ -1,5 +1,6 @@
-"""train.py's glibc setting on CPU, side by side: its fixed mmap threshold of 128 KiB (memory.lower_mmap_threshold, which
-keeps the host's peak near the memory plan) against other thresholds and glibc's default, on the same rows and steps.
+"""train.py's glibc setting on CPU, side by side: its trim of the heap after each optimizer step (memory.trim_heap, which
+keeps the host's peak near the memory plan) against fixed mmap thresholds (a threshold of 128 KiB was train.py's earlier
+way) and glibc's default, on the same rows and steps.
 Prints wall time, user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
 
     python bench/bench_malloc.py --train_file runs/rpo/human_seed/data/star_iter1_train.jsonl --steps 8
@@ -22,10 +23,10 @@ parser.add_argument("--base_model", default="smollm2-135m")
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--output_dir", default="/tmp/bench_malloc")
-parser.add_argument("--variants", default="128,glibc_default,128",
-                    help="in order, each in its own process: an mmap threshold in KiB (train.py's: 128), "
-                         "glibc_default, arenaN (glibc's default threshold with at most N malloc arenas), trim "
-                         "(glibc's default, malloc_trim after each optimizer step), or thp<one of those> (torch's "
+parser.add_argument("--variants", default="trim,128,glibc_default,trim",
+                    help="in order, each in its own process: trim (train.py's: glibc's default, malloc_trim after "
+                         "each optimizer step), an mmap threshold in KiB (train.py's earlier: 128), glibc_default, "
+                         "arenaN (glibc's default threshold with at most N malloc arenas), or thp<one of those> (torch's "
                          "THP_MEM_ALLOC_ENABLE: huge pages for its large blocks); the first again at the end shows the machine did not drift")
 parser.add_argument("--variant", help="run one variant in this process")
 
@@ -36,16 +37,13 @@ def run_variant(args):
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read once, at torch's first allocation
         args.variant = args.variant[3:] or "glibc_default"
     import memory
-    import torch
     import train
 
-    train.lower_mmap_threshold = lambda: None  # the variant decides, not train.py's own setting
-    if args.variant.startswith("trim"):  # glibc's dynamic threshold, free heap pages handed back every optimizer step
-        trim, step = ctypes.CDLL("libc.so.6").malloc_trim, torch.optim.AdamW.step
-        torch.optim.AdamW.step = lambda self, *a, **k: (step(self, *a, **k), trim(0))[0]
-    elif args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
+    if args.variant != "trim":  # train.py's own: glibc's dynamic threshold, free heap pages handed back every step
+        train.trim_heap = lambda: None  # the variant decides
+    if args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
         ctypes.CDLL("libc.so.6").mallopt(-8, int(args.variant[5:]))
-    elif args.variant != "glibc_default":  # a threshold in KiB, set before anything is allocated
+    elif args.variant not in ("trim", "glibc_default"):  # a threshold in KiB, set before anything is allocated
         memory.set_mmap_threshold(int(args.variant) * 1024)
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),
@@ -64,8 +62,9 @@ def main(argv=None):
         out = subprocess.run([sys.executable, __file__, "--train_file", args.train_file, "--base_model",
                               args.base_model, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
                               "--output_dir", args.output_dir, "--variant", variant], capture_output=True, text=True)
-        print(next((line for line in out.stdout.splitlines() if line.startswith("RESULT")), out.stderr[-500:]),
-              flush=True)
+        plan = next((line for line in out.stdout.splitlines() if line.startswith("memory total")), "")
+        result = next((line for line in out.stdout.splitlines() if line.startswith("RESULT")), out.stderr[-500:])
+        print(f"{result} | plan {plan.split()[2] if plan else '?'} GiB", flush=True)
 
 
 if __name__ == "__main__":
