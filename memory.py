@@ -275,7 +275,7 @@ def trim_heap():
     """On CPU under glibc, hand the heap's free pages back to the system (malloc_trim), once per optimizer step, so that
     the host's peak RSS follows the plan: glibc otherwise serves activations from a heap it seldom shrinks, and the peak
     rises with the steps. Elsewhere (macOS, musl) nothing. On the demo's seed rows (24 steps) it trained 1.64x faster than
-    a fixed 128 KiB mmap threshold, train.py's earlier way, at a peak 16% higher and 13% above the plan
+    a fixed 128 KiB mmap threshold, train.py's earlier way, at a peak 16% higher and 15% above the plan
     (bench/bench_malloc.py; docs/training.md, "Memory on CPU")."""
     if LIBC is not None:
         LIBC.malloc_trim(0)
