@@ -7,7 +7,6 @@ Prints wall time, user and system CPU time, peak RSS and minor page faults of ea
     python bench/bench_malloc.py --train_file ... --variants 128,4096,32768,glibc_default,128   # thresholds in KiB
 """
 import argparse
-import ctypes
 import os
 import resource
 import subprocess
@@ -42,7 +41,7 @@ def run_variant(args):
     if args.variant != "trim":  # train.py's own: glibc's dynamic threshold, free heap pages handed back every step
         train.trim_heap = lambda: None  # the variant decides
     if args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
-        ctypes.CDLL("libc.so.6").mallopt(-8, int(args.variant[5:]))
+        memory.LIBC.mallopt(-8, int(args.variant[5:]))
     elif args.variant not in ("trim", "glibc_default"):  # a threshold in KiB, set before anything is allocated
         memory.set_mmap_threshold(int(args.variant) * 1024)
     t0 = time.time()

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import load_split, solution_to_rationale, write_jsonl  # noqa: E402
 from shapes import LLAMA_3B, TINY, bench_tokenizer  # noqa: E402
+from bench_matmul import matmul_tflops  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -75,17 +76,6 @@ def write_model(folder, tiny):
     return n, what
 
 
-def measured_peak_tflops(seconds=2.0):
-    """The CPU's bf16 matmul rate on a 2048 x 576 x 1536 product (the embedded model's MLP shape), in TFLOP/s."""
-    a, b = torch.randn(2048, 576, dtype=torch.bfloat16), torch.randn(576, 1536, dtype=torch.bfloat16)
-    a @ b
-    n, t0 = 0, time.time()
-    while time.time() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 2048 * 576 * 1536 * n / (time.time() - t0) / 1e12
-
-
 def peak_tflops(given):
     if given:
         return given, "given"
@@ -93,7 +83,7 @@ def peak_tflops(given):
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         return peak, name
-    return measured_peak_tflops(), "this CPU's measured bf16 matmul rate"
+    return matmul_tflops(), "this CPU's measured bf16 matmul rate"
 
 
 def flops_per_token(out_dir, model_dir, n_params):
