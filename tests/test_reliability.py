@@ -43,7 +43,7 @@ def kill_after_batches(script, args, partial, batches):
 
 def test_create_data_resumes_to_identical_output(tmp_path):
     args = ["--model_name", "smollm2-135m", "--dataset", "arithmetic", "--max_samples", "12", "--k", "2",
-            "--batch_size", "3", "--max_new_tokens", "90"]
+            "--batch_size", "4", "--max_new_tokens", "90"]
     whole, cut = str(tmp_path / "whole.jsonl"), str(tmp_path / "cut.jsonl")
     assert run_script("create_data.py", args + ["--output", whole]).returncode == 0
     kill_after_batches("create_data.py", args + ["--output", cut], cut + ".partial", 2)
