@@ -164,18 +164,20 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     assert again.returncode == 0 and again.stdout.count("exists, skipped") == 10  # 1 eval + 3 stages x 2 + 3 SFT
 
 
-def test_run_star_with_a_human_seed(tmp_path, monkeypatch):
-    """--human_seed N: M_0 trained on N human rationales is iteration 0 (scored zero-shot, as trained) and generates
-    iteration 1's data (zero-shot under --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
+def test_run_star_with_a_human_seed(tmp_path, monkeypatch, tiny_llama):
+    """--human_seed N, on a random 2-layer model (the bookkeeping: test_two_star_iterations_with_run_star runs the
+    embedded model end to end; 2 samples a question, so the random model writes text that loses): M_0 trained on N
+    human rationales is iteration 0 (scored zero-shot, as trained) and generates iteration 1's data (zero-shot under
+    --tuned_k 0); --accumulate carries the seed into iteration 1's training set;
     training restarts from M_0, here with --objective rpo: STaR's SFT from M_0, then the preference phase on the pairs
     (the seed's rationales against iteration 1's wrong ones) from the SFT model, at the preference rate, the reference
     log-probs shared out between the processes. Every stage runs in 2 CPU processes under
     --launcher (torchrun, as a cluster would run `accelerate launch`), and --eval_args reaches evaluate.py; a launcher
     that is not a command stops the loop before any stage."""
-    cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "1", "--human_seed", "4", "--max_samples", "8",
-           "--eval_samples", "4", "--dev_eval_samples", "0", "--k", "2", "--epochs", "1", "--train_batch_size", "4",
-           "--max_new_tokens", "100", "--tuned_k", "0", "--create_args", "--accumulate", "--eval_args", "--batch_size 3",
-           "--objective", "rpo"]
+    cmd = ["bash", str(ROOT / "run_star.sh"), "--base_model", tiny_llama, "--iterations", "1", "--human_seed", "4",
+           "--max_samples", "8", "--eval_samples", "4", "--dev_eval_samples", "0", "--k", "2", "--epochs", "1",
+           "--train_batch_size", "4", "--lr", "1e-3", "--max_new_tokens", "100", "--tuned_k", "0",
+           "--create_args", "--accumulate --num_samples 2", "--eval_args", "--batch_size 3", "--objective", "rpo"]
     env = {**os.environ, "PYTHON": sys.executable}
     bad = subprocess.run(cmd + ["--launcher", "no-such-launcher --nproc 2"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=env)
