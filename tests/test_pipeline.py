@@ -218,6 +218,28 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch, tiny_llama):
     assert os.path.getsize("results/summary.png") > 10_000
 
 
+def test_run_star_without_pairs_takes_the_sft_phase(tmp_path, monkeypatch, tiny_llama):
+    """--objective rpo where an iteration finds no pair (the random 2-layer model's greedy text is dots: no loser):
+    results/model_star_iter1 links to the SFT phase, which is then evaluated as the iteration's model, and a rerun
+    skips every stage, the link included."""
+    cmd = ["bash", str(ROOT / "run_star.sh"), "--base_model", tiny_llama, "--iterations", "1", "--human_seed", "2",
+           "--max_samples", "4", "--eval_samples", "2", "--dev_eval_samples", "0", "--epochs", "1", "--lr", "1e-3",
+           "--max_new_tokens", "16", "--tuned_k", "0", "--create_args", "--accumulate", "--objective", "rpo"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    assert read_json("data/star_iter1_train.jsonl.stats.json")["pairs"] == 0
+    assert os.path.getsize("data/star_iter1_pairs.jsonl") == 0
+    assert "data/star_iter1_pairs.jsonl holds no pair: the iteration's model is its SFT phase" in run.stdout
+    assert os.readlink("results/model_star_iter1") == "model_star_iter1_sft"
+    assert read_json("results/eval_iter1.json")["model"] == "results/model_star_iter1"
+    assert read_json("results/model_star_iter1/train_stats.json")["objective"] == "sft"
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "holds no pair" not in again.stdout
+    assert again.stdout.count("exists, skipped") == 7  # seed data and model, eval 0, create, both phases, eval 1
+
+
 def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
     """Stage 2 keeps a right rationale that derives the answer; each other kind is counted under its reason."""
     tok = load_tokenizer("smollm2-135m")
