@@ -16,6 +16,11 @@ step are lost). It prints each one's line, the loss every few steps side by side
     python bench/bench_train.py                 # 200 examples, batch 8, 1 epoch, smollm2-135m, CPU
     python bench/bench_train.py --n 64 --steps 8
     python bench/bench_train.py --dtypes fp32,bf16,pure_bf16 --n 64 --lr 1e-4
+    python bench/bench_train.py --profile --dtype bf16 --n 48   # where a step of ours spends its time
+
+--profile runs ours for the batches after a warm-up one under torch.profiler and prints each kind of op's share of
+the CPU time (matmuls with their rate beside bench_matmul.py's, attention, casts, optimizer, the rest) and the
+20 ops that took longest.
 """
 import argparse
 import json
@@ -48,6 +53,12 @@ parser.add_argument("--lr", type=float, default=1e-5)
 parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16,pure_bf16: compare ours in these precisions")
 parser.add_argument("--path", choices=["naive", "ours"], default=None, help="run one path (used internally)")
 parser.add_argument("--dtype", choices=list(PRECISIONS), default="fp32", help="of one path (used internally)")
+parser.add_argument("--profile", action="store_true", help="ours in --dtype under torch.profiler (see above)")
+
+# --profile's groups: an op belongs to the first group whose words its name contains
+OP_GROUPS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm"), "attention": ("scaled_dot_product",),
+             "casts": ("aten::copy_", "aten::_to_copy"),
+             "optimizer": ("lerp_", "addcdiv_", "addcmul_", "sqrt", "_foreach")}
 
 
 def padded_loss(model, batch, pad_id):
@@ -62,7 +73,8 @@ def padded_loss(model, batch, pad_id):
     return ((tok_loss * learned).sum(1) / learned.sum(1)).mean()
 
 
-def run_path(args):
+def load_path(args, path):
+    """(model, batches, a function doing one optimizer step on a batch and returning its loss) for path naive|ours."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -74,23 +86,73 @@ def run_path(args):
     batches = batches[: args.steps] if args.steps else batches
     weights, autocast = PRECISIONS[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=weights).train()
-    if args.path == "ours":
+    if path == "ours":
         use_packed_attention(model)  # what train.py's load_base does
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    losses, real_tokens, t0 = [], 0, time.time()
-    for batch in batches:
+
+    def step(batch):
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss = packed_loss(model, pack(batch)) if args.path == "ours" else padded_loss(model, batch, tok.pad_token_id)
+            loss = packed_loss(model, pack(batch)) if path == "ours" else padded_loss(model, batch, tok.pad_token_id)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        return loss.item()
+    return model, batches, step
+
+
+def run_path(args):
+    model, batches, step = load_path(args, args.path)
+    losses, real_tokens, t0 = [], 0, time.time()
+    for batch in batches:
+        losses.append(step(batch))
         real_tokens += sum(len(x) for x, _ in batch)
     seconds = time.time() - t0
     print(json.dumps({"seconds": seconds, "real_tokens": real_tokens, "steps": len(batches),
                       "padded_tokens": sum(len(b) * max(len(x) for x, _ in b) for b in batches),
                       "final_loss": sum(losses[-5:]) / len(losses[-5:]), "first_loss": losses[0], "losses": losses,
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def matmul_flops(model, batches):
+    """The matmuls' work in ours (FLOPs, multiply-adds x 2): forward and backward (x 3) of every linear layer on
+    every token, the vocabulary projection only on learned tokens; attention's score products are not counted."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight  # tied: the same
+    linear = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embedding and p is not head)
+    tokens = sum(len(x) for b in batches for x, _ in b)
+    learned = sum(sum(t != -100 for t in y) for b in batches for _, y in b)
+    return 6 * (linear * tokens + head.numel() * learned)
+
+
+def profile(args):
+    """--profile: each group's share of the profiled steps' CPU time (self time: one op on 2 threads counts once), the
+    matmuls' rate while they run against bench_matmul.py's, the top ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from bench_matmul import matmul_tflops
+
+    model, batches, step = load_path(args, "ours")
+    step(batches[0])  # warm-up: first-call allocations and kernel choices
+    with torch_profile(activities=[ProfilerActivity.CPU]) as torch_profiler:
+        t0 = time.time()
+        for batch in batches[1:]:
+            step(batch)
+        seconds = time.time() - t0
+    ops = torch_profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops)
+    shares = dict.fromkeys([*OP_GROUPS, "the rest"], 0.0)
+    for e in ops:
+        group = next((g for g, words in OP_GROUPS.items() if any(w in e.key for w in words)), "the rest")
+        shares[group] += e.self_cpu_time_total
+    tokens = sum(len(x) for b in batches[1:] for x, _ in b)
+    print(f"ours, {args.dtype}: {len(batches) - 1} steps in {seconds:.1f} s, {tokens / seconds:.1f} real tok/s")
+    print("share of CPU time: " + ", ".join(f"{g} {100 * t / total:.1f}%" for g, t in shares.items()))
+    rate = matmul_flops(model, batches[1:]) / (shares["matmul"] / 1e6) / 1e12
+    peak = matmul_tflops(torch.bfloat16 if args.dtype != "fp32" else torch.float32)
+    whole = matmul_flops(model, batches[1:]) / seconds / 1e12
+    print(f"matmuls: {1e3 * rate:.0f} GFLOP/s while they run, {1e3 * peak:.0f} GFLOP/s in bench_matmul.py's product "
+          f"({100 * rate / peak:.0f}%); over the whole step {1e3 * whole:.0f} GFLOP/s ({100 * whole / peak:.0f}%)")
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def run_subprocess(args, path, dtype):
@@ -125,6 +187,8 @@ def compare_dtypes(args, dtypes):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.profile:
+        return profile(args)
     if args.path:
         return run_path(args)
     if args.dtypes:
