@@ -52,13 +52,14 @@ parser.add_argument("--steps", type=int, default=None, help="optimizer steps (de
 parser.add_argument("--lr", type=float, default=1e-5)
 parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16,pure_bf16: compare ours in these precisions")
 parser.add_argument("--path", choices=["naive", "ours"], default=None, help="run one path (used internally)")
-parser.add_argument("--dtype", choices=list(PRECISIONS), default="fp32", help="of one path (used internally)")
+parser.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
+                    help="of one path (used internally) or of --profile")
 parser.add_argument("--profile", action="store_true", help="ours in --dtype under torch.profiler (see above)")
 
 # --profile's groups: an op belongs to the first group whose words its name contains
 OP_GROUPS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm"), "attention": ("scaled_dot_product",),
              "casts": ("aten::copy_", "aten::_to_copy"),
-             "optimizer": ("lerp_", "addcdiv_", "addcmul_", "sqrt", "_foreach")}
+             "optimizer": ("lerp_", "addcdiv_", "addcmul_", "aten::sqrt", "_foreach")}  # AdamW's (not rsqrt)
 
 
 def padded_loss(model, batch, pad_id):
@@ -147,9 +148,9 @@ def profile(args):
     tokens = sum(len(x) for b in batches[1:] for x, _ in b)
     print(f"ours, {args.dtype}: {len(batches) - 1} steps in {seconds:.1f} s, {tokens / seconds:.1f} real tok/s")
     print("share of CPU time: " + ", ".join(f"{g} {100 * t / total:.1f}%" for g, t in shares.items()))
-    rate = matmul_flops(model, batches[1:]) / (shares["matmul"] / 1e6) / 1e12
+    flops = matmul_flops(model, batches[1:])
+    rate, whole = flops / (shares["matmul"] / 1e6) / 1e12, flops / seconds / 1e12  # self times are in microseconds
     peak = matmul_tflops(torch.bfloat16 if args.dtype != "fp32" else torch.float32)
-    whole = matmul_flops(model, batches[1:]) / seconds / 1e12
     print(f"matmuls: {1e3 * rate:.0f} GFLOP/s while they run, {1e3 * peak:.0f} GFLOP/s in bench_matmul.py's product "
           f"({100 * rate / peak:.0f}%); over the whole step {1e3 * whole:.0f} GFLOP/s ({100 * whole / peak:.0f}%)")
     print(ops.table(sort_by="self_cpu_time_total", row_limit=20))
