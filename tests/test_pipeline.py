@@ -119,9 +119,10 @@ def test_accumulate_adds_the_previous_set_once(tmp_path, capsys):
 
 def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     """run_star.sh: M_0 evaluated, then twice create (with M_{i-1}) -> train (from M_0) -> evaluate on test and
-    dev (one evaluate.py run each, --dev_eval_samples); the vanilla SFT reference; a summary."""
+    dev (one evaluate.py run each, --dev_eval_samples); a summary (the vanilla SFT reference's stages:
+    test_run_star_without_pairs_takes_the_sft_phase, on the random 2-layer model)."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--iterations", "2", "--max_samples", "16", "--eval_samples", "4",
-           "--dev_eval_samples", "2", "--sft", "--k", "4", "--epochs", "2", "--train_batch_size", "4", "--lr", "1e-4",
+           "--dev_eval_samples", "2", "--k", "4", "--epochs", "2", "--train_batch_size", "4", "--lr", "1e-4",
            "--max_new_tokens", "120"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500,
                          env={**os.environ, "PYTHON": sys.executable})
@@ -140,9 +141,9 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
     assert read_json("results/model_star_iter2/args.json")["args"]["base_model"] == "smollm2-135m"
 
     summary = open("results/summary.md").read().splitlines()[2:]
-    assert len(summary) == 4 and os.path.getsize("results/summary.png") > 10_000
+    assert len(summary) == 3 and os.path.getsize("results/summary.png") > 10_000
     for i, line in enumerate(summary):
-        label = f"iter{i}" if i < 3 else "sft"
+        label = f"iter{i}"
         ev, details = read_json(f"results/eval_{label}.json"), read_jsonl(f"results/eval_{label}.jsonl")
         dev, dev_details = read_json(f"results/eval_dev_{label}.json"), read_jsonl(f"results/eval_dev_{label}.jsonl")
         assert ev["n"] == len(details) == 4 and ev["correct"] == sum(d["correct"] for d in details)
@@ -150,18 +151,16 @@ def test_two_star_iterations_with_run_star(tmp_path, monkeypatch):
         assert dev["split"] == "dev" and len(dev_details) == 2
         assert [d["id"] for d in dev_details] == [1800, 1801]  # the train file's last 200 questions
         assert f"| {100 * dev['accuracy']:.1f}% (n=2) | {100 * ev['accuracy']:.1f}% (n=4) |" in line  # the files' numbers
-        data = f"data/star_iter{i}_train.jsonl" if i < 3 else "data/sft_train.jsonl"
+        data = f"data/star_iter{i}_train.jsonl"
         if i:
             stats = read_json(f"{data}.stats.json")
             assert max(r["id"] for r in read_jsonl(data)) < 1800  # never a dev question
             assert f"| {stats['total_kept']} |" in line
-        if i in (1, 2):
             assert f"| {stats['stage1_correct']}/{stats['questions_seen']} |" in line
-    assert summary[3].startswith("| vanilla SFT |")
 
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PYTHON": sys.executable})
-    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 10  # 1 eval + 3 stages x 2 + 3 SFT
+    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 7  # 1 eval + 3 stages x 2
 
 
 def test_run_star_with_a_human_seed(tmp_path, monkeypatch, tiny_llama):
@@ -220,11 +219,12 @@ def test_run_star_with_a_human_seed(tmp_path, monkeypatch, tiny_llama):
 
 def test_run_star_without_pairs_takes_the_sft_phase(tmp_path, monkeypatch, tiny_llama):
     """--objective rpo where an iteration finds no pair (the random 2-layer model's greedy text is dots: no loser):
-    results/model_star_iter1 links to the SFT phase, which is then evaluated as the iteration's model, and a rerun
+    results/model_star_iter1 links to the SFT phase, which is then evaluated as the iteration's model; --sft adds the
+    vanilla SFT reference (M_0 on the human rationales of all the questions) as the summary's last line; a rerun
     skips every stage, the link included."""
     cmd = ["bash", str(ROOT / "run_star.sh"), "--base_model", tiny_llama, "--iterations", "1", "--human_seed", "2",
            "--max_samples", "4", "--eval_samples", "2", "--dev_eval_samples", "0", "--epochs", "1", "--lr", "1e-3",
-           "--max_new_tokens", "16", "--tuned_k", "0", "--create_args", "--accumulate", "--objective", "rpo"]
+           "--max_new_tokens", "16", "--tuned_k", "0", "--create_args", "--accumulate", "--objective", "rpo", "--sft"]
     env = {**os.environ, "PYTHON": sys.executable}
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -235,9 +235,18 @@ def test_run_star_without_pairs_takes_the_sft_phase(tmp_path, monkeypatch, tiny_
     assert os.readlink("results/model_star_iter1") == "model_star_iter1_sft"
     assert read_json("results/eval_iter1.json")["model"] == "results/model_star_iter1"
     assert read_json("results/model_star_iter1/train_stats.json")["objective"] == "sft"
+    sft_data, ev = read_jsonl("data/sft_train.jsonl"), read_json("results/eval_sft.json")
+    assert [r["id"] for r in sft_data] == [0, 1, 2, 3] and {r["model"] for r in sft_data} == {"human"}
+    assert read_json("results/model_sft/args.json")["args"]["train_file"] == "data/sft_train.jsonl"
+    assert read_json("results/model_sft/train_stats.json")["examples"] == 4
+    assert ev["model"] == "results/model_sft" and ev["n"] == len(read_jsonl("results/eval_sft.jsonl")) == 2
+    summary = open("results/summary.md").read().splitlines()[2:]
+    assert len(summary) == 3 and summary[2].startswith("| vanilla SFT |")
+    assert f"| {100 * ev['accuracy']:.1f}% (n=2) |" in summary[2] and "| 4 |" in summary[2]  # test, examples
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "holds no pair" not in again.stdout
-    assert again.stdout.count("exists, skipped") == 7  # seed data and model, eval 0, create, both phases, eval 1
+    # seed data and model, eval 0, create, both phases, eval 1, SFT data, model and eval
+    assert again.stdout.count("exists, skipped") == 10
 
 
 def test_stage2_rejection_counts_on_crafted_outputs(monkeypatch):
