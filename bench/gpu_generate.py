@@ -63,8 +63,10 @@ def print_kv_plan(model, prefix_tokens, row_tokens, batch_sizes, new_tokens):
               f"{(total + bs * per_token * prefix_tokens) / GIB:.1f} GiB)")
 
 
-def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
-    """decode(rows, seed) -> token ids per row, every row new_tokens long, for one engine (None: not installed)."""
+def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once, eager=False):
+    """decode(rows, seed) -> token ids per row, every row new_tokens long, for one engine (None: not installed).
+    eager: vLLM without torch.compile (--tiny on CPU: its compiled start is most of a smoke run, as the scripts'
+    short CPU runs start it: vllm_engine.VLLM_EAGER_MAX_ROWS_CPU)."""
     if engine == "hf":
         return batch_decoder(model, tok, prefix_ids, new_tokens, None, stop_rule(model, tok, False))
     if engine == "generate_batch":
@@ -76,7 +78,7 @@ def engine_decoder(engine, model, tok, prefix_ids, new_tokens, rows_at_once):
     folder = tempfile.mkdtemp()  # vLLM reads the config and tokenizer from a folder; its dummy weights are random
     model.config.save_pretrained(folder)
     tok.save_pretrained(folder)
-    llm = load_vllm(folder, rows_at_once, load_format="dummy")
+    llm = load_vllm(folder, rows_at_once, load_format="dummy", **({"enforce_eager": True} if eager else {}))
     return batch_decoder(llm, tok, prefix_ids, new_tokens, None, stop_rule(llm, tok, False))
 
 
@@ -97,7 +99,8 @@ def main(argv=None):
     if args.plan_only:
         return
     for engine in args.engines.split(","):
-        decode = engine_decoder(engine, model, tok, prefix_ids, args.new_tokens, max(sizes))
+        decode = engine_decoder(engine, model, tok, prefix_ids, args.new_tokens, max(sizes),
+                                eager=args.tiny and not torch.cuda.is_available())
         if decode is None:
             print(f"{engine}: not installed, skipped")
             continue
