@@ -13,7 +13,7 @@ import ctypes
 import torch
 
 from common import StarError
-from models import auto_causal_lm, from_pretrained
+from models import from_pretrained
 
 # Peak training memory from the config and the run's own rows, printed before the weights are loaded. Units are bytes
 # unless a name says GiB. What lives where: full fine-tuning keeps fp32 master weights (under bf16 autocast each
@@ -52,8 +52,10 @@ def model_shape(config):
 def count_parameters(config, target_modules=()):
     """(parameters, LoRA parameters per unit of rank): exact, from the model built on the meta device (no memory,
     no weights read, ~1 s for 3B). A LoRA pair on a Linear in -> out adds r x (in + out) parameters."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = auto_causal_lm().from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
     per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(target_modules))
     return sum(p.numel() for p in model.parameters()), per_rank  # parameters() counts tied weights once

