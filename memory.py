@@ -14,6 +14,7 @@ import torch
 
 from common import StarError
 from models import from_pretrained
+from objectives import LOGIT_TRANSFORMS, NLL_CHUNK
 
 # Peak training memory from the config and the run's own rows, printed before the weights are loaded. Units are bytes
 # unless a name says GiB. What lives where: full fine-tuning keeps fp32 master weights (under bf16 autocast each
@@ -23,7 +24,9 @@ GIB = 2**30
 ADAMW_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each, per trainable parameter (torch.optim.AdamW)
 # Per learned position x vocabulary entry: the fp32 log-probabilities cross_entropy saves (4 B), and at the start of
 # backward their fp32 gradient and the logits' gradient (4 + 4 B); the bf16 logits of a GPU forward (2 B) are gone
-# by then. Only rationale positions get logits (packed_loss: logits_to_keep).
+# by then. Only rationale positions get logits (packed_loss: logits_to_keep). With a plain linear head
+# (objectives.TokenNLL) at most NLL_CHUNK positions' logits exist at once: the fp32 softmax, the bf16 logits it came
+# from and the bf16 gradient it goes to (4 + 2 + 2 B), counted at the same 12 B.
 LOGIT_BYTES = 12
 # On CPU, train.py's peak RSS before it loads any weight (Python, torch, transformers, accelerate, the tokenizer),
 # measured (docs/training.md): a line of the plan there. On a GPU the CUDA context is already outside
@@ -33,7 +36,8 @@ CPU_RUNTIME_GIB = 0.45
 # fragmentation, which grows with what is allocated, and 2 GiB for what the plan does not count at all (NCCL's
 # communication buffers, cuBLAS/cuDNN workspaces, kernels' scratch memory).
 HEADROOM_SHARE, HEADROOM_GIB = 0.10, 2.0
-try:  # glibc, whose heap train.py trims on CPU (trim_heap); None elsewhere (macOS, musl): its allocator as it is
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
+try:  # glibc, whose heap train.py keeps on CPU (keep_heap); None elsewhere (macOS, musl): its allocator as it is
     LIBC = ctypes.CDLL("libc.so.6")
     LIBC.malloc_trim
 except (OSError, AttributeError):
@@ -91,15 +95,20 @@ def layer_activation_bytes(shape, args, bf16, cpu=False):
     return 2 * (4 * h + 4) + adapters + attention + mlp  # norms: fp32 input and rsqrt (frozen norm weights)
 
 
-def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None, bf16=None):
+def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None, bf16=None,
+                    chunked=True):
     """Peak training memory per process in GiB, term by term, and their sum ("total": an upper bound, the terms need
     not peak together). device: "cuda" or "cpu" (where the runtime is a line); bf16: bf16 autocast (default: on
     "cuda"), else fp32 throughout. tokens: tokens of the longest packed micro-batch (longest_micro_batch), by default
     --batch_size x --max_length (an upper bound: a row holds at most that many); learned: the most rationale tokens
-    of a micro-batch (the logits' positions), by default all of them."""
+    of a micro-batch (the logits' positions), by default all of them; chunked: the loss takes the logits in chunks
+    (objectives.plain_head: a plain linear head, not sharded by FSDP)."""
     shape, lora = model_shape(config), args.lora_r > 0
     bf16 = device == "cuda" if bf16 is None else bf16
     tokens = tokens or args.batch_size * args.max_length
+    logit_rows = learned or tokens
+    if chunked and not any(getattr(config.get_text_config(), a, None) not in (None, 1, 1.0) for a in LOGIT_TRANSFORMS):
+        logit_rows = min(logit_rows, max(1, NLL_CHUNK // shape["vocab"]))
     trainable = args.lora_r * lora_per_rank if lora else n_params
     # LoRA: frozen base in bf16 under bf16 (else fp32) and fp32 adapters; full fine-tuning: fp32 master weights
     weights = ((2 if bf16 else 4) * n_params + 4 * trainable) if lora else 4 * n_params
@@ -112,13 +121,14 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
     per_token += 8 * shape["hidden"] + 4 + shape["hidden"] * (2 if bf16 else 4)  # final norm, lm_head input
     terms = {"weights": weights, "weight copies": copies, "gradients": 4 * trainable,
              "optimizer states": ADAMW_BYTES * trainable, "activations": tokens * per_token,
-             "logits/loss": (learned or tokens) * shape["vocab"] * LOGIT_BYTES,
+             "logits/loss": logit_rows * shape["vocab"] * LOGIT_BYTES,
              # --rpo_reference previous: that model, whole on every process, for the reference pass before step 1
              "reference model": (2 if bf16 else 4) * n_params if uses_previous_reference(args) else 0}
     plan = {name: value / GIB for name, value in terms.items() if value or name not in ("weight copies",
                                                                                           "reference model")}
     if device == "cpu":
         plan["runtime"] = CPU_RUNTIME_GIB
+        plan["heap"] = terms["activations"] / GIB  # keep_heap: freed blocks stay in a heap that fragments
     plan["total"] = sum(plan.values())
     return plan
 
@@ -176,6 +186,7 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
                            + (", gradient checkpointing" if args.gradient_checkpointing else ""),
             "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
+            "heap": "glibc's heap keeps what is freed (keep_heap): its fragments, up to the activations again",
             "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
             "reference model": f"--rpo_reference previous: {'bf16' if bf16 else 'fp32'} weights, whole on every "
                                "process, freed before step 1",
@@ -239,7 +250,7 @@ def process_plan(config, counts, args, device, bf16, strategy="NO", processes=1,
     n_params, per_rank = counts
     tokens, learned = longest(args) if longest else (None, None)
     gathered = fsdp_gathered_bytes(config, n_params, bf16) if strategy == "FSDP" else 0
-    plan = estimate_memory(config, n_params, args, device, per_rank, tokens, learned, bf16)
+    plan = estimate_memory(config, n_params, args, device, per_rank, tokens, learned, bf16, strategy != "FSDP")
     return per_process(plan, strategy, processes, gathered)
 
 
@@ -271,18 +282,21 @@ def plan_memory(acc, args, bf16, longest=None):
     return config, plan
 
 
-def trim_heap():
-    """On CPU under glibc, hand the heap's free pages back to the system (malloc_trim), once per optimizer step, so that
-    the host's peak RSS follows the plan: glibc otherwise serves activations from a heap it seldom shrinks, and the peak
-    rises with the steps. Elsewhere (macOS, musl) nothing. On the demo's seed rows (24 steps) it trained 1.64x faster than
-    a fixed 128 KiB mmap threshold, train.py's earlier way, at a peak 16% higher and 15% above the plan
-    (bench/bench_malloc.py; docs/training.md, "Memory on CPU")."""
+def keep_heap():
+    """On CPU under glibc, called once before training: every block comes from the heap (M_MMAP_MAX 0) and what is
+    freed stays there (M_TRIM_THRESHOLD 2 GiB), so each step reuses the pages of the step before. By default glibc maps
+    each block of 32 MiB or more (logits, the embedding's gradient, AdamW's temporaries) afresh and unmaps it at free,
+    and train.py's earlier malloc_trim after each step handed every free page back: each step then faulted its pages
+    in again (30.7M minor faults in 36 of the demo's steps against 1.7M, 1.36x the time: bench/bench_malloc.py,
+    docs/training.md "Memory on CPU"). The price, fragmentation of a heap that never shrinks, is the plan's `heap`
+    line. Elsewhere (macOS, musl) nothing."""
     if LIBC is not None:
-        LIBC.malloc_trim(0)
+        LIBC.mallopt(M_MMAP_MAX, 0)
+        LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def set_mmap_threshold(nbytes):
     """glibc's M_MMAP_THRESHOLD (bench/bench_malloc.py's variants): blocks of `nbytes` or more are mapped and handed back
     at free (setting it also stops glibc's dynamic raising of it); elsewhere (macOS, musl) nothing."""
     if LIBC is not None:
-        LIBC.mallopt(-3, nbytes)
+        LIBC.mallopt(M_MMAP_THRESHOLD, nbytes)

@@ -23,6 +23,11 @@ from common import StarError, build_completion, build_prompt, read_jsonl
 # --objective: STaR's fine-tuning on the kept rationales; DPO + NLL on whole pairs (rpo) or on step pairs cut at the
 # first false step (step_rpo), both with the kept rationales' NLL beside them
 OBJECTIVES = ("sft", "rpo", "step_rpo")
+# token_nll's chunk: at most this many logits (64 MiB in fp32) exist at once, 341 positions of a 49,152 vocabulary
+NLL_CHUNK = 2**24
+# config attributes of heads that are not a plain linear projection (Gemma 2's soft-capping, Cohere's and Granite's
+# scales): those models' logits come from their own forward (example_nll)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -205,16 +210,79 @@ def longest_micro_batch(examples, args, processes):
 
 
 # ============================================================================= losses
+class TokenNLL(torch.autograd.Function):
+    """The NLL of each target token under a linear vocabulary projection, without keeping its logits: hidden [L, d] and
+    the head's weight [V, d] -> nll [L] (fp32), NLL_CHUNK logits at a time in the forward and again in the backward (a
+    fused linear cross-entropy, as Liger Kernel's, Hsu et al. 2024, https://arxiv.org/abs/2410.10989). The [L, V]
+    logits, their fp32 copy, log-probabilities and gradients were a quarter of a CPU training step (their casts and
+    zero fills, bench_train --profile); the price is the head's matmul run again in the backward. The matmuls run in
+    `dtype` (autocast's), the softmax in fp32, as cross_entropy on autocast's logits does."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        rows = max(1, NLL_CHUNK // w.shape[0])
+        lse, picked = [], []
+        for i in range(0, len(h), rows):
+            logits = (h[i:i + rows] @ w.T).float()  # [rows, V]
+            lse.append(torch.logsumexp(logits, -1))
+            picked.append(logits.gather(1, targets[i:i + rows, None])[:, 0])
+        lse = torch.cat(lse) if lse else h.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return lse - (torch.cat(picked) if picked else lse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, targets, lse = ctx.saved_tensors
+        rows = max(1, NLL_CHUNK // w.shape[0])
+        dh, dw = torch.empty_like(h), None
+        for i in range(0, len(h), rows):
+            p = (h[i:i + rows] @ w.T).float().sub_(lse[i:i + rows, None]).exp_()  # softmax [rows, V], in place
+            p[torch.arange(len(p), device=p.device), targets[i:i + rows]] -= 1  # d nll / d logits = softmax - onehot
+            g = p.mul_(grad[i:i + rows, None]).to(h.dtype)
+            dh[i:i + rows] = g @ w
+            if ctx.needs_input_grad[1]:  # summed in the matmuls' dtype, as one matmul over all rows would return it
+                dw = g.T @ h[i:i + rows] if dw is None else dw.addmm_(g.T, h[i:i + rows])
+        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]) if dw is not None else None, None, None
+
+
+def plain_head(model):
+    """The model's output projection when its logits are that linear map alone and its weight is a whole tensor
+    (not an FSDP shard), else None (example_nll then takes the model's own logits)."""
+    inner = getattr(model, "module", model)  # DDP's wrapper
+    head = inner.get_output_embeddings()
+    config = inner.config.get_text_config()
+    if type(head) is not torch.nn.Linear or head.bias is not None or any(
+            getattr(config, a, None) not in (None, 1, 1.0) for a in LOGIT_TRANSFORMS):
+        return None
+    return None if type(head.weight.data) is not torch.Tensor else head  # FSDP2's DTensor
+
+
 def example_nll(model, batch):
     """(summed token NLL [sequences], learned tokens [sequences]) of each sequence of a packed row.
 
-    Logits are computed only where the next token is learned (logits_to_keep): the vocabulary projection and softmax
-    are skipped for prompt tokens. A sequence's last token would predict the next one's first token, but that is a
-    prompt token (-100), never learned."""
-    keep = batch["learned"]
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                logits_to_keep=keep, packed_bounds=batch["bounds"])
-    tok_loss = torch.nn.functional.cross_entropy(out.logits[0].float(), batch["labels"][0, 1:][keep], reduction="none")
+    Only positions whose next token is learned reach the vocabulary projection (logits_to_keep): prompt tokens get no
+    logits. With a plain linear head, its input comes back from the model's forward (the head is skipped there) and
+    TokenNLL computes the NLL chunk by chunk. A sequence's last token would predict the next one's first token, but
+    that is a prompt token (-100), never learned."""
+    keep, head = batch["learned"], plain_head(model)
+    targets = batch["labels"][0, 1:][keep]
+    if head is not None:
+        head.forward = torch.nn.Identity.forward.__get__(head)  # the model returns the head's input as its logits
+    try:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                    logits_to_keep=keep, packed_bounds=batch["bounds"])
+    finally:
+        if head is not None:
+            del head.forward
+    if head is None:
+        tok_loss = torch.nn.functional.cross_entropy(out.logits[0].float(), targets, reduction="none")
+    else:
+        device = out.logits.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out.logits.dtype
+        with torch.autocast(device, enabled=False):
+            tok_loss = TokenNLL.apply(out.logits[0], head.weight, targets, dtype)
     n = batch["sequences"]
     per_seq = torch.zeros(n, device=tok_loss.device).index_add(0, batch["example"], tok_loss)
     return per_seq, torch.bincount(batch["example"], minlength=n).clamp(min=1)

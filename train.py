@@ -56,7 +56,7 @@ from tqdm import tqdm
 from attention import use_packed_attention
 from checkpoints import SAVE_MINUTES, base_dtype, load_resume_state, save_checkpoint, save_due, save_resume_state
 from common import StarError, check_output, check_positive, cli_errors, read_jsonl
-from memory import plan_memory, trim_heap
+from memory import keep_heap, plan_memory
 from models import DEFAULT_BASE_MODEL, DTYPES, device_and_dtype, load_tokenizer, load_weights
 from objectives import (
     OBJECTIVES, Example, epoch_loader, example_sizes, longest_micro_batch, reference_logps, reference_model, schedule,
@@ -200,8 +200,6 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
                 continue
             step += 1
             bar.update(1)
-            if acc.device.type == "cpu":
-                trim_heap()  # the freed activations go back to the system: the host's peak follows the plan
             if step % args.logging_steps == 0 or step == total:
                 log.append(log_step(acc, step, total, steps_per_epoch, losses, sched, tokens, t0, pairs))
                 losses, pairs = [], torch.zeros_like(pairs)
@@ -463,6 +461,8 @@ def main(argv=None):
         check_token_budget(examples, args)
         # before any weight is loaded, from the rows this run builds: stops in seconds if it cannot fit
         config, plan = plan_memory(acc, args, bf16, lambda a: longest_micro_batch(examples, a, acc.num_processes))
+        if acc.device.type == "cpu":
+            keep_heap()  # freed blocks stay in glibc's heap for the next step to reuse: no page faults each step
         # LoRA under bf16 keeps the frozen base in bf16 (what makes 3B fit in 24 GB); full FT keeps fp32 master weights.
         model = load_base(args, torch.bfloat16 if bf16 and args.lora_r else torch.float32)
         init_fingerprint = weight_fingerprint(model) if acc.is_main_process else None

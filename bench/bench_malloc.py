@@ -1,9 +1,10 @@
-"""train.py's glibc setting on CPU, side by side: its trim of the heap after each optimizer step (memory.trim_heap, which
-keeps the host's peak near the memory plan) against fixed mmap thresholds (a threshold of 128 KiB was train.py's earlier
-way) and glibc's default, on the same rows and steps.
+"""train.py's glibc setting on CPU, side by side: its heap that keeps what is freed (memory.keep_heap: no block mapped,
+none handed back) against its earlier ways, a trim of the heap after each optimizer step and before that a fixed mmap
+threshold of 128 KiB, and glibc's default, on the same rows and steps.
 Prints wall time, user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
 
     python bench/bench_malloc.py --train_file runs/rpo/human_seed/data/star_iter1_train.jsonl --steps 8
+    python bench/bench_malloc.py --train_file data/sft_train.jsonl --steps 36 --variants trim,heap,trim,heap
     python bench/bench_malloc.py --train_file ... --variants 128,4096,32768,glibc_default,128   # thresholds in KiB
 """
 import argparse
@@ -22,9 +23,10 @@ parser.add_argument("--base_model", default="smollm2-135m")
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--output_dir", default="/tmp/bench_malloc")
-parser.add_argument("--variants", default="trim,128,glibc_default,trim",
-                    help="in order, each in its own process: trim (train.py's: glibc's default, malloc_trim after "
-                         "each optimizer step), an mmap threshold in KiB (train.py's earlier: 128), glibc_default, "
+parser.add_argument("--variants", default="heap,trim,glibc_default,heap",
+                    help="in order, each in its own process: heap (train.py's: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB), "
+                         "trim (train.py's earlier: glibc's default, malloc_trim after each optimizer step), an mmap "
+                         "threshold in KiB (before that: 128), glibc_default, "
                          "arenaN (glibc's default threshold with at most N malloc arenas), or thp<one of those> (torch's "
                          "THP_MEM_ALLOC_ENABLE: huge pages for its large blocks); the first again at the end shows the machine did not drift")
 parser.add_argument("--variant", help="run one variant in this process")
@@ -38,11 +40,14 @@ def run_variant(args):
     import memory
     import train
 
-    if args.variant != "trim":  # train.py's own: glibc's dynamic threshold, free heap pages handed back every step
-        train.trim_heap = lambda: None  # the variant decides
-    if args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
+    if args.variant != "heap":  # train.py's own (memory.keep_heap): every block from the heap, kept there
+        train.keep_heap = lambda: None  # the variant decides
+    if args.variant == "trim":  # train.py's earlier: glibc's default, free heap pages handed back after each step
+        loss = train.training_loss
+        train.training_loss = lambda *a: (memory.LIBC.malloc_trim(0), loss(*a))[1]  # before each step's forward
+    elif args.variant.startswith("arena"):  # glibc's dynamic threshold, at most N malloc arenas (M_ARENA_MAX)
         memory.LIBC.mallopt(-8, int(args.variant[5:]))
-    elif args.variant not in ("trim", "glibc_default"):  # a threshold in KiB, set before anything is allocated
+    elif args.variant not in ("heap", "glibc_default"):  # a threshold in KiB, set before anything is allocated
         memory.set_mmap_threshold(int(args.variant) * 1024)
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),

@@ -123,6 +123,53 @@ def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama
         assert (p.grad - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-8, name
 
 
+def logits_nll(model, batch):
+    """The per-sequence NLL as example_nll computed it before TokenNLL: the model's own head, cross_entropy on its
+    logits at the learned positions."""
+    keep = batch["learned"]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
+                   packed_bounds=batch["bounds"]).logits[0]
+    tok_loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][0, 1:][keep], reduction="none")
+    return torch.zeros(batch["sequences"]).index_add(0, batch["example"], tok_loss)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_token_nll_equals_cross_entropy_on_the_heads_logits(tiny_llama, gsm8k_records, monkeypatch, bf16):
+    """example_nll's fused head + NLL (objectives.TokenNLL, in chunks of 100 positions here: 7 chunks for 8 GSM8K
+    rationales) gives the NLL and the gradients of cross_entropy on the head's logits: within 1e-5 in fp32, and under
+    bf16 autocast within what bf16's rounding allows (the logits are bf16 on both paths)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_llama)
+    examples, _ = objectives.tokenize_examples(tok, gsm8k_records[:8], 1024)
+    batch = objectives.pack(examples)
+    monkeypatch.setattr(objectives, "NLL_CHUNK", 100 * len(tok))
+    assert len(batch["learned"]) > 600
+    results = []
+    for nll in (logits_nll, lambda m, b: objectives.example_nll(m, b)[0]):
+        model = attention.use_packed_attention(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            per_seq = nll(model, batch)
+        (per_seq * torch.linspace(0.5, 2, len(per_seq))).sum().backward()  # unequal weights: not only the mean's
+        results.append((per_seq.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (reference, reference_grads), (fused, fused_grads) = results
+    tol = 1e-2 if bf16 else 1e-5
+    assert (fused - reference).abs().max() <= tol * reference.abs().max()
+    for name, grad in reference_grads.items():
+        assert (fused_grads[name] - grad).norm() <= tol * grad.norm() + 1e-8, name
+    assert objectives.plain_head(model) is model.lm_head
+
+
+def test_token_nll_leaves_transformed_logits_to_the_model(tiny_llama):
+    """A head whose logits the model transforms after the projection (Gemma 2's soft-capping) keeps its own forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert objectives.plain_head(model) is model.lm_head
+    model.config.final_logit_softcapping = 30.0
+    assert objectives.plain_head(model) is None
+
+
 def changed_weights(base_dir, out_dir):
     """{tensor name: largest absolute change} between two checkpoint folders' model.safetensors, in fp32."""
     from safetensors.torch import load_file
