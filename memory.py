@@ -184,7 +184,8 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
             "optimizer states": "AdamW exp_avg + exp_avg_sq, fp32",
             "activations": f"{rows}, {'bf16 autocast' if bf16 else 'fp32'}"
                            + (", gradient checkpointing" if args.gradient_checkpointing else ""),
-            "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary: fp32 log-probs and gradients",
+            "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary, at most {max(1, NLL_CHUNK // vocab)} "
+                           "at once unless FSDP shards the head (TokenNLL)",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
             "heap": "glibc's heap keeps what is freed (keep_heap): its fragments, up to the activations again",
             "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",

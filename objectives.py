@@ -23,7 +23,7 @@ from common import StarError, build_completion, build_prompt, read_jsonl
 # --objective: STaR's fine-tuning on the kept rationales; DPO + NLL on whole pairs (rpo) or on step pairs cut at the
 # first false step (step_rpo), both with the kept rationales' NLL beside them
 OBJECTIVES = ("sft", "rpo", "step_rpo")
-# token_nll's chunk: at most this many logits (64 MiB in fp32) exist at once, 341 positions of a 49,152 vocabulary
+# TokenNLL's chunk: at most this many logits (64 MiB in fp32) exist at once, 341 positions of a 49,152 vocabulary
 NLL_CHUNK = 2**24
 # config attributes of heads that are not a plain linear projection (Gemma 2's soft-capping, Cohere's and Granite's
 # scales): those models' logits come from their own forward (example_nll)
@@ -214,8 +214,9 @@ class TokenNLL(torch.autograd.Function):
     """The NLL of each target token under a linear vocabulary projection, without keeping its logits: hidden [L, d] and
     the head's weight [V, d] -> nll [L] (fp32), NLL_CHUNK logits at a time in the forward and again in the backward (a
     fused linear cross-entropy, as Liger Kernel's, Hsu et al. 2024, https://arxiv.org/abs/2410.10989). The [L, V]
-    logits, their fp32 copy, log-probabilities and gradients were a quarter of a CPU training step (their casts and
-    zero fills, bench_train --profile); the price is the head's matmul run again in the backward. The matmuls run in
+    logits, their fp32 copy, log-probabilities and gradients were among a CPU step's costliest ops (log-softmax and its
+    backward 7%, beside their casts and zero fills: bench_train --profile) and on a GPU 11.7 GiB of the 3B's plan on
+    8 x 1024-token rows; the price is the head's matmul run again in the backward. The matmuls run in
     `dtype` (autocast's), the softmax in fp32, as cross_entropy on autocast's logits does."""
 
     @staticmethod

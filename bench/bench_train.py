@@ -35,6 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import load_split, solution_to_rationale  # noqa: E402
+from memory import keep_heap  # noqa: E402
 from models import load_tokenizer, resolve_model  # noqa: E402
 from attention import use_packed_attention  # noqa: E402
 from objectives import pack, packed_loss, tokenize_examples  # noqa: E402
@@ -89,6 +90,8 @@ def load_path(args, path):
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=weights).train()
     if path == "ours":
         use_packed_attention(model)  # what train.py's load_base does
+        if not torch.cuda.is_available():
+            keep_heap()  # and what train.py does on CPU before it loads the weights (the model is small beside them)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     def step(batch):
