@@ -9,6 +9,7 @@ memory stops the run with one line naming a configuration that fits.
 """
 import argparse
 import ctypes
+import os
 
 import torch
 
@@ -36,6 +37,8 @@ CPU_RUNTIME_GIB = 0.45
 # fragmentation, which grows with what is allocated, and 2 GiB for what the plan does not count at all (NCCL's
 # communication buffers, cuBLAS/cuDNN workspaces, kernels' scratch memory).
 HEADROOM_SHARE, HEADROOM_GIB = 0.10, 2.0
+# On CPU the heap is trimmed only when the RSS passes this share of the plan (bound_heap): the plan's promise is 30%
+HEAP_BOUND = 1.2
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 try:  # glibc, whose heap train.py keeps on CPU (keep_heap); None elsewhere (macOS, musl): its allocator as it is
     LIBC = ctypes.CDLL("libc.so.6")
@@ -289,11 +292,28 @@ def keep_heap():
     each block of 32 MiB or more (logits, the embedding's gradient, AdamW's temporaries) afresh and unmaps it at free,
     and train.py's earlier malloc_trim after each step handed every free page back: each step then faulted its pages
     in again (30.7M minor faults in 36 of the demo's steps against 1.7M, 1.36x the time: bench/bench_malloc.py,
-    docs/training.md "Memory on CPU"). The price, fragmentation of a heap that never shrinks, is the plan's `heap`
-    line. Elsewhere (macOS, musl) nothing."""
+    docs/training.md "Memory on CPU"). The price, fragmentation of a heap that does not shrink, is the plan's `heap`
+    line, and bound_heap trims it where a long run's fragments pass the plan's bound. Elsewhere (macOS, musl) nothing."""
     if LIBC is not None:
         LIBC.mallopt(M_MMAP_MAX, 0)
         LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def rss_gib():
+    """The process's resident memory now (Linux's /proc/self/statm), in GiB; 0.0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+    except OSError:
+        return 0.0
+
+
+def bound_heap(plan_gib):
+    """keep_heap's bound, after each optimizer step on CPU: once the process's RSS passes HEAP_BOUND x the plan, hand
+    the heap's free pages back (malloc_trim), so that a long run's fragments never carry its peak far past the plan.
+    Below it (every model of `make demo` stayed there) nothing happens."""
+    if LIBC is not None and rss_gib() > HEAP_BOUND * plan_gib:
+        LIBC.malloc_trim(0)
 
 
 def set_mmap_threshold(nbytes):
