@@ -5,23 +5,29 @@
 #
 #   bash bench/pref_arms.sh                       # iteration 1, rpo and step_rpo at 1e-6 and 1e-5
 #   ITERATION=2 ARMS="step_rpo:1e-6" bash bench/pref_arms.sh
+#   ARMS="rpo:1e-5 rpo:1e-5:50" bash bench/pref_arms.sh    # a third field: --dpop_lambda (DPO-Positive)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 ITERATION=${ITERATION:-1}
 ARMS=${ARMS:-"rpo:1e-6 step_rpo:1e-6 rpo:1e-5 step_rpo:1e-5"}
+name_of() {  # objective:rate[:lambda] -> the arm's model name
+  local objective rate lambda
+  IFS=: read -r objective rate lambda <<< "$1"
+  echo "pref_${objective}_${rate}${lambda:+_dpop$lambda}_iter$ITERATION"
+}
 for arm in $ARMS; do
-  objective=${arm%%:*} rate=${arm#*:}
-  name=pref_${objective}_${rate}_iter$ITERATION
+  IFS=: read -r objective rate lambda <<< "$arm"
+  name=$(name_of "$arm")
   [ -e "results/model_$name" ] || "$PY" "$HERE/train.py" --iteration "$ITERATION" --objective "$objective" --pairs_only \
-    --base_model "results/model_star_iter$ITERATION" --pref_lr "$rate" --epochs 3 --batch_size 8 \
-    --output_dir "results/model_$name" --report_to none
+    --base_model "results/model_star_iter$ITERATION" --pref_lr "$rate" --dpop_lambda "${lambda:-0}" --epochs 3 \
+    --batch_size 8 --output_dir "results/model_$name" --report_to none
   [ -e "results/eval_$name.json" ] || "$PY" "$HERE/evaluate.py" --model "results/model_$name" --dataset arithmetic \
     --dev_samples 200 --max_samples 100 --dev_eval_samples 50 --batch_size 32 --output "results/eval_$name.json"
 done
 echo "| model (iteration $ITERATION) | test accuracy | correct, all steps true (test) | dev accuracy |"
 echo "|---|---|---|---|"
-for name in "star_iter$ITERATION" $(for arm in $ARMS; do echo "pref_${arm%%:*}_${arm#*:}_iter$ITERATION"; done); do
+for name in "star_iter$ITERATION" $(for arm in $ARMS; do name_of "$arm"; done); do
   file=results/eval_$name.json; [ "$name" = "star_iter$ITERATION" ] && file=results/eval_iter$ITERATION.json
   "$PY" -c "import json, sys; t, d = (json.load(open(f)) for f in sys.argv[2:]); print(f'| {sys.argv[1]} | '
     f'{100 * t[\"accuracy\"]:.1f}% | {100 * t[\"accuracy_faithful\"]:.1f}% | {100 * d[\"accuracy\"]:.1f}% |')" \
