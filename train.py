@@ -56,6 +56,7 @@ from tqdm import tqdm
 from attention import use_packed_attention
 from checkpoints import SAVE_MINUTES, base_dtype, load_resume_state, save_checkpoint, save_due, save_resume_state
 from common import StarError, check_output, check_positive, cli_errors, read_jsonl
+from distributed import make_accelerator, reduction
 from memory import bound_heap, keep_heap, plan_memory
 from models import DEFAULT_BASE_MODEL, DTYPES, device_and_dtype, load_tokenizer, load_weights
 from objectives import (
@@ -315,63 +316,6 @@ def runs_dir(args):
     return os.path.join(os.path.dirname(args.output_dir) or ".", "runs")
 
 
-def shard_on_cpu(acc):
-    """A CPU run launched with an FSDP config (ACCELERATE_USE_FSDP, e.g. `accelerate launch --config_file
-    configs/accelerate_fsdp.yaml`, as the tests launch it) is switched to FSDP as accelerate switches a GPU run:
-    accelerate 1.15 does it for accelerators only (AcceleratorState.__init__) and would run CPU processes as DDP,
-    while FSDP2 (torch's fully_shard) itself runs on CPU over gloo."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    if acc.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
-        return
-    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as on a GPU
-    if plugin.fsdp_version != 2:
-        raise StarError("FSDP on CPU runs as FSDP2 only: set fsdp_version: 2 in the accelerate config "
-                        "(configs/accelerate_fsdp.yaml does)")
-    if acc.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.mixed_precision)
-    acc.state.fsdp_plugin = plugin
-    # where AcceleratorState.__init__ records it too: every later AcceleratorState() copies PartialState's type
-    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-
-def make_accelerator(args, device, bf16):
-    """accelerate's Accelerator for --dtype and --report_to; sharded on CPU too under an FSDP launch."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # One process may run main() more than once (the tests do): accelerate keeps its state in a process-wide
-    # singleton that refuses another mixed precision, so it starts afresh (the launch itself, PartialState, stays).
-    AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=args.grad_accum,
-                      cpu=device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
-                      project_dir=runs_dir(args))
-    shard_on_cpu(acc)
-    reduce_in_fp32(acc)
-    return acc
-
-
-def reduction(acc):
-    """', gradients reduced in <dtype>' under FSDP (what its mixed-precision policy says), else ''."""
-    if acc.distributed_type.name != "FSDP":
-        return ""
-    policy = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
-    dtype = getattr(policy, "reduce_dtype", None) or torch.float32
-    return f", gradients reduced in {str(dtype).split('.')[1]}"
-
-
-def reduce_in_fp32(acc):
-    """FSDP2 under bf16: compute in bf16, reduce-scatter the gradients in fp32. accelerate's policy reduces them in
-    the compute dtype, and a sum of bf16 gradients over many processes keeps 8 bits of mantissa."""
-    plugin = getattr(acc.state, "fsdp_plugin", None)
-    if acc.distributed_type.name != "FSDP" or plugin is None or acc.mixed_precision != "bf16":
-        return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
 def start_tracking(acc, args, fresh):
     """--report_to: accelerate's tracker (main process) under runs_dir; a fresh start clears the run's old curves."""
     if args.report_to == "none":
@@ -457,7 +401,7 @@ def main(argv=None):
         records = read_records(args)
         device, dtype = device_and_dtype(args.dtype)
         bf16 = dtype == torch.bfloat16  # auto on an older GPU gives fp16 for generation; training stays fp32 there
-        acc = make_accelerator(args, device, bf16)
+        acc = make_accelerator(device, bf16, args.grad_accum, args.report_to, runs_dir(args))
         from accelerate.utils import set_seed
 
         set_seed(args.seed)
