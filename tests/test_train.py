@@ -123,6 +123,23 @@ def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama
         assert (p.grad - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-8, name
 
 
+def test_bench_attention_layouts_equal_the_packed_kernel():
+    """bench/bench_attention.py's two batched layouts (padded flash, padded matmuls recomputing the probabilities in
+    the backward) against train.py's per-sequence kernel, fp32, sequences of 5-30 tokens: the output and the three
+    gradients within 1e-5, so its timings compare the same function."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_attention
+
+    torch.manual_seed(0)
+    bounds = (0, 5, 22, 31, 61)
+    q, k, v, grad = (torch.randn(1, 3, 61, 16) for _ in range(4))
+    expected = bench_attention.run(attention.PackedFlashCPU.apply, q, k, v, grad, bounds, 0.25)
+    for name in ("padded_flash", "padded_math"):
+        got = bench_attention.run(bench_attention.VARIANTS[name], q, k, v, grad, bounds, 0.25)
+        assert all((a - b).abs().max().item() < 1e-5 for a, b in zip(got, expected)), name
+
+
 def logits_nll(model, batch):
     """The per-sequence NLL as example_nll computed it before TokenNLL: the model's own head, cross_entropy on its
     logits at the learned positions."""
