@@ -59,15 +59,20 @@ def grad_to_padded(grad, batch, longest, scatter):  # zeros at the padding
     return padded.view(grad.shape[1], batch, longest, grad.shape[3]).transpose(0, 1)
 
 
+def padded_forward(ctx, q, k, v, bounds, scale, kernel):
+    """Pad q, k, v, run kernel(qp, kp, vp, scale) -> (out, lse), save what the backward needs, unpad the output."""
+    batch, longest, gather, scatter = padding(bounds)
+    qp, kp, vp = (to_padded(t, batch, longest, gather) for t in (q, k, v))
+    out, lse = kernel(qp, kp, vp, scale)
+    ctx.save_for_backward(qp, kp, vp, out, lse, scatter)
+    ctx.scale, ctx.batch, ctx.longest = scale, batch, longest
+    return to_packed(out, scatter)
+
+
 class PaddedFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bounds, scale):
-        batch, longest, gather, scatter = padding(bounds)
-        qp, kp, vp = (to_padded(t, batch, longest, gather) for t in (q, k, v))
-        out, lse = FLASH(qp, kp, vp, 0.0, True, scale=scale)[:2]
-        ctx.save_for_backward(qp, kp, vp, out, lse, scatter)
-        ctx.scale, ctx.batch, ctx.longest = scale, batch, longest
-        return to_packed(out, scatter)
+        return padded_forward(ctx, q, k, v, bounds, scale, lambda *a: FLASH(*a[:3], 0.0, True, scale=a[3])[:2])
 
     @staticmethod
     def backward(ctx, grad):
@@ -84,17 +89,17 @@ def probabilities(qp, kp, lse, scale):
     return s if lse is None else torch.exp_(s.sub_(lse))
 
 
+def softmax_attention(qp, kp, vp, scale):
+    """(out, lse) by explicit matmuls: bf16 products, fp32 softmax."""
+    s = probabilities(qp, kp, None, scale)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.matmul(torch.exp_(s.sub_(lse)).to(qp.dtype), vp), lse
+
+
 class PaddedMath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bounds, scale):
-        batch, longest, gather, scatter = padding(bounds)
-        qp, kp, vp = (to_padded(t, batch, longest, gather) for t in (q, k, v))
-        s = probabilities(qp, kp, None, scale)
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        out = torch.matmul(torch.exp_(s.sub_(lse)).to(q.dtype), vp)
-        ctx.save_for_backward(qp, kp, vp, out, lse, scatter)
-        ctx.scale, ctx.batch, ctx.longest = scale, batch, longest
-        return to_packed(out, scatter)
+        return padded_forward(ctx, q, k, v, bounds, scale, softmax_attention)
 
     @staticmethod
     def backward(ctx, grad):
