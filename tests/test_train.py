@@ -12,7 +12,7 @@ import evaluate
 import train
 from common import build_prompt, load_split, solution_to_rationale
 from models import load_model, load_tokenizer, model_identity, resolve_model
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_bench_attention_layouts_equal_the_packed_kernel():
     the backward) against train.py's per-sequence kernel, fp32, sequences of 5-30 tokens: the output and the three
     gradients within 1e-5, so its timings compare the same function."""
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     import bench_attention
 
     torch.manual_seed(0)
