@@ -9,6 +9,8 @@ A model whose attention is not a plain softmax over every position (sliding wind
 computed by neither: shares_prefix tells; generation then decodes with the model's own attention, and training
 refuses it with one line rather than train it with the wrong attention.
 """
+import functools
+
 import torch
 
 from common import StarError
@@ -110,15 +112,37 @@ class PackedFlashCPU(torch.autograd.Function):
         return (*(torch.cat(g, 2) for g in zip(*grads)), None, None)
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_bounds=None, **kw):
+@functools.lru_cache(maxsize=64)
+def prefix_layout(bounds, prefix, device):
+    """(gather [T'], bounds' of the gathered row, keep [T]) for a packed row whose sequences share its first `prefix`
+    tokens (objectives.pack): gathering copies the prefix before each sequence's part after the first, so that each
+    sequence is whole again in the gathered row, and keep picks the row's positions back out of it (the prefix from the
+    first sequence, which holds it). Computed once per row and device, not per layer."""
+    gather, keep, ends = list(range(bounds[1])), list(range(bounds[1])), [0, bounds[1]]
+    for a, b in zip(bounds[1:], bounds[2:]):
+        keep.extend(range(len(gather) + prefix, len(gather) + prefix + b - a))
+        gather.extend([*range(prefix), *range(a, b)])
+        ends.append(len(gather))
+    return torch.tensor(gather, device=device), tuple(ends), torch.tensor(keep, device=device)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_bounds=None,
+                     packed_prefix=None, **kw):
     """Causal attention within each sequence of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
 
     packed_bounds: where each sequence starts and the row ends, a tuple of ints the packer computed on the host
-    (objectives.pack), so no layer waits on the device to learn them. Attending per sequence costs the sum of the
-    squared lengths, not the square of the row's, and builds no [T, T] mask. On a GPU the kv heads are shared by their
-    query heads inside SDPA (enable_gqa), not repeated to every head."""
-    if packed_bounds is None:
-        raise ValueError("packed attention needs the packed row's bounds: call the model as objectives.example_nll does")
+    (objectives.pack), so no layer waits on the device to learn them. packed_prefix: how many tokens at the row's start
+    every sequence shares (stored once; each sequence attends to them as its own first tokens, and the prefix's keys
+    and values get the gradients of every sequence). Attending per sequence costs the sum of the squared lengths, not
+    the square of the row's, and builds no [T, T] mask. On a GPU the kv heads are shared by their query heads inside
+    SDPA (enable_gqa), not repeated to every head."""
+    if packed_bounds is None or packed_prefix is None:
+        raise ValueError("packed attention needs the packed row's bounds and shared prefix: call the model as "
+                         "objectives.example_nll does")
+    shared = packed_prefix and len(packed_bounds) > 2
+    if shared:
+        gather, packed_bounds, keep = prefix_layout(packed_bounds, packed_prefix, query.device)
+        query, key, value = query[:, :, gather], key[:, :, gather], value[:, :, gather]
     gqa = query.shape[1] != key.shape[1]
     if gqa and not query.is_cuda:  # CPU's fused SDPA kernel takes no GQA: enable_gqa there falls back to the slower
         groups = query.shape[1] // key.shape[1]  # math kernel, so the kv heads are repeated to every head instead
@@ -129,12 +153,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         with torch.autocast("cpu", enabled=False):
-            return PackedFlashCPU.apply(query, key, value, packed_bounds, scale).transpose(1, 2).contiguous(), None
-    out = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                                            is_causal=True, scale=scaling, dropout_p=dropout,
-                                                            enable_gqa=gqa)
-           for a, b in zip(packed_bounds, packed_bounds[1:])]
-    return torch.cat(out, 2).transpose(1, 2).contiguous(), None
+            out = PackedFlashCPU.apply(query, key, value, packed_bounds, scale)
+    else:
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, dropout_p=dropout,
+            enable_gqa=gqa) for a, b in zip(packed_bounds, packed_bounds[1:])], 2)
+    out = out.transpose(1, 2)
+    return (out[:, keep] if shared else out.contiguous()), None
 
 
 def use_packed_attention(model):

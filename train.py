@@ -194,7 +194,7 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            tokens += int(batch["input_ids"].numel())
+            tokens += batch["tokens"]
             losses.append(loss.item())
             pairs += metrics
             if not acc.sync_gradients:

@@ -3,10 +3,11 @@
 The same rationales (real GSM8K human solutions), the same order, optimizer, lr and number of
 optimizer steps through (a) naive: right-padded batches of --batch_size, full logits, loss on the
 prompt and padding masked; (b) ours: train.py's packing (no padding, per-example positions and
-causal attention, logits only where a rationale token is learned). Both use the same
-per-example-mean loss, so their losses are comparable. Each path runs in its own process, so
-that its peak memory is its own. Prints real (non-pad) tokens/s of each, the ratio, the final
-training loss and peak memory.
+causal attention, logits only where a rationale token is learned, the prompt opening that a row's
+examples share computed once); --paths unshared,ours adds (c) unshared: ours with each example's
+prompt whole in the row. All use the same per-example-mean loss, so their losses are comparable.
+Each path runs in its own process, so that its peak memory is its own. Prints real (non-pad, every
+example's whole) tokens/s of each, the ratios, the final training loss and peak memory.
 
 --dtypes compares train.py's path (ours) in several precisions instead, on the same batches: fp32; bf16 = bf16
 autocast on fp32 master weights and fp32 AdamW (train.py --dtype bf16, accelerate's mixed precision); pure_bf16 =
@@ -15,6 +16,7 @@ step are lost). It prints each one's line, the loss every few steps side by side
 
     python bench/bench_train.py                 # 200 examples, batch 8, 1 epoch, smollm2-135m, CPU
     python bench/bench_train.py --n 64 --steps 8
+    python bench/bench_train.py --paths unshared,ours,unshared,ours --dtype bf16 --n 64   # the shared prefix
     python bench/bench_train.py --dtypes fp32,bf16,pure_bf16 --n 64 --lr 1e-4
     python bench/bench_train.py --profile --dtype bf16 --n 48   # where a step of ours spends its time
 
@@ -52,9 +54,10 @@ parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
 parser.add_argument("--lr", type=float, default=1e-5)
 parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16,pure_bf16: compare ours in these precisions")
-parser.add_argument("--path", choices=["naive", "ours"], default=None, help="run one path (used internally)")
+parser.add_argument("--paths", default="naive,ours", help="paths to compare, in turns (naive, ours, unshared)")
+parser.add_argument("--path", choices=["naive", "ours", "unshared"], default=None, help="run one path (used internally)")
 parser.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
-                    help="of one path (used internally) or of --profile")
+                    help="of the paths compared, or of --profile")
 parser.add_argument("--profile", action="store_true", help="ours in --dtype under torch.profiler (see above)")
 
 # --profile's groups: an op belongs to the first group whose words its name contains
@@ -76,7 +79,7 @@ def padded_loss(model, batch, pad_id):
 
 
 def load_path(args, path):
-    """(model, batches, a function doing one optimizer step on a batch and returning its loss) for path naive|ours."""
+    """(model, batches, a function doing one optimizer step on a batch and returning its loss) for a path."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -88,7 +91,7 @@ def load_path(args, path):
     batches = batches[: args.steps] if args.steps else batches
     weights, autocast = PRECISIONS[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=weights).train()
-    if path == "ours":
+    if path != "naive":
         use_packed_attention(model)  # what train.py's load_base does
         if not torch.cuda.is_available():
             keep_heap()  # and what train.py does on CPU before it loads the weights (the model is small beside them)
@@ -96,7 +99,8 @@ def load_path(args, path):
 
     def step(batch):
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss = packed_loss(model, pack(batch)) if path == "ours" else padded_loss(model, batch, tok.pad_token_id)
+            loss = padded_loss(model, batch, tok.pad_token_id) if path == "naive" else \
+                packed_loss(model, pack(batch, share_prefix=path == "ours"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -197,12 +201,20 @@ def main(argv=None):
         return run_path(args)
     if args.dtypes:
         return compare_dtypes(args, args.dtypes.split(","))
-    res = {path: run_subprocess(args, path, "fp32") for path in ("naive", "ours")}
-    for path in ("naive", "ours"):
-        print_result(path, res[path])
-    ratio = (res["ours"]["real_tokens"] / res["ours"]["seconds"]) / (res["naive"]["real_tokens"] / res["naive"]["seconds"])
-    print(f"ratio (real tokens/s, ours / naive): {ratio:.2f}x; final loss ours {res['ours']['final_loss']:.4f} "
-          f"vs naive {res['naive']['final_loss']:.4f}")
+    paths = args.paths.split(",")  # a path named twice runs twice (in turns, against the cores' drift)
+    if not set(paths) <= {"naive", "ours", "unshared"}:
+        parser.error(f"--paths: {args.paths!r}: name naive, ours or unshared")
+    res = [run_subprocess(args, path, args.dtype) for path in paths]
+    for path, r in zip(paths, res):
+        print_result(path, r, max(5, *map(len, paths)))
+    speed = {path: sum(r["real_tokens"] for p, r in zip(paths, res) if p == path) /
+             sum(r["seconds"] for p, r in zip(paths, res) if p == path) for path in paths}
+    first = paths[0]
+    for path in dict.fromkeys(paths[1:]):
+        if path != first:
+            loss = {p: next(r["final_loss"] for q, r in zip(paths, res) if q == p) for p in (first, path)}
+            print(f"ratio (real tokens/s, {path} / {first}): {speed[path] / speed[first]:.2f}x; final loss {path} "
+                  f"{loss[path]:.4f} vs {first} {loss[first]:.4f}")
 
 
 if __name__ == "__main__":

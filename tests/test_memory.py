@@ -293,7 +293,7 @@ def saved_bytes_per_layer_token(layers, lora, autocast, dropout=0.0, tokens=300)
         return t
 
     n = tokens // 3
-    batch = objectives.pack([(list(range(5, 5 + n)), [-100] * 10 + list(range(15, 5 + n)))] * 3)
+    batch = objectives.pack([(list(range(5, 5 + n)), [-100] * 10 + list(range(15, 5 + n)))] * 3, share_prefix=False)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

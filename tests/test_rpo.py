@@ -168,7 +168,8 @@ def test_rpo_loss_and_gradients_equal_a_direct_computation(tok, pairs, tiny_llam
                      if "rejected" in p else (0.0, 0.0) for i, p in enumerate(records)]
     batch = objectives.pack_examples([objectives.Example(e.chosen, e.rejected, ref if e.rejected else None)
                                       for e, ref in zip(examples, reference)])
-    assert batch["input_ids"].shape[1] == sum(len(x) for e in examples for x, _ in e.sequences)  # one row
+    tokens = sum(len(x) for e in examples for x, _ in e.sequences)  # one row, the shared prompt opening held once
+    assert batch["prefix"] > 20 and batch["input_ids"].shape[1] == tokens - (9 - 1) * batch["prefix"]
     assert batch["chosen"].tolist() == [0, 2, 4, 5, 7] and batch["rejected"].tolist() == [1, 3, 6, 8]
     beta, alpha, lam = 0.1, 1.0, 5.0  # lam: DPO-Positive's (it scales float error in log-probs: a small one here)
     terms, logps = [], []
@@ -226,8 +227,10 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     sizes = [len(e.chosen[0]) + len(e.rejected[0]) for e in examples]
     args = argparse.Namespace(batch_size=6, grad_accum=1, epochs=1, steps=0, seed=0, iteration=1,
                               max_tokens_per_batch=None)
-    assert train.longest_micro_batch(examples, args, 1)[0] == sum(sizes)
-    assert "976 tokens (the longest packed micro-batch" in capsys.readouterr().out  # 2 pairs, 4 sequences
+    shared = objectives.shared_prefix([seq for e in examples for seq in e.sequences])  # the prompts' opening
+    assert shared > 20 and train.longest_micro_batch(examples, args, 1)[0] == sum(sizes) - (12 - 1) * shared
+    # 2 pairs, 4 sequences of 976 tokens, the opening held once
+    assert f"{976 - 3 * shared} tokens (the longest packed micro-batch" in capsys.readouterr().out
     # --rpo_reference previous: the model that generated iteration 2's pairs (M_1) is the reference, not M_0
     train.main(common + ["--output_dir", str(tmp_path / "model_star_iter2"), "--rpo_alpha", "0", "--epochs", "1",
                          "--iteration", "2", "--rpo_reference", "previous"])

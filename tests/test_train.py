@@ -36,8 +36,15 @@ def test_loss_mask_covers_rationale_only(tok, records):
         assert labels[len(prompt):] == ids[len(prompt):]  # every rationale token (and end of turn) is learned
         assert ids[-1] == tok.eos_token_id
     batch = objectives.pack(examples)
-    assert batch["input_ids"].shape == (1, sum(len(x) for x, _ in examples))  # no padding at all
+    # no padding at all, and the prompt's opening that every example shares (system turn, instruction) stored once
+    shared = len(os.path.commonprefix([x for x, _ in examples]))
+    assert batch["prefix"] == shared > 20 and batch["tokens"] == sum(len(x) for x, _ in examples)
+    assert batch["input_ids"].shape == (1, sum(len(x) for x, _ in examples) - 4 * shared)
+    row, bounds = batch["input_ids"][0].tolist(), batch["bounds"]
+    assert [row[:shared] * (i > 0) + row[a:b] for i, (a, b) in enumerate(zip(bounds, bounds[1:]))] == \
+        [x for x, _ in examples]
     assert (batch["labels"] != -100).sum() == sum(sum(t != -100 for t in y) for _, y in examples)
+    assert objectives.pack(examples, share_prefix=False)["input_ids"][0].tolist() == [t for x, _ in examples for t in x]
 
 
 def test_too_long_examples_are_reported_not_cut(tok, records):
@@ -97,9 +104,9 @@ def test_packed_loss_gradients_equal_single_example_gradients(tok, records):
 
 
 def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama, gsm8k_records):
-    """8 GSM8K examples packed in one row through attention.packed_attention against the model's own attention on each
-    example alone (fp32): the logits of every position within 1e-5, and the gradients of the summed per-example
-    losses within 1e-5 of their size."""
+    """8 GSM8K examples packed in one row through attention.packed_attention, their shared prompt opening stored once,
+    against the model's own attention on each example alone (fp32): the logits of every position of every example
+    within 1e-5, and the gradients of the summed per-example losses within 1e-5 of their size."""
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tiny_llama)
@@ -113,10 +120,12 @@ def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama
     model.zero_grad(set_to_none=True)
     attention.use_packed_attention(model)
     batch = objectives.pack(examples)
-    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], packed_bounds=batch["bounds"])
-    bounds = list(zip(batch["bounds"], batch["bounds"][1:]))
-    assert len(bounds) == 8 and max((packed.logits[0, a:b] - o.logits[0]).abs().max().item()
-                                    for (a, b), o in zip(bounds, single)) < 1e-5
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], packed_bounds=batch["bounds"],
+                   packed_prefix=batch["prefix"])
+    shared, bounds = batch["prefix"], list(zip(batch["bounds"], batch["bounds"][1:]))
+    positions = [[*range(shared * (i > 0)), *range(a, b)] for i, (a, b) in enumerate(bounds)]  # each one's, in the row
+    assert len(bounds) == 8 and shared > 20 and max((packed.logits[0, at] - o.logits[0]).abs().max().item()
+                                               for at, o in zip(positions, single)) < 1e-5
     nll, count = objectives.example_nll(model, batch)
     (nll / count).sum().backward()
     for name, p in model.named_parameters():
@@ -145,7 +154,7 @@ def logits_nll(model, batch):
     logits at the learned positions."""
     keep = batch["learned"]
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
-                   packed_bounds=batch["bounds"]).logits[0]
+                   packed_bounds=batch["bounds"], packed_prefix=batch["prefix"]).logits[0]
     tok_loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][0, 1:][keep], reduction="none")
     return torch.zeros(batch["sequences"]).index_add(0, batch["example"], tok_loss)
 
