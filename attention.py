@@ -87,29 +87,48 @@ def use_prefix_attention(model):
 
 
 # ============================================================================= packed attention (training)
+FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
 class PackedFlashCPU(torch.autograd.Function):
     """Causal attention per sequence of a packed row on CPU: SDPA's flash kernel and its backward called directly on
     each sequence's slice of q, k, v [1, heads, T, dim]. Autograd through the slices would give every sequence a
     zero-filled gradient the size of the whole row and then sum them (7% of a training step, bench_train --profile);
-    here each sequence's gradients are computed once and concatenated."""
+    here each sequence's gradients are computed once and concatenated. With a shared prefix (the row's first `prefix`
+    tokens, held by the first sequence) each later sequence is the prefix and its own part, concatenated; the
+    prefix's key and value gradients are summed over the sequences."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bounds, scale):
+    def forward(ctx, q, k, v, bounds, scale, prefix=0):
         spans = list(zip(bounds, bounds[1:]))
-        outs = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
-                                                                           0.0, True, scale=scale)[:2]
-                for a, b in spans]
+        outs = [FLASH_CPU(*(whole(t, i, a, b, prefix) for t in (q, k, v)), 0.0, True, scale=scale)[:2]
+                for i, (a, b) in enumerate(spans)]
         ctx.save_for_backward(q, k, v, *(t for pair in outs for t in pair))  # each sequence's (out, logsumexp)
-        ctx.spans, ctx.scale = spans, scale
-        return torch.cat([out for out, _ in outs], 2)
+        ctx.spans, ctx.scale, ctx.prefix = spans, scale, prefix
+        return torch.cat([out[:, :, prefix * (i > 0):] for i, (out, _) in enumerate(outs)], 2)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, *saved = ctx.saved_tensors
-        grads = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad[:, :, a:b], q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], saved[2 * i], saved[2 * i + 1], 0.0, True,
-            scale=ctx.scale) for i, (a, b) in enumerate(ctx.spans)]
-        return (*(torch.cat(g, 2) for g in zip(*grads)), None, None)
+        p, grads = ctx.prefix, []
+        for i, (a, b) in enumerate(ctx.spans):
+            g = grad[:, :, a:b]
+            if i and p:  # the prefix's outputs are the first sequence's: none flows back from this copy of them
+                g = torch.cat([g.new_zeros(*g.shape[:2], p, g.shape[3]), g], 2)
+            grads.append(FLASH_CPU_BACKWARD(g, *(whole(t, i, a, b, p) for t in (q, k, v)), saved[2 * i],
+                                            saved[2 * i + 1], 0.0, True, scale=ctx.scale))
+        dq, dk, dv = ([g[:, :, p * (i > 0):] for i, g in enumerate(each)] for each in zip(*grads))
+        for i in range(1, len(grads) if p else 0):  # every sequence's share of the prefix's key and value gradients
+            dk[0][:, :, :p] += grads[i][1][:, :, :p]
+            dv[0][:, :, :p] += grads[i][2][:, :, :p]
+        return torch.cat(dq, 2), torch.cat(dk, 2), torch.cat(dv, 2), None, None, None
+
+
+def whole(t, i, a, b, prefix):
+    """Sequence i of a packed row [1, heads, T, dim] whose part is t[:, :, a:b]: after the first, with the row's
+    shared prefix before it."""
+    return t[:, :, a:b] if i == 0 or not prefix else torch.cat([t[:, :, :prefix], t[:, :, a:b]], 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,36 +149,39 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                      packed_prefix=None, **kw):
     """Causal attention within each sequence of a packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
 
-    packed_bounds: where each sequence starts and the row ends, a tuple of ints the packer computed on the host
+    packed_bounds: where each sequence's part starts and the row ends, a tuple of ints the packer computed on the host
     (objectives.pack), so no layer waits on the device to learn them. packed_prefix: how many tokens at the row's start
-    every sequence shares (stored once; each sequence attends to them as its own first tokens, and the prefix's keys
-    and values get the gradients of every sequence). Attending per sequence costs the sum of the squared lengths, not
-    the square of the row's, and builds no [T, T] mask. On a GPU the kv heads are shared by their query heads inside
-    SDPA (enable_gqa), not repeated to every head."""
+    all its sequences share (held once, by the first; each sequence attends to them as its own first tokens, and
+    their keys and values get the gradients of every sequence). Attending per sequence costs the sum of the squared
+    lengths, not the square of the row's, and builds no [T, T] mask."""
     if packed_bounds is None or packed_prefix is None:
         raise ValueError("packed attention needs the packed row's bounds and shared prefix: call the model as "
                          "objectives.example_nll does")
-    shared = packed_prefix and len(packed_bounds) > 2
+    if query.device.type != "cpu" or dropout:
+        return packed_sdpa(query, key, value, packed_bounds, packed_prefix, scaling, dropout), None
+    if query.shape[1] != key.shape[1]:  # CPU's fused SDPA kernel takes no GQA: enable_gqa there falls back to the
+        groups = query.shape[1] // key.shape[1]  # slower math kernel, so the kv heads are repeated to every head
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if torch.is_autocast_enabled("cpu"):  # SDPA runs in autocast's dtype (rotary embeddings leave q, k in fp32)
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    with torch.autocast("cpu", enabled=False):
+        out = PackedFlashCPU.apply(query, key, value, packed_bounds, scale, packed_prefix)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_sdpa(query, key, value, bounds, prefix, scaling=None, dropout=0.0):
+    """packed_attention on a GPU (or with dropout): SDPA per sequence, the kv heads shared by their query heads inside
+    SDPA (enable_gqa) rather than repeated; a shared prefix is copied before each later sequence (prefix_layout)."""
+    shared = prefix and len(bounds) > 2
     if shared:
-        gather, packed_bounds, keep = prefix_layout(packed_bounds, packed_prefix, query.device)
+        gather, bounds, keep = prefix_layout(bounds, prefix, query.device)
         query, key, value = query[:, :, gather], key[:, :, gather], value[:, :, gather]
-    gqa = query.shape[1] != key.shape[1]
-    if gqa and not query.is_cuda:  # CPU's fused SDPA kernel takes no GQA: enable_gqa there falls back to the slower
-        groups = query.shape[1] // key.shape[1]  # math kernel, so the kv heads are repeated to every head instead
-        key, value, gqa = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), False
-    if query.device.type == "cpu" and dropout == 0.0:
-        if torch.is_autocast_enabled("cpu"):  # SDPA runs in autocast's dtype (rotary embeddings leave q, k in fp32)
-            dtype = torch.get_autocast_dtype("cpu")
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        with torch.autocast("cpu", enabled=False):
-            out = PackedFlashCPU.apply(query, key, value, packed_bounds, scale)
-    else:
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, dropout_p=dropout,
-            enable_gqa=gqa) for a, b in zip(packed_bounds, packed_bounds[1:])], 2)
-    out = out.transpose(1, 2)
-    return (out[:, keep] if shared else out.contiguous()), None
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, dropout_p=dropout,
+        enable_gqa=query.shape[1] != key.shape[1]) for a, b in zip(bounds, bounds[1:])], 2).transpose(1, 2)
+    return out[:, keep] if shared else out.contiguous()
 
 
 def use_packed_attention(model):

@@ -132,6 +132,38 @@ def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama
         assert (p.grad - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-8, name
 
 
+def test_shared_prefix_kernels_agree():
+    """A row whose 4 sequences share a 7-token prefix, fp32, 4 query heads on 2 kv heads: CPU's kernel (prefix held
+    once, the key and value gradients summed over the sequences) and the GPU's path (packed_sdpa: the prefix copied
+    before each sequence) give the same output and gradients as SDPA on each sequence written out whole."""
+    torch.manual_seed(0)
+    prefix, lengths = 7, [20, 15, 25, 12]
+    bounds = (0, 20, 28, 46, 51)  # the first sequence whole, then each one's tokens after the prefix
+    q, k, v = torch.randn(1, 4, 51, 16), torch.randn(1, 2, 51, 16), torch.randn(1, 2, 51, 16)
+    grad = torch.randn(1, 51, 4, 16)
+    spans = [[*range(prefix * (i > 0)), *range(a, b)] for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    assert [len(s) for s in spans] == lengths
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad)]
+
+    def written_out(q, k, v):  # each sequence alone, its output rows back where the row holds them
+        outs = [torch.nn.functional.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s], is_causal=True,
+                                                                 enable_gqa=True)[:, :, prefix * (i > 0):]
+                for i, s in enumerate(spans)]
+        return torch.cat(outs, 2).transpose(1, 2)
+
+    expected = run(written_out)
+    for fn in (lambda *t: attention.packed_attention(None, *t, None, packed_bounds=bounds, packed_prefix=prefix)[0],
+               lambda *t: attention.packed_sdpa(*t, bounds, prefix)):
+        assert all((a - b).abs().max().item() < 1e-5 for a, b in zip(run(fn), expected))
+    # and the check can fail: without the prefix each later sequence attends to its own part alone
+    unshared = run(lambda *t: attention.packed_attention(None, *t, None, packed_bounds=bounds, packed_prefix=0)[0])
+    assert (unshared[0] - expected[0]).abs().max().item() > 1e-2
+
+
 def test_bench_attention_layouts_equal_the_packed_kernel():
     """bench/bench_attention.py's two batched layouts (padded flash, padded matmuls recomputing the probabilities in
     the backward) against train.py's per-sequence kernel, fp32, sequences of 5-30 tokens: the output and the three
