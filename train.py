@@ -187,7 +187,10 @@ def train_loop(acc, model, opt, sched, examples, args, start, log, total, steps_
         trained = (step - epoch * steps_per_epoch) * args.grad_accum  # micro-batches of this epoch already trained
         for batch in acc.skip_first_batches(loader, trained) if trained else loader:
             with acc.accumulate(model):
-                loss, metrics = training_loss(model, batch, args)
+                # autocast around the loss too, not only inside the model's forward (accelerate's wrapper returns its
+                # outputs in fp32): the head's matmuls in TokenNLL run in bf16, as in the reference pass
+                with acc.autocast():
+                    loss, metrics = training_loss(model, batch, args)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, 1.0)
