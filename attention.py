@@ -116,6 +116,7 @@ class PackedFlashCPU(torch.autograd.Function):
             g = grad[:, :, a:b]
             if i and p:  # the prefix's outputs are the first sequence's: none flows back from this copy of them
                 g = torch.cat([g.new_zeros(*g.shape[:2], p, g.shape[3]), g], 2)
+            # each sequence's q, k, v are concatenated again rather than kept from the forward: a copy of the row less
             grads.append(FLASH_CPU_BACKWARD(g, *(whole(t, i, a, b, p) for t in (q, k, v)), saved[2 * i],
                                             saved[2 * i + 1], 0.0, True, scale=ctx.scale))
         dq, dk, dv = ([g[:, :, p * (i > 0):] for i, g in enumerate(each)] for each in zip(*grads))

@@ -121,8 +121,9 @@ def pack(sequences, share_prefix=True):
     labels = torch.tensor([[t for _, y, _ in parts for t in y]])
     pos = torch.tensor([[q for x, _, start in parts for q in range(start, start + len(x))]])
     owner = [i for i, (x, _, _) in enumerate(parts) for _ in x]
-    learned = [t for t, y in enumerate(labels[0, 1:].tolist()) if y != -100]  # never a part's last position: each
-    bounds = tuple(itertools.accumulate((len(x) for x, _, _ in parts), initial=0))  # part starts on a prompt token
+    # never a part's last position: every part starts on a prompt token (shared_prefix stops before any learned one)
+    learned = [t for t, y in enumerate(labels[0, 1:].tolist()) if y != -100]
+    bounds = tuple(itertools.accumulate((len(x) for x, _, _ in parts), initial=0))
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "bounds": bounds, "prefix": p,
             "learned": torch.tensor(learned, dtype=torch.long),
             "example": torch.tensor([owner[t + 1] for t in learned], dtype=torch.long), "sequences": len(sequences),
@@ -215,25 +216,19 @@ def longest_micro_batch(examples, args, processes):
 
     sizes = example_sizes(examples)
     steps_per_epoch, total = schedule(args, examples, processes)
-    tokens = learned = 0
-
-    def count(batch):  # batch: indices of examples
-        nonlocal tokens, learned
-        rows = [seq for i in batch for seq in examples[i].sequences]
-        tokens = max(tokens, sum(sizes[i][0] for i in batch) - (len(rows) - 1) * shared_prefix(rows))
-        learned = max(learned, sum(sizes[i][1] for i in batch))
-
+    batches = []  # every micro-batch of the run, as lists of example indices
     for epoch in range(math.ceil(total / steps_per_epoch)):
         if args.max_tokens_per_batch:  # a shard's extra batches repeat whole ones: the largest is among these
-            for batch in token_batches(sizes, args, epoch):
-                count(batch)
+            batches += token_batches(sizes, args, epoch)
             continue
         order = epoch_order(len(sizes), args, epoch)
-        batches = torch.utils.data.BatchSampler(order, args.batch_size, drop_last=False)
-        shards = [BatchSamplerShard(batches, processes, rank) for rank in range(processes)] if processes > 1 \
-            else [batches]
-        for batch in (b for shard in shards for b in shard):
-            count(batch)
+        sampler = torch.utils.data.BatchSampler(order, args.batch_size, drop_last=False)
+        shards = [BatchSamplerShard(sampler, processes, rank) for rank in range(processes)] if processes > 1 \
+            else [sampler]
+        batches += [b for shard in shards for b in shard]
+    rows = [[seq for i in b for seq in examples[i].sequences] for b in batches]
+    tokens = max((sum(len(x) for x, _ in r) - (len(r) - 1) * shared_prefix(r) for r in rows), default=0)
+    learned = max((sum(sizes[i][1] for i in b) for b in batches), default=0)
     return tokens, learned
 
 

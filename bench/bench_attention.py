@@ -38,8 +38,9 @@ parser.add_argument("--rounds", type=int, default=3)
 
 @functools.lru_cache(maxsize=8)
 def padding(bounds):
-    """Once per packed row, as a kernel would for its 30 layers: (batch, longest, gather [batch * longest] packed positions with each sequence's last repeated as padding,
-    scatter [T] the packed positions' places in the padded batch)."""
+    """Once per packed row, as a kernel would for its 30 layers: (batch, longest, gather [batch * longest] packed
+    positions with each sequence's last repeated as padding, scatter [T] the packed positions' places in the padded
+    batch)."""
     spans = list(zip(bounds, bounds[1:]))
     longest = max(b - a for a, b in spans)
     gather = torch.tensor([min(a + t, b - 1) for a, b in spans for t in range(longest)])

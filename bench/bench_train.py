@@ -207,14 +207,14 @@ def main(argv=None):
     res = [run_subprocess(args, path, args.dtype) for path in paths]
     for path, r in zip(paths, res):
         print_result(path, r, max(5, *map(len, paths)))
-    speed = {path: sum(r["real_tokens"] for p, r in zip(paths, res) if p == path) /
-             sum(r["seconds"] for p, r in zip(paths, res) if p == path) for path in paths}
-    first = paths[0]
-    for path in dict.fromkeys(paths[1:]):
-        if path != first:
-            loss = {p: next(r["final_loss"] for q, r in zip(paths, res) if q == p) for p in (first, path)}
-            print(f"ratio (real tokens/s, {path} / {first}): {speed[path] / speed[first]:.2f}x; final loss {path} "
-                  f"{loss[path]:.4f} vs {first} {loss[first]:.4f}")
+    runs = {}  # path -> its runs, in order
+    for path, r in zip(paths, res):
+        runs.setdefault(path, []).append(r)
+    speed = {p: sum(r["real_tokens"] for r in rs) / sum(r["seconds"] for r in rs) for p, rs in runs.items()}
+    first, *others = runs
+    for path in others:
+        print(f"ratio (real tokens/s, {path} / {first}): {speed[path] / speed[first]:.2f}x; final loss {path} "
+              f"{runs[path][0]['final_loss']:.4f} vs {first} {runs[first][0]['final_loss']:.4f}")
 
 
 if __name__ == "__main__":

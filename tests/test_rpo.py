@@ -239,10 +239,11 @@ def test_rpo_trains_from_m0_against_its_own_reference(tmp_path, pairs, tiny_llam
     assert first > math.log(2) + 0.05  # M_0 prefers the loser less than M_1 does: a positive DPO loss above log 2
     # in bf16 too the policy at step 1 is its reference to the last bit (both passes take the head's matmul under
     # autocast), so DPO-Positive's penalty starts at 0, not at the passes' rounding difference x lambda
-    train.main(common[:-4] + ["--dtype", "bf16", "--report_to", "none", "--warmup_ratio", "0", "--output_dir",
-                              str(tmp_path / "bf16"), "--steps", "1", "--dpop_lambda", "50", "--pairs_only", "--rpo_alpha", "0"])
+    train.main(common + ["--dtype", "bf16", "--output_dir", str(tmp_path / "bf16"), "--steps", "1", "--dpop_lambda",
+                         "50", "--pairs_only", "--rpo_alpha", "0"])  # the last --dtype counts
     row = json.loads((tmp_path / "bf16" / "log.jsonl").read_text().splitlines()[0])
-    assert row["rewards_chosen"] == row["rewards_rejected"] == 0 and row["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert row["rewards_chosen"] == row["rewards_rejected"] == 0
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-4)
     # by default the training set's rationales that won no pair are learned too, by their NLL term alone
     train_file = tmp_path / "train.jsonl"
     rows = [{"id": p["id"], "question": p["question"], "rationale": p["chosen"], "answer": p["answer"]} for p in pairs]
