@@ -99,13 +99,14 @@ def layer_activation_bytes(shape, args, bf16, cpu=False):
 
 
 def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None, learned=None, bf16=None,
-                    chunked=True):
+                    chunked=True, same=False):
     """Peak training memory per process in GiB, term by term, and their sum ("total": an upper bound, the terms need
     not peak together). device: "cuda" or "cpu" (where the runtime is a line); bf16: bf16 autocast (default: on
     "cuda"), else fp32 throughout. tokens: tokens of the longest packed micro-batch (longest_micro_batch), by default
     --batch_size x --max_length (an upper bound: a row holds at most that many); learned: the most rationale tokens
     of a micro-batch (the logits' positions), by default all of them; chunked: the loss takes the logits in chunks
-    (objectives.plain_head: a plain linear head, not sharded by FSDP)."""
+    (objectives.plain_head: a plain linear head, not sharded by FSDP); same: every micro-batch has those sizes
+    (longest_micro_batch), so on CPU the heap holds no fragments."""
     shape, lora = model_shape(config), args.lora_r > 0
     bf16 = device == "cuda" if bf16 is None else bf16
     tokens = tokens or args.batch_size * args.max_length
@@ -131,7 +132,10 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
                                                                                           "reference model")}
     if device == "cpu":
         plan["runtime"] = CPU_RUNTIME_GIB
-        plan["heap"] = terms["activations"] / GIB  # keep_heap: freed blocks stay in a heap that fragments
+        # keep_heap: freed blocks stay in a heap that fragments where micro-batches differ in size (its RSS grew step
+        # by step to the bound of bound_heap on varied GSM8K rows); where every micro-batch is the same size, each
+        # step's blocks fit the holes of the step before (RSS flat from step 2: docs/training.md, "Memory on CPU")
+        plan["heap"] = 0.0 if same else terms["activations"] / GIB
     plan["total"] = sum(plan.values())
     return plan
 
@@ -169,7 +173,7 @@ def per_process(plan, strategy, processes, gathered=0):
     return plan
 
 
-def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, learned=None, bf16=None):
+def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, learned=None, same=False, bf16=None):
     """One short explanation per line of the plan: what is counted, in which dtype (estimate_memory's arguments)."""
     bf16 = device == "cuda" if bf16 is None else bf16
     trainable = args.lora_r * lora_per_rank if args.lora_r else n_params
@@ -190,7 +194,8 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
             "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary, at most {max(1, NLL_CHUNK // vocab)} "
                            "at once unless FSDP shards the head (TokenNLL)",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
-            "heap": "glibc's heap keeps what is freed (keep_heap): its fragments, up to the activations again",
+            "heap": "glibc's heap keeps what is freed (keep_heap): " + ("every micro-batch the same size, each step "
+                    "reuses the blocks of the one before" if same else "its fragments, up to the activations again"),
             "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
             "reference model": f"--rpo_reference previous: {'bf16' if bf16 else 'fp32'} weights, whole on every "
                                "process, freed before step 1",
@@ -252,16 +257,16 @@ def process_plan(config, counts, args, device, bf16, strategy="NO", processes=1,
     default the bound --batch_size x --max_length), split as `strategy` (accelerate's name) splits it over `processes`.
     counts: count_parameters(config, the LoRA targets)."""
     n_params, per_rank = counts
-    tokens, learned = longest(args) if longest else (None, None)
+    tokens, learned, same = longest(args) if longest else (None, None, False)
     gathered = fsdp_gathered_bytes(config, n_params, bf16) if strategy == "FSDP" else 0
-    plan = estimate_memory(config, n_params, args, device, per_rank, tokens, learned, bf16, strategy != "FSDP")
+    plan = estimate_memory(config, n_params, args, device, per_rank, tokens, learned, bf16, strategy != "FSDP", same)
     return per_process(plan, strategy, processes, gathered)
 
 
 def plan_memory(acc, args, bf16, longest=None):
     """Load the base model's config (no weights), print the memory plan and, on a GPU, stop when it does not fit.
-    longest(args) -> (tokens, learned tokens) of the longest packed micro-batch a run with those flags builds
-    (longest_micro_batch). Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype;
+    longest(args) -> (tokens, learned tokens, same sizes throughout) of the longest packed micro-batch a run with those
+    flags builds (longest_micro_batch). Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype;
     train_stats.json keeps the plan beside the measured peak."""
     from transformers import AutoConfig
 
@@ -273,7 +278,7 @@ def plan_memory(acc, args, bf16, longest=None):
         return process_plan(config, counts, a, device, bf16, strategy, acc.num_processes, longest)
 
     plan, (n_params, per_rank) = estimate(args), counts
-    rows = longest(args) if longest else (None, None)
+    rows = longest(args) if longest else (None, None, False)
     notes = memory_notes(n_params, args, device, per_rank, model_shape(config)["vocab"], *rows, bf16=bf16)
     print_memory_plan(plan, notes, acc.print)
     if torch.cuda.is_available() and not args.skip_memory_check:

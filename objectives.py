@@ -207,11 +207,12 @@ def epoch_loader(examples, args, epoch):
 
 
 def longest_micro_batch(examples, args, processes):
-    """(tokens, learned tokens) of the largest packed micro-batches the run will build: those of every epoch it trains,
-    dealt to the processes as acc.prepare deals them (accelerate's BatchSamplerShard, which completes a short last
-    batch with the epoch's first examples), each row holding its sequences' shared prefix once (pack). Each is at most
-    the sum of the --batch_size longest examples, and GSM8K rows are far shorter than --max_length: this, not
-    --batch_size x --max_length, is what the memory plan counts."""
+    """(tokens, learned tokens, same) of the largest packed micro-batches the run will build: those of every epoch it
+    trains, dealt to the processes as acc.prepare deals them (accelerate's BatchSamplerShard, which completes a short
+    last batch with the epoch's first examples), each row holding its sequences' shared prefix once (pack). Each is at
+    most the sum of the --batch_size longest examples, and GSM8K rows are far shorter than --max_length: this, not
+    --batch_size x --max_length, is what the memory plan counts. same: every micro-batch has those very sizes (each
+    step then allocates what the step before freed: the plan's CPU heap holds no fragments)."""
     from accelerate.data_loader import BatchSamplerShard
 
     sizes = example_sizes(examples)
@@ -227,9 +228,9 @@ def longest_micro_batch(examples, args, processes):
             else [sampler]
         batches += [b for shard in shards for b in shard]
     rows = [[seq for i in b for seq in examples[i].sequences] for b in batches]
-    tokens = max((sum(len(x) for x, _ in r) - (len(r) - 1) * shared_prefix(r) for r in rows), default=0)
-    learned = max((sum(sizes[i][1] for i in b) for b in batches), default=0)
-    return tokens, learned
+    row_tokens = [sum(len(x) for x, _ in r) - (len(r) - 1) * shared_prefix(r) for r in rows]
+    row_learned = [sum(sizes[i][1] for i in b) for b in batches]
+    return max(row_tokens, default=0), max(row_learned, default=0), len(set(zip(row_tokens, row_learned))) <= 1
 
 
 # ============================================================================= losses

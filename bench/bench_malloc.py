@@ -1,7 +1,8 @@
 """train.py's glibc setting on CPU, side by side: its heap that keeps what is freed (memory.keep_heap: no block mapped,
 none handed back) against its earlier ways, a trim of the heap after each optimizer step and before that a fixed mmap
 threshold of 128 KiB, and glibc's default, on the same rows and steps.
-Prints wall time, user and system CPU time, peak RSS and minor page faults of each run, each in its own process.
+Prints wall time, user and system CPU time, peak RSS and minor page faults of each run, each in its own process, and
+its RSS after each optimizer step (how the kept heap grows).
 
     python bench/bench_malloc.py --train_file runs/rpo/human_seed/data/star_iter1_train.jsonl --steps 8
     python bench/bench_malloc.py --train_file data/sft_train.jsonl --steps 36 --variants trim,heap,trim,heap
@@ -49,6 +50,8 @@ def run_variant(args):
         memory.LIBC.mallopt(-8, int(args.variant[5:]))
     elif args.variant not in ("heap", "glibc_default"):  # a threshold in KiB, set before anything is allocated
         memory.set_mmap_threshold(int(args.variant) * 1024)
+    rss, bound = [], train.bound_heap
+    train.bound_heap = lambda plan: (rss.append(memory.rss_gib()), bound(plan))  # after each optimizer step
     t0 = time.time()
     train.main(["--train_file", args.train_file, "--base_model", args.base_model, "--steps", str(args.steps),
                 "--lr", "1e-4", "--batch_size", str(args.batch_size), "--report_to", "none", "--overwrite",
@@ -56,6 +59,7 @@ def run_variant(args):
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(f"RESULT {label:13s} wall {time.time() - t0:6.1f} s | user {ru.ru_utime:6.1f} s | sys "
           f"{ru.ru_stime:5.1f} s | peak RSS {ru.ru_maxrss / 2**20:.2f} GiB | minor faults {ru.ru_minflt}")
+    print(f"RSS    {label:13s} after each step (GiB): {' '.join(f'{r:.2f}' for r in rss)}")
 
 
 def main(argv=None):
@@ -68,7 +72,9 @@ def main(argv=None):
                               "--output_dir", args.output_dir, "--variant", variant], capture_output=True, text=True)
         plan = next((line for line in out.stdout.splitlines() if line.startswith("memory total")), "")
         result = next((line for line in out.stdout.splitlines() if line.startswith("RESULT")), out.stderr[-500:])
-        print(f"{result} | plan {plan.split()[2] if plan else '?'} GiB", flush=True)
+        heap = next((line.split()[2] for line in out.stdout.splitlines() if line.startswith("memory heap")), "?")
+        print(f"{result} | plan {plan.split()[2] if plan else '?'} GiB (heap {heap})", flush=True)
+        print(next((line for line in out.stdout.splitlines() if line.startswith("RSS ")), ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,10 @@ def test_longest_micro_batch_is_the_largest_the_loaders_build(processes):
         for batch in (b for shard in shards for b in shard):
             tokens = max(tokens, batch["input_ids"].numel())
             learned = max(learned, int((batch["labels"] != -100).sum()))
-    assert objectives.longest_micro_batch(examples, args, processes) == (tokens, learned)
+    assert objectives.longest_micro_batch(examples, args, processes)[:2] == (tokens, learned)
+    assert objectives.longest_micro_batch(examples, args, processes)[2] is False  # rows differ: the heap fragments
+    equal = [objectives.Example((list(range(50)), [-100] * 20 + list(range(30)))) for _ in range(12)]
+    assert objectives.longest_micro_batch(equal, args, processes)[2] is True
     assert tokens <= sum(sorted(len(e.chosen[0]) for e in examples)[-2:])
 
 
@@ -368,6 +371,7 @@ def test_estimate_within_30_percent_of_measured_peak_rss(full_run):
                          "total"} | bf16
     print(f"\nestimate {plan['total']:.2f} GiB, measured peak RSS {stats['peak_rss_gib']:.2f} GiB ({stats['dtype']})")
     assert stats["steps"] == 2 and abs(plan["total"] - stats["peak_rss_gib"]) <= 0.3 * stats["peak_rss_gib"]
+    assert plan["heap"] == 0  # the same 4 rows each step: each step reuses the blocks of the one before
 
 
 def safetensors_dtypes(folder):
