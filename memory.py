@@ -39,6 +39,10 @@ CPU_RUNTIME_GIB = 0.45
 HEADROOM_SHARE, HEADROOM_GIB = 0.10, 2.0
 # On CPU the heap is trimmed only when the RSS passes this share of the plan (bound_heap): the plan's promise is 30%
 HEAP_BOUND = 1.2
+# On CPU, the fragments of the kept heap (keep_heap) where micro-batches differ in size, as a multiple of the
+# activations of the longest one: measured 1.35-1.92x over the five trainings of a `make demo` (peak RSS less the
+# plan's other lines) and 1.55x over 36 steps on GSM8K rows (bench_malloc.py: docs/training.md, "Memory on CPU")
+HEAP_FRAGMENTS = 2
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 try:  # glibc, whose heap train.py keeps on CPU (keep_heap); None elsewhere (macOS, musl): its allocator as it is
     LIBC = ctypes.CDLL("libc.so.6")
@@ -132,10 +136,10 @@ def estimate_memory(config, n_params, args, device, lora_per_rank=0, tokens=None
                                                                                           "reference model")}
     if device == "cpu":
         plan["runtime"] = CPU_RUNTIME_GIB
-        # keep_heap: freed blocks stay in a heap that fragments where micro-batches differ in size (its RSS grew step
-        # by step to the bound of bound_heap on varied GSM8K rows); where every micro-batch is the same size, each
-        # step's blocks fit the holes of the step before (RSS flat from step 2: docs/training.md, "Memory on CPU")
-        plan["heap"] = 0.0 if same else terms["activations"] / GIB
+        # keep_heap: freed blocks stay in a heap that fragments where micro-batches differ in size (its RSS grows
+        # step by step); where every micro-batch is the same size, each step's blocks fit the holes of the step
+        # before (RSS flat from step 3: docs/training.md, "Memory on CPU")
+        plan["heap"] = 0.0 if same else HEAP_FRAGMENTS * terms["activations"] / GIB
     plan["total"] = sum(plan.values())
     return plan
 
@@ -195,7 +199,7 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
                            "at once unless FSDP shards the head (TokenNLL)",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
             "heap": "glibc's heap keeps what is freed (keep_heap): " + ("every micro-batch the same size, each step "
-                    "reuses the blocks of the one before" if same else "its fragments, up to the activations again"),
+                    "reuses the blocks of the one before" if same else f"its fragments, up to {HEAP_FRAGMENTS}x the activations"),
             "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
             "reference model": f"--rpo_reference previous: {'bf16' if bf16 else 'fp32'} weights, whole on every "
                                "process, freed before step 1",
