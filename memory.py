@@ -40,9 +40,11 @@ HEADROOM_SHARE, HEADROOM_GIB = 0.10, 2.0
 # On CPU the heap is trimmed only when the RSS passes this share of the plan (bound_heap): the plan's promise is 30%
 HEAP_BOUND = 1.2
 # On CPU, the fragments of the kept heap (keep_heap) where micro-batches differ in size, as a multiple of the
-# activations of the longest one: measured 1.35-1.92x over the five trainings of a `make demo` (peak RSS less the
-# plan's other lines) and 1.55x over 36 steps on GSM8K rows (bench_malloc.py: docs/training.md, "Memory on CPU")
-HEAP_FRAGMENTS = 2
+# activations of the longest one: they grow with the steps, and were measured at 1.35-1.92x over the five trainings
+# of a `make demo` (36-72 steps; peak RSS less the plan's other lines) and 1.55x over 36 steps on GSM8K rows
+# (bench_malloc.py: docs/training.md, "Memory on CPU"). 1.5 keeps those runs' peaks within 13% of the plan, and on
+# the GSM8K rows a shorter run's from its 8th step within 30%; 2 would leave its first 16 steps more than 30% under.
+HEAP_FRAGMENTS = 1.5
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 try:  # glibc, whose heap train.py keeps on CPU (keep_heap); None elsewhere (macOS, musl): its allocator as it is
     LIBC = ctypes.CDLL("libc.so.6")
@@ -198,8 +200,9 @@ def memory_notes(n_params, args, device, lora_per_rank, vocab, tokens=None, lear
             "logits/loss": f"<= {learned} rationale tokens x {vocab} vocabulary, at most {max(1, NLL_CHUNK // vocab)} "
                            "at once unless FSDP shards the head (TokenNLL)",
             "runtime": "Python, torch, transformers, tokenizer (measured)",
-            "heap": "glibc's heap keeps what is freed (keep_heap): " + ("every micro-batch the same size, each step "
-                    "reuses the blocks of the one before" if same else f"its fragments, up to {HEAP_FRAGMENTS}x the activations"),
+            "heap": "glibc's heap keeps what is freed (keep_heap): " + (
+                "every micro-batch the same size, each step reuses the blocks of the one before" if same
+                else f"its fragments, {HEAP_FRAGMENTS:g}x the activations (measured over dozens of steps)"),
             "gathered": "FSDP: embedding unit + 2 layers + 1 layer's gradients, unsharded",
             "reference model": f"--rpo_reference previous: {'bf16' if bf16 else 'fp32'} weights, whole on every "
                                "process, freed before step 1",
@@ -269,9 +272,9 @@ def process_plan(config, counts, args, device, bf16, strategy="NO", processes=1,
 
 def plan_memory(acc, args, bf16, longest=None):
     """Load the base model's config (no weights), print the memory plan and, on a GPU, stop when it does not fit.
-    longest(args) -> (tokens, learned tokens, same sizes throughout) of the longest packed micro-batch a run with those
-    flags builds (longest_micro_batch). Returns (config, plan): save_checkpoint writes the checkpoint in the config's dtype;
-    train_stats.json keeps the plan beside the measured peak."""
+    longest(args) -> (tokens, learned tokens, same sizes throughout) of the longest packed micro-batch a run with
+    those flags builds (longest_micro_batch). Returns (config, plan): save_checkpoint writes the checkpoint in the
+    config's dtype; train_stats.json keeps the plan beside the measured peak."""
     from transformers import AutoConfig
 
     config = from_pretrained(AutoConfig, args.base_model)
