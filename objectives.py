@@ -228,7 +228,7 @@ def longest_micro_batch(examples, args, processes):
             else [sampler]
         batches += [b for shard in shards for b in shard]
     rows = [[seq for i in b for seq in examples[i].sequences] for b in batches]
-    row_tokens = [sum(len(x) for x, _ in r) - (len(r) - 1) * shared_prefix(r) for r in rows]
+    row_tokens = [sum(sizes[i][0] for i in b) - (len(r) - 1) * shared_prefix(r) for b, r in zip(batches, rows)]
     row_learned = [sum(sizes[i][1] for i in b) for b in batches]
     return max(row_tokens, default=0), max(row_learned, default=0), len(set(zip(row_tokens, row_learned))) <= 1
 
