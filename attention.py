@@ -17,6 +17,7 @@ from common import StarError
 
 PREFIX_ATTENTION = "star_prefix"  # the registered names
 PACKED_ATTENTION = "star_packed"
+BACKWARD_SCORES = 2**22  # attention_backward's largest block of scores (heads x queries x keys)
 
 
 # ============================================================================= shared-prefix attention (generation)
@@ -97,15 +98,17 @@ class PackedFlashCPU(torch.autograd.Function):
     zero-filled gradient the size of the whole row and then sum them (7% of a training step, bench_train --profile);
     here each sequence's gradients are computed once and concatenated. With a shared prefix (the row's first `prefix`
     tokens, held by the first sequence) each later sequence is the prefix and its own part, concatenated; the
-    prefix's key and value gradients are summed over the sequences."""
+    prefix's key and value gradients are summed over the sequences. The backward is attention_backward (explicit
+    matmuls: about 1.9x faster than the flash kernel's own backward on the demo's rows, bench/bench_attention.py);
+    `backward` (a function with its arguments, such as flash_backward) replaces it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bounds, scale, prefix=0):
+    def forward(ctx, q, k, v, bounds, scale, prefix=0, backward=None):
         spans = list(zip(bounds, bounds[1:]))
         outs = [FLASH_CPU(*(whole(t, i, a, b, prefix) for t in (q, k, v)), 0.0, True, scale=scale)[:2]
                 for i, (a, b) in enumerate(spans)]
         ctx.save_for_backward(q, k, v, *(t for pair in outs for t in pair))  # each sequence's (out, logsumexp)
-        ctx.spans, ctx.scale, ctx.prefix = spans, scale, prefix
+        ctx.spans, ctx.scale, ctx.prefix, ctx.kernel = spans, scale, prefix, backward or attention_backward
         return torch.cat([out[:, :, prefix * (i > 0):] for i, (out, _) in enumerate(outs)], 2)
 
     @staticmethod
@@ -117,13 +120,43 @@ class PackedFlashCPU(torch.autograd.Function):
             if i and p:  # the prefix's outputs are the first sequence's: none flows back from this copy of them
                 g = torch.cat([g.new_zeros(*g.shape[:2], p, g.shape[3]), g], 2)
             # each sequence's q, k, v are concatenated again rather than kept from the forward: a copy of the row less
-            grads.append(FLASH_CPU_BACKWARD(g, *(whole(t, i, a, b, p) for t in (q, k, v)), saved[2 * i],
-                                            saved[2 * i + 1], 0.0, True, scale=ctx.scale))
+            grads.append(ctx.kernel(g, *(whole(t, i, a, b, p) for t in (q, k, v)), saved[2 * i], saved[2 * i + 1],
+                                    ctx.scale))
         dq, dk, dv = ([g[:, :, p * (i > 0):] for i, g in enumerate(each)] for each in zip(*grads))
         for i in range(1, len(grads) if p else 0):  # every sequence's share of the prefix's key and value gradients
             dk[0][:, :, :p] += grads[i][1][:, :, :p]
             dv[0][:, :, :p] += grads[i][2][:, :, :p]
-        return torch.cat(dq, 2), torch.cat(dk, 2), torch.cat(dv, 2), None, None, None
+        return torch.cat(dq, 2), torch.cat(dk, 2), torch.cat(dv, 2), None, None, None, None
+
+
+def attention_backward(grad, q, k, v, out, lse, scale):
+    """The gradients (dq, dk, dv) of causal softmax attention on one sequence [1, heads, T, dim], from its output and
+    its rows' log-sum-exp [1, heads, T] (fp32, as the flash kernel returns them): the probabilities are recomputed
+    by one matmul (FlashAttention-2's backward, Dao 2023, as products over whole blocks of queries). Products run in
+    q's dtype, the softmax and the key and value sums in fp32. Queries go in blocks of at most BACKWARD_SCORES scores
+    (16 MiB in fp32 each), a block's keys ending at its last query (causal), so a long sequence never holds [T, T]."""
+    T = q.shape[2]
+    rows = max(1, BACKWARD_SCORES // (q.shape[1] * T))
+    delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP), [1, heads, T, 1]
+    dq = torch.empty_like(q)
+    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+    for a in range(0, T, rows):
+        b = min(T, a + rows)
+        qa, ga, kb, vb = q[:, :, a:b], grad[:, :, a:b], k[:, :, :b], v[:, :, :b]
+        # exp(s - lse) <= 1 where a query sees the key; the future's scores are clamped before exp (no overflow, and
+        # exp of -inf is slow on CPU) and zeroed after it
+        p = torch.matmul(qa, kb.transpose(-1, -2)).float().mul_(scale).sub_(lse[:, :, a:b, None]).clamp_max_(0)
+        p = p.exp_().mul_(torch.ones(b - a, b, device=q.device).tril_(a))
+        dv[:, :, :b] += torch.matmul(p.to(q.dtype).transpose(-1, -2), ga)
+        ds = p.mul_(torch.matmul(ga, vb.transpose(-1, -2)).float().sub_(delta[:, :, a:b])).mul_(scale).to(q.dtype)
+        dq[:, :, a:b] = torch.matmul(ds, kb)
+        dk[:, :, :b] += torch.matmul(ds.transpose(-1, -2), qa)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def flash_backward(grad, q, k, v, out, lse, scale):
+    """The flash kernel's own backward, with attention_backward's arguments (bench/bench_attention.py compares them)."""
+    return FLASH_CPU_BACKWARD(grad, q, k, v, out, lse, 0.0, True, scale=scale)
 
 
 def whole(t, i, a, b, prefix):

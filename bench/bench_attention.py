@@ -3,7 +3,9 @@
     python bench/bench_attention.py                       # the demo's rows: 8 sequences of 169-214 tokens, bf16
     python bench/bench_attention.py --dtype fp32 --repeats 50
 
-per_seq      train.py's attention.PackedFlashCPU: SDPA's CPU flash kernel and its backward per sequence
+per_seq      train.py's attention.PackedFlashCPU: SDPA's CPU flash kernel per sequence, and attention_backward
+             (explicit matmuls recomputing the probabilities from the kernel's log-sum-exp) for its backward
+flash_bwd    the same forward with the flash kernel's own backward (train.py's kernel until 2026-12-08)
 padded_flash the sequences right-padded into one [batch, heads, longest, dim] batch, one flash call and one backward
              (a causal query never sees the padding after it, so no mask is needed)
 padded_math  the same batch as explicit bf16 matmuls with an fp32 softmax, saving only the output and the
@@ -22,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from attention import PackedFlashCPU  # noqa: E402
+from attention import PackedFlashCPU, flash_backward  # noqa: E402
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -116,7 +118,9 @@ class PaddedMath(torch.autograd.Function):
         return to_packed(dq, scatter), to_packed(dk, scatter), to_packed(dv, scatter), None, None
 
 
-VARIANTS = {"per_seq": PackedFlashCPU.apply, "padded_flash": PaddedFlash.apply, "padded_math": PaddedMath.apply}
+VARIANTS = {"per_seq": PackedFlashCPU.apply,
+            "flash_bwd": lambda q, k, v, bounds, scale: PackedFlashCPU.apply(q, k, v, bounds, scale, 0, flash_backward),
+            "padded_flash": PaddedFlash.apply, "padded_math": PaddedMath.apply}
 
 
 def reference(q, k, v, grad, bounds, scale):

@@ -5,7 +5,8 @@ optimizer steps through (a) naive: right-padded batches of --batch_size, full lo
 prompt and padding masked; (b) ours: train.py's packing (no padding, per-example positions and
 causal attention, logits only where a rationale token is learned, the prompt opening that a row's
 examples share computed once); --paths unshared,ours adds (c) unshared: ours with each example's
-prompt whole in the row. All use the same per-example-mean loss, so their losses are comparable.
+prompt whole in the row, and (d) flash_bwd: ours with the CPU flash kernel's own attention backward in place of
+attention.attention_backward. All use the same per-example-mean loss, so their losses are comparable.
 Each path runs in its own process, so that its peak memory is its own. Prints real (non-pad, every
 example's whole) tokens/s of each, the ratios, the final training loss and peak memory.
 
@@ -18,6 +19,7 @@ step are lost). It prints each one's line, the loss every few steps side by side
     python bench/bench_train.py --n 64 --steps 8
     python bench/bench_train.py --paths unshared,ours,unshared,ours --dtype bf16 --n 64   # the shared prefix
     python bench/bench_train.py --dtypes fp32,bf16,pure_bf16 --n 64 --lr 1e-4
+    python bench/bench_train.py --paths flash_bwd,ours,flash_bwd,ours --dtype bf16 --n 64 --lr 1e-4
     python bench/bench_train.py --profile --dtype bf16 --n 48   # where a step of ours spends its time
 
 --profile runs ours for the batches after a warm-up one under torch.profiler and prints each kind of op's share of
@@ -39,12 +41,15 @@ sys.path.insert(0, ROOT)
 from common import load_split, solution_to_rationale  # noqa: E402
 from memory import keep_heap  # noqa: E402
 from models import load_tokenizer, resolve_model  # noqa: E402
+import attention  # noqa: E402
 from attention import use_packed_attention  # noqa: E402
 from objectives import pack, packed_loss, tokenize_examples  # noqa: E402
 
 # precision -> (weights' dtype, autocast dtype or None)
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
               "pure_bf16": (torch.bfloat16, None)}
+
+PATHS = ["naive", "ours", "unshared", "flash_bwd"]  # --paths' names (above)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
@@ -54,8 +59,8 @@ parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
 parser.add_argument("--lr", type=float, default=1e-5)
 parser.add_argument("--dtypes", default=None, help="e.g. fp32,bf16,pure_bf16: compare ours in these precisions")
-parser.add_argument("--paths", default="naive,ours", help="paths to compare, in turns (naive, ours, unshared)")
-parser.add_argument("--path", choices=["naive", "ours", "unshared"], default=None, help="run one path (used internally)")
+parser.add_argument("--paths", default="naive,ours", help="paths to compare, in turns (PATHS)")
+parser.add_argument("--path", choices=PATHS, default=None, help="run one path (used internally)")
 parser.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
                     help="of the paths compared, or of --profile")
 parser.add_argument("--profile", action="store_true", help="ours in --dtype under torch.profiler (see above)")
@@ -91,6 +96,8 @@ def load_path(args, path):
     batches = batches[: args.steps] if args.steps else batches
     weights, autocast = PRECISIONS[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=weights).train()
+    if path == "flash_bwd":
+        attention.attention_backward = attention.flash_backward  # PackedFlashCPU's backward looks it up per call
     if path != "naive":
         use_packed_attention(model)  # what train.py's load_base does
         if not torch.cuda.is_available():
@@ -100,7 +107,7 @@ def load_path(args, path):
     def step(batch):
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = padded_loss(model, batch, tok.pad_token_id) if path == "naive" else \
-                packed_loss(model, pack(batch, share_prefix=path == "ours"))
+                packed_loss(model, pack(batch, share_prefix=path != "unshared"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -202,8 +209,8 @@ def main(argv=None):
     if args.dtypes:
         return compare_dtypes(args, args.dtypes.split(","))
     paths = args.paths.split(",")  # a path named twice runs twice (in turns, against the cores' drift)
-    if not set(paths) <= {"naive", "ours", "unshared"}:
-        parser.error(f"--paths: {args.paths!r}: name naive, ours or unshared")
+    if not set(paths) <= set(PATHS):
+        parser.error(f"--paths: {args.paths!r}: name {', '.join(PATHS)}")
     res = [run_subprocess(args, path, args.dtype) for path in paths]
     for path, r in zip(paths, res):
         print_result(path, r, max(5, *map(len, paths)))

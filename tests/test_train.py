@@ -132,6 +132,36 @@ def test_packed_logits_and_gradients_equal_the_models_own_per_example(tiny_llama
         assert (p.grad - reference[name]).norm() <= 1e-5 * reference[name].norm() + 1e-8, name
 
 
+@pytest.mark.parametrize("block", [None, 7])
+def test_attention_backward_equals_autograd_and_the_flash_kernels(monkeypatch, block):
+    """attention.attention_backward (the packed kernel's backward: explicit matmuls from the flash forward's log-sum-exp)
+    on one 61-token sequence of 3 heads: in fp32 the gradients of autograd through SDPA's math kernel within 1e-5,
+    in one block of queries and in blocks of 7 (what a long sequence takes); in bf16 as close to fp32's as the flash
+    kernel's own backward is."""
+    if block:
+        monkeypatch.setattr(attention, "BACKWARD_SCORES", 3 * 61 * block)
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 3, 61, 16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True, scale=0.25)
+    expected = torch.autograd.grad(out, leaves, grad)
+
+    def gradients(backward, dtype):
+        qd, kd, vd, gd = (t.to(dtype) for t in (q, k, v, grad))
+        o, lse = attention.FLASH_CPU(qd, kd, vd, 0.0, True, scale=0.25)[:2]
+        return [t.float() for t in backward(gd, qd, kd, vd, o, lse, 0.25)]
+
+    got = gradients(attention.attention_backward, torch.float32)
+    assert all((a - b).abs().max().item() < 1e-5 for a, b in zip(got, expected))
+    ours, flash = (gradients(f, torch.bfloat16) for f in (attention.attention_backward, attention.flash_backward))
+    for a, b, e in zip(ours, flash, expected):
+        assert (a - e).abs().max().item() <= 2 * (b - e).abs().max().item() + 1e-2
+    # and the check can fail: the same backward at another scale is more than 1e-2 off
+    wrong = attention.attention_backward(grad, q, k, v, *attention.FLASH_CPU(q, k, v, 0.0, True, scale=0.25)[:2], 0.3)
+    assert all((a - b).abs().max().item() > 1e-2 for a, b in zip(wrong, expected))
+
+
 def test_shared_prefix_kernels_agree():
     """A row whose 4 sequences share a 7-token prefix, fp32, 4 query heads on 2 kv heads: CPU's kernel (prefix held
     once, the key and value gradients summed over the sequences) and the GPU's path (packed_sdpa: the prefix copied
