@@ -6,11 +6,19 @@
 #   bash bench/pref_arms.sh                       # iteration 1, rpo and step_rpo at 1e-6 and 1e-5
 #   ITERATION=2 ARMS="step_rpo:1e-6" bash bench/pref_arms.sh
 #   ARMS="rpo:1e-5 rpo:1e-5:50" bash bench/pref_arms.sh    # a third field: --dpop_lambda (DPO-Positive)
+#   ITERATION=3 BASE=results/model_star_iter3_sft EVAL_SAMPLES=500 TRAIN_ARGS="--seed 1" ARMS="rpo:3e-7" bash bench/pref_arms.sh
+# BASE: the model the phases start from and are referenced to (default: results/model_star_iter$ITERATION; in a
+# run_star.sh --objective rpo folder its SFT phase is results/model_star_iterN_sft); EVAL_SAMPLES: test questions
+# (default 100, the demo's); TRAIN_ARGS: more train.py flags for every arm. Per-question results are saved
+# (results/eval_<arm>.jsonl) for bench/paired_bootstrap.py.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 ITERATION=${ITERATION:-1}
 ARMS=${ARMS:-"rpo:1e-6 step_rpo:1e-6 rpo:1e-5 step_rpo:1e-5"}
+BASE=${BASE:-results/model_star_iter$ITERATION}
+EVAL_SAMPLES=${EVAL_SAMPLES:-100}
+read -r -a TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
 name_of() {  # objective:rate[:lambda] -> the arm's model name
   local objective rate lambda
   IFS=: read -r objective rate lambda <<< "$1"
@@ -20,10 +28,11 @@ for arm in $ARMS; do
   IFS=: read -r objective rate lambda <<< "$arm"
   name=$(name_of "$arm")
   [ -e "results/model_$name" ] || "$PY" "$HERE/train.py" --iteration "$ITERATION" --objective "$objective" --pairs_only \
-    --base_model "results/model_star_iter$ITERATION" --pref_lr "$rate" --dpop_lambda "${lambda:-0}" --epochs 3 \
-    --batch_size 8 --output_dir "results/model_$name" --report_to none
+    --base_model "$BASE" --pref_lr "$rate" --dpop_lambda "${lambda:-0}" --epochs 3 \
+    --batch_size 8 --output_dir "results/model_$name" --report_to none "${TRAIN_ARGS[@]}"
   [ -e "results/eval_$name.json" ] || "$PY" "$HERE/evaluate.py" --model "results/model_$name" --dataset arithmetic \
-    --dev_samples 200 --max_samples 100 --dev_eval_samples 50 --batch_size 32 --output "results/eval_$name.json"
+    --dev_samples 200 --max_samples "$EVAL_SAMPLES" --dev_eval_samples 50 --batch_size 32 --save_results \
+    --output "results/eval_$name.json"
 done
 echo "| model (iteration $ITERATION) | test accuracy | correct, all steps true (test) | dev accuracy |"
 echo "|---|---|---|---|"
